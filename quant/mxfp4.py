@@ -25,8 +25,10 @@ whole group dequantizes to NaN. (torch 2.13's float->float8_e8m0fnu conversion r
 power of two, maps 0 to 2^-127 and Inf to NaN; we do not use it: the scale bits are built directly.)
 
 Global scale: same design as quant.nvfp4 ("auto" = amax/(448*6), returned as a third value). With
-power-of-two block scales it only matters when blocks fall outside 2^[-127,127] (practically never for
-fp32/fp16 activations), so it is accepted for API symmetry.
+power-of-two block scales spanning 2^[-127,127] it is not needed for fp16/bf16/fp32 activations and can
+hurt slightly (gs is not a power of two, so it moves values off the grid): measured relative L2 of
+fake_quantize, 2^20 elements, none -> auto: Gaussian 0.1155 -> 0.1166, Gaussian*1e4 0.118 -> 0.116,
+Student-t(df=1.5) 0.081 -> 0.127. Accepted for API symmetry only.
 """
 from __future__ import annotations
 

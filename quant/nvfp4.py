@@ -29,8 +29,14 @@ Global scale (standard NVFP4 second level, off by default):
   fp32 tensor (1.0 if x is all zero/non-finite); x/gs (fp32) is block-quantized. A positive float or
   1-element tensor can be given instead of "auto" and is returned the same way. Pass it back:
   dequantize(packed, scales, global_scale=gs) multiplies by gs in fp32 (not exact, one rounding).
-  Measured (fp32, heavy-tailed data, 1M elements, relative L2 of fake_quantize):
-  MEASURED_GS_FIGURE
+  Measured relative L2 of fake_quantize, without -> with global_scale="auto":
+    Gaussian x*s, 2^20 elements:  s=1: 0.0952 -> 0.0952 (no change);  s=1e4 (amax/6 > 448, scales
+    saturate): 0.799 -> 0.0952;  s=1e-4 (scales underflow, groups flush to 0): 1.000 -> 0.0952.
+    Student-t(df=1.5) (heavy tail, amax ~1e4): 0.33 -> 0.036 (seed 0; varies with the tail).
+    No-gs error vs Gaussian std s: 0.126 at s=1e-2, ~0.095 for s in [3e-2, 3e2], 0.10 at 1e3, 0.44 at
+    3e3: the global scale matters only outside roughly [0.03, 1000] (std). Commands (from the repo root):
+    PYTHONPATH=. python -c "import torch;from quant import nvfp4 as q;torch.manual_seed(0);x=torch.randn(1<<20);r=lambda y:((y-x).norm()/x.norm()).item();print([(s,round(r(q.fake_quantize(x*s)/s),4),round(r(q.fake_quantize(x*s,global_scale='auto')/s),4)) for s in (1e-4,1,1e4)])"
+    PYTHONPATH=. python -c "import torch;from quant import nvfp4 as q;torch.manual_seed(0);x=torch.distributions.StudentT(1.5).sample((1<<20,));r=lambda y:((y-x).norm()/x.norm()).item();print(r(q.fake_quantize(x)),r(q.fake_quantize(x,global_scale='auto')))"
 """
 from __future__ import annotations
 
