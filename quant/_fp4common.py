@@ -54,7 +54,7 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     v = v.float()
     # magnitude code = number of decision points strictly below |v|; bucketize(right=False) counts exactly
     # that in one pass, and "m >= t" decision points are expressed as "m > prev_float(t)".
-    code = torch.bucketize(v.abs(), _e2m1_boundaries(v.device)).to(torch.uint8)
+    code = torch.bucketize(v.abs().contiguous(), _e2m1_boundaries(v.device)).to(torch.uint8)
     code |= torch.signbit(v).to(torch.uint8) << 3
     return code
 
@@ -170,8 +170,10 @@ def quantize_grouped(fn: str, x, dim, global_scale, *, group: int, scale_dtype, 
     lead, n = tuple(xm.shape[:-1]), xm.shape[-1]
     ng = -(-n // group)
     npad = ng * group
-    xr = xm.reshape(-1, n)
-    rows = xr.shape[0]
+    rows = 1
+    for s_ in lead:
+        rows *= s_
+    xr = xm.reshape(rows, n)
     packed = torch.empty((rows, npad // 2), dtype=torch.uint8, device=x.device)
     scales = torch.empty((rows, ng), dtype=scale_dtype, device=x.device)
     step = max(1, _CHUNK_ELEMS // max(npad, 1))
@@ -218,14 +220,17 @@ def dequantize_grouped(fn: str, packed, scales, dim, dtype, global_scale, *, gro
     gs = None if global_scale is None else _check_gs_value(fn, global_scale, packed.device)
     lead, npk = tuple(pm.shape[:-1]), pm.shape[-1]
     ng = sm.shape[-1]
-    pr, sr = pm.reshape(-1, npk), sm.reshape(-1, ng)
-    rows = pr.shape[0]
+    rows = 1
+    for s_ in lead:
+        rows *= s_
+    pr, sr = pm.reshape(rows, npk), sm.reshape(rows, ng)
     out = torch.empty((rows, npk * 2), dtype=dtype, device=packed.device)
     step = max(1, _CHUNK_ELEMS // max(npk * 2, 1))
     for r0 in range(0, rows, step):
-        vals = e2m1_decode(unpack_nibbles(pr[r0:r0 + step])).reshape(-1, ng, group)
+        pc = pr[r0:r0 + step]
+        vals = e2m1_decode(unpack_nibbles(pc)).reshape(pc.shape[0], ng, group)
         # e2m1 * e4m3 (or * 2^e) is exact in fp32: <= 7 significant bits, no underflow below 2^-149
-        y = (vals * sr[r0:r0 + step].float().unsqueeze(-1)).reshape(-1, npk * 2)
+        y = (vals * sr[r0:r0 + step].float().unsqueeze(-1)).reshape(pc.shape[0], npk * 2)
         if gs is not None:
             y = y * gs
         out[r0:r0 + step] = y

@@ -63,6 +63,7 @@ def e8m0_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r = a / E2M1_MAX
     mant, ex = torch.frexp(r)  # r = mant * 2^ex, mant in [0.5, 1) (0 for r == 0)
     e = torch.where(mant == 0.5, ex - 1, ex).to(torch.int32)  # ceil(log2 r); exact power of two: ex - 1
+    e = torch.where(r == 0, _EXP_MIN, e)  # frexp(0) = (0, 0): a zero group takes the smallest scale
     e = torch.clamp(e, _EXP_MIN, _EXP_MAX)
     # fp32 rounding of amax/6 can land exactly on 2^(e) from above 6*2^e in principle; fix it exactly
     # (6 * 2^e is exact in fp32 for e >= -127 since 6*2^-127 = 1.5*2^-125 is normal).

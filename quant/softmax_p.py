@@ -22,6 +22,8 @@ Work is chunked over rows, so [B, H, 64, 32768] inputs stay within a few hundred
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._fp4common import _CHUNK_ELEMS, check_float_input
@@ -57,7 +59,7 @@ def quantize_p(p_tilde: torch.Tensor, *, fmt="nvfp4", p_tile: int = 64) -> torch
     """Fake-quantized P~ (fp32, same shape) with per-(row, key tile) scale s1 and FP4 `fmt` along keys."""
     f = _check("quantize_p", p_tilde, fmt, p_tile)
     n = p_tilde.shape[-1]
-    pr = p_tilde.detach().reshape(-1, n)
+    pr = p_tilde.detach().reshape(math.prod(p_tilde.shape[:-1]), n)
     out = torch.empty(pr.shape, dtype=torch.float32, device=p_tilde.device)
     if n == 0 or pr.shape[0] == 0:
         return out.reshape(p_tilde.shape)
@@ -80,7 +82,7 @@ def quantize_p_parts(p_tilde: torch.Tensor, *, fmt="nvfp4", p_tile: int = 64):
     lead, n = tuple(p_tilde.shape[:-1]), p_tilde.shape[-1]
     t = -(-n // p_tile)
     ng = -(-n // f.group)
-    pr = p_tilde.detach().reshape(-1, n)
+    pr = p_tilde.detach().reshape(math.prod(lead), n)
     rows = pr.shape[0]
     packed = torch.zeros((rows, ng * f.group // 2), dtype=torch.uint8, device=p_tilde.device)
     scales = torch.empty((rows, ng), dtype=f.scale_dtype, device=p_tilde.device)
