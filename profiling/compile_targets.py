@@ -1,0 +1,104 @@
+"""What `profiling.resources` compiles: one entry per (kernel, schedule), each a no-GPU fake-tensor compile.
+
+Import this module only in a process whose CUTE_DSL_ARCH / CUTE_DSL_KEEP / CUTE_DSL_DUMP_DIR are already set:
+the DSL reads them at import (profiling.resources runs one subprocess per arch for that reason).
+
+Sources, each used when importable (otherwise listed in ``skipped`` with the reason):
+- ``demo``: profiling/demo_kernel.py, a tiny smem-staged mma.sync GEMM, so the tool is testable on its own;
+- ``fp4_tile_sm120``: kernels/fp4_mma_sm120.py ``compile_demo`` (SM120 block-scaled FP4 attention tile;
+  sm_120a only);
+- any kernels module that exposes ``compile_targets(arch) -> iterable`` of
+  ``(kernel_name, schedule_name, zero_arg_compile_fn)`` or dicts with those keys (``kernel``, ``schedule``,
+  ``compile``, optional ``note``). This is the protocol the prefill and decode modules are asked to provide;
+  ``_prefill_targets`` / ``_decode_targets`` below adapt their public classes while they do not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable, List, Tuple
+
+
+@dataclasses.dataclass
+class CompileTarget:
+    kernel: str
+    schedule: str
+    compile: Callable[[], object]   # -> the object cute.compile returned (has .artifacts and .ir_module)
+    note: str = ""
+
+
+@dataclasses.dataclass
+class SkippedTarget:
+    kernel: str
+    schedule: str
+    reason: str
+
+
+def _demo_targets(arch: str) -> List[CompileTarget]:
+    import cutlass.cute as cute
+
+    from profiling import demo_kernel as dk
+
+    return [CompileTarget("demo_gemm", "t64x64x32_w4", lambda: cute.compile(dk.demo_gemm, *dk.fake_args()),
+                          "profiling/demo_kernel.py (tool self-test)")]
+
+
+def _fp4_tile_targets(arch: str) -> Tuple[List[CompileTarget], List[SkippedTarget]]:
+    try:
+        mod = importlib.import_module("kernels.fp4_mma_sm120")
+    except Exception as e:
+        return [], [SkippedTarget("fp4_tile_sm120", "-", f"kernels.fp4_mma_sm120 not importable: {e!r}"[:200])]
+    if not hasattr(mod, "compile_demo"):
+        return [], [SkippedTarget("fp4_tile_sm120", "-", "kernels.fp4_mma_sm120 has no compile_demo")]
+    if not arch.startswith("sm_12"):
+        return [], [SkippedTarget("fp4_tile_sm120", "d128_nvfp4", f"SM120 block-scaled MMA only; not built for {arch}")]
+    out = []
+    for fmt in ("nvfp4", "mxfp4"):
+        out.append(CompileTarget("fp4_tile_sm120", f"d128_{fmt}", lambda fmt=fmt: mod.compile_demo(128, fmt),
+                                 "kernels/fp4_mma_sm120.py compile_demo"))
+    return out, []
+
+
+def _protocol_targets(mod_name: str, arch: str) -> Tuple[List[CompileTarget], List[SkippedTarget], bool]:
+    """Targets from ``<mod>.compile_targets(arch)`` if the module defines it; third value: protocol found."""
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and mod_name.startswith(e.name):
+            return [], [SkippedTarget(mod_name, "-", f"{mod_name} not in this checkout yet")], False
+        return [], [SkippedTarget(mod_name, "-", f"{mod_name} import failed: {e!r}"[:200])], False
+    except Exception as e:
+        return [], [SkippedTarget(mod_name, "-", f"{mod_name} import failed: {e!r}"[:200])], False
+    fn = getattr(mod, "compile_targets", None)
+    if fn is None:
+        return [], [], False
+    out, skipped = [], []
+    try:
+        items = list(fn(arch))
+    except Exception as e:
+        return [], [SkippedTarget(mod_name, "-", f"{mod_name}.compile_targets({arch!r}) failed: {e!r}"[:200])], True
+    for it in items:
+        if isinstance(it, dict):
+            out.append(CompileTarget(str(it["kernel"]), str(it["schedule"]), it["compile"], str(it.get("note", ""))))
+        else:
+            kname, sname, cfn = it[:3]
+            out.append(CompileTarget(str(kname), str(sname), cfn, mod_name))
+    return out, skipped, True
+
+
+def discover(arch: str, include_demo: bool = True) -> Tuple[List[CompileTarget], List[SkippedTarget]]:
+    """Every compile target for ``arch`` ('sm_120a', 'sm_90a', ...) and the ones skipped, with reasons."""
+    targets: List[CompileTarget] = []
+    skipped: List[SkippedTarget] = []
+    if include_demo:
+        targets += _demo_targets(arch)
+    t, s = _fp4_tile_targets(arch)
+    targets += t
+    skipped += s
+    for mod_name in ("kernels.prefill", "kernels.decode"):
+        t, s, found = _protocol_targets(mod_name, arch)
+        targets += t
+        skipped += s
+        if not found and not s:
+            skipped.append(SkippedTarget(mod_name, "-", f"{mod_name} defines no compile_targets(arch) yet"))
+    return targets, skipped
