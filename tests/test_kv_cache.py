@@ -1,0 +1,110 @@
+"""CPU tests of the FP16 + FP4 decode KV cache (kernels/kv_cache.py) against the reference codecs."""
+import pytest
+import torch
+
+from kernels import kv_cache as kvc
+from kernels.selection import block_means
+from quant import nvfp4
+
+
+def _rand(B, S, H, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn((B, S, H, D), generator=g) * 2).to(dtype)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_tile_layout_roundtrip_and_fragments(D, rng_seed):
+    """pack_tiles/unpack_tiles are inverse; the documented fragment ownership holds (each thread's 16 V keys are
+    one NVFP4 group; every (key, channel) appears exactly once)."""
+    g = torch.Generator().manual_seed(rng_seed)
+    nb, H = 3, 2
+    kp = torch.randint(0, 256, (1, nb * 64, H, D // 2), generator=g, dtype=torch.uint8)
+    ks = torch.randint(0, 127, (1, nb * 64, H, D // 16), generator=g, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    vp = torch.randint(0, 256, (1, H, D, nb * 32), generator=g, dtype=torch.uint8)
+    vs = torch.randint(0, 127, (1, H, D, nb * 4), generator=g, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    tiles = kvc.pack_tiles(kp, ks, vp, vs)
+    assert tiles.shape == (1, nb, H, kvc.tile_bytes(D))
+    out = kvc.unpack_tiles(tiles)
+    for a, b in zip(out, (kp, ks, vp, vs)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    keys = {kvc.key_of(c, r, h) for c in range(4) for r in range(8) for h in range(2)}
+    assert keys == set(range(64))
+    rows = {kvc.drow_of(dt, r, hh, D) for dt in range(D // 16) for r in range(8) for hh in range(2)}
+    assert rows == set(range(D))
+    # P/V group of thread (r, t): rows r, r+8 of sub-tile c hold keys of group r//2 only
+    for r in range(8):
+        assert {kvc.key_of(c, r, h) // 16 for c in range(4) for h in range(2)} == {r // 2}
+
+
+def _one_shot_tiles(k, v, L):
+    """Quantize the first L tokens at once (zero-padded to whole blocks) with the codecs."""
+    nb = -(-L // 64)
+    kpad = torch.zeros((k.shape[0], nb * 64) + tuple(k.shape[2:]), dtype=k.dtype)
+    vpad = torch.zeros_like(kpad)
+    kpad[:, :L], vpad[:, :L] = k[:, :L], v[:, :L]
+    return kvc.quantize_blocks(kpad, vpad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_token_by_token_equals_one_shot(dtype, rng_seed):
+    """Appending token by token, in chunks, or at once gives bit-identical FP4 tiles (V groups of 16 along the
+    sequence re-quantized as they fill), matching the codecs' one-shot quantization."""
+    B, H, D, L = 1, 2, 64, 150
+    k, v = _rand(B, L, H, D, dtype, rng_seed), _rand(B, L, H, D, dtype, rng_seed + 1)
+    ref = _one_shot_tiles(k, v, L)
+    c1 = kvc.ThriftKVCache(B, H, D, capacity=64, dtype=dtype)  # also exercises growth 64 -> 128 -> 256
+    for i in range(L):
+        c1.append(k[:, i:i + 1], v[:, i:i + 1])
+    c2 = kvc.ThriftKVCache(B, H, D, capacity=64, dtype=dtype)
+    for a, b in ((0, 17), (17, 64), (64, 65), (65, 150)):
+        c2.append(k[:, a:b], v[:, a:b])
+    nb = -(-L // 64)
+    for c in (c1, c2):
+        assert c.lengths == [L] and c.capacity >= L
+        assert torch.equal(c.tiles[:, :nb], ref)
+        assert torch.equal(c.k16[:, :L], k) and torch.equal(c.v16[:, :L], v)
+        assert not c.k16[:, L:].any() and not c.tiles[:, nb:].any()
+        torch.testing.assert_close(c.kmean[:, :nb], block_means(k), rtol=1e-6, atol=1e-6)
+    # the unpacked contract layouts are the codecs' outputs for the same tokens
+    kp, ks, vp, vs = c1.fp4_contract(0)
+    kp_ref, ks_ref = nvfp4.quantize(k, dim=-1)
+    assert torch.equal(kp[:, :L], kp_ref) and torch.equal(ks[:, :L].view(torch.uint8), ks_ref.view(torch.uint8))
+    vp_ref, vs_ref = nvfp4.quantize(v.permute(0, 2, 3, 1), dim=-1)  # [1, H, D, pad16(L)/2]
+    n2, n16 = vp_ref.shape[-1], vs_ref.shape[-1]
+    assert torch.equal(vp[..., :n2], vp_ref) and torch.equal(vs[..., :n16].view(torch.uint8), vs_ref.view(torch.uint8))
+    assert not vp[..., n2:].any()
+
+
+def test_batch_per_sequence_lengths(rng_seed):
+    """Ragged appends: each sequence's tiles equal its own one-shot quantization; other rows stay zero."""
+    B, H, D, T = 3, 1, 128, 80
+    dtype = torch.float16
+    k, v = _rand(B, T, H, D, dtype, rng_seed), _rand(B, T, H, D, dtype, rng_seed + 7)
+    c = kvc.ThriftKVCache(B, H, D, capacity=64, dtype=dtype)
+    c.append(k[:, :10], v[:, :10], num_new=[10, 3, 0])
+    c.append(k[:, 10:80], v[:, 10:80], num_new=torch.tensor([70, 0, 65]))
+    assert c.lengths == [80, 3, 65]
+    # sequence 1 got rows 0..2, sequence 2 got rows 10..74 of the inputs
+    expect = {0: (k[0:1, :80], v[0:1, :80]), 1: (k[1:2, :3], v[1:2, :3]), 2: (k[2:3, 10:75], v[2:3, 10:75])}
+    for b, (kb, vb) in expect.items():
+        L = c.lengths[b]
+        nb = -(-L // 64)
+        assert torch.equal(c.k16[b:b + 1, :L], kb)
+        assert torch.equal(c.tiles[b:b + 1, :nb], _one_shot_tiles(kb, vb, L))
+        assert not c.tiles[b, nb:].any()
+        torch.testing.assert_close(c.kmean[b:b + 1, :nb], block_means(kb), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="head_dim"):
+        kvc.ThriftKVCache(1, 1, 96)
+    with pytest.raises(TypeError, match="dtype"):
+        kvc.ThriftKVCache(1, 1, 64, dtype=torch.float32)
+    c = kvc.ThriftKVCache(2, 1, 64)
+    x = torch.zeros((2, 3, 1, 64), dtype=torch.float16)
+    with pytest.raises(ValueError, match="num_new"):
+        c.append(x, x, num_new=[4, 0])
+    with pytest.raises(ValueError, match="shape"):
+        c.append(x[:, :, :, :32], x[:, :, :, :32])
+    with pytest.raises(TypeError, match="dtype"):
+        c.append(x.float(), x.float())
