@@ -86,6 +86,35 @@ def _protocol_targets(mod_name: str, arch: str) -> Tuple[List[CompileTarget], Li
     return out, skipped, True
 
 
+def _arch_int(arch: str) -> int:
+    """'sm_120a' -> 120, 'sm_90a' -> 90."""
+    digits = "".join(ch for ch in arch.split("_", 1)[-1] if ch.isdigit())
+    if not digits:
+        raise ValueError(f"arch: expected 'sm_<NN>[a]', got {arch!r}")
+    return int(digits)
+
+
+def _prefill_targets(arch: str) -> Tuple[List[CompileTarget], List[SkippedTarget]]:
+    """Adapter for kernels/prefill.py's compile_prefill(dtype, head_dim, causal, schedule, arch) over every
+    schedule in kernels.schedules.SCHEDULES (bf16, head_dim 128, causal: the production configuration)."""
+    try:
+        pf = importlib.import_module("kernels.prefill")
+        sch = importlib.import_module("kernels.schedules")
+    except Exception as e:
+        return [], [SkippedTarget("prefill", "-", f"kernels.prefill/schedules not importable: {e!r}"[:200])]
+    if not hasattr(pf, "compile_prefill") or not hasattr(sch, "SCHEDULES"):
+        return [], [SkippedTarget("prefill", "-", "kernels.prefill has no compile_prefill / SCHEDULES")]
+    import cutlass
+
+    out = []
+    for name, schedule in sch.SCHEDULES.items():
+        def build(schedule=schedule):
+            return pf.compile_prefill(cutlass.BFloat16, 128, True, schedule, _arch_int(arch))
+
+        out.append(CompileTarget("prefill", f"{name}_d128_bf16_causal", build, "kernels/prefill.py compile_prefill"))
+    return out, []
+
+
 def discover(arch: str, include_demo: bool = True) -> Tuple[List[CompileTarget], List[SkippedTarget]]:
     """Every compile target for ``arch`` ('sm_120a', 'sm_90a', ...) and the ones skipped, with reasons."""
     targets: List[CompileTarget] = []
@@ -97,8 +126,10 @@ def discover(arch: str, include_demo: bool = True) -> Tuple[List[CompileTarget],
     skipped += s
     for mod_name in ("kernels.prefill", "kernels.decode"):
         t, s, found = _protocol_targets(mod_name, arch)
+        if not found and not s and mod_name == "kernels.prefill":
+            t, s = _prefill_targets(arch)
+        elif not found and not s:
+            s = [SkippedTarget(mod_name, "-", f"{mod_name} defines no compile_targets(arch) yet")]
         targets += t
         skipped += s
-        if not found and not s:
-            skipped.append(SkippedTarget(mod_name, "-", f"{mod_name} defines no compile_targets(arch) yet"))
     return targets, skipped

@@ -195,7 +195,22 @@ def parse_launch_configs(ir_text: str) -> List[dict]:
 
 # ------------------------------------------------------------------------------------------ worker (one arch)
 
-def _worker(arch: str, json_out: str, kernels: Optional[Sequence[str]], demo: bool) -> int:
+def _clean_msg(msg: str, n: int = 300) -> str:
+    """One line, no ANSI colour codes (DSL errors carry both)."""
+    msg = re.sub(r"\x1b\[[0-9;]*m", "", str(msg))
+    return " ".join(msg.split())[:n]
+
+
+def _keep(name: str, schedule: str, kernels, schedules) -> bool:
+    if kernels and not any(name.startswith(k) for k in kernels):
+        return False
+    if schedules and not any(schedule.startswith(x) for x in schedules):
+        return False
+    return True
+
+
+def _worker(arch: str, json_out: str, kernels: Optional[Sequence[str]], demo: bool,
+            schedules: Optional[Sequence[str]] = None) -> int:
     """Runs in a subprocess whose CUTE_DSL_* env is already set: compile each target, write rows as JSON."""
     sys.path.insert(0, ROOT)
     from profiling import compile_targets as ct
@@ -208,14 +223,14 @@ def _worker(arch: str, json_out: str, kernels: Optional[Sequence[str]], demo: bo
             continue
         rows.append({"arch": arch, "kernel": s.kernel, "schedule": s.schedule, "status": "skip", "note": s.reason})
     for t in targets:
-        if kernels and not any(t.kernel.startswith(k) for k in kernels):
+        if not _keep(t.kernel, t.schedule, kernels, schedules):
             continue
         base = {"arch": arch, "kernel": t.kernel, "schedule": t.schedule}
         t0 = time.time()
         try:
             compiled = t.compile()
         except Exception as e:
-            rows.append({**base, "status": "error", "note": f"compile failed: {type(e).__name__}: {str(e)[:300]}"})
+            rows.append({**base, "status": "error", "note": "compile failed: " + _clean_msg(f"{type(e).__name__}: {e}")})
             continue
         compile_s = round(time.time() - t0, 2)
         ptx = getattr(getattr(compiled, "artifacts", None), "PTX", None)
@@ -261,7 +276,8 @@ def _worker(arch: str, json_out: str, kernels: Optional[Sequence[str]], demo: bo
 # ------------------------------------------------------------------------------------------ driver
 
 def collect(archs: Sequence[str] = DEFAULT_ARCHS, *, kernels: Optional[Sequence[str]] = None, demo: bool = True,
-            keep_dir: Optional[str] = None, timeout: float = 900.0) -> List[dict]:
+            keep_dir: Optional[str] = None, timeout: float = 900.0,
+            schedules: Optional[Sequence[str]] = None) -> List[dict]:
     """Compile every target for every arch (one subprocess per arch) and return the rows."""
     rows: List[dict] = []
     for arch in archs:
@@ -276,6 +292,8 @@ def collect(archs: Sequence[str] = DEFAULT_ARCHS, *, kernels: Optional[Sequence[
             cmd += ["--kernels", ",".join(kernels)]
         if not demo:
             cmd += ["--no-demo"]
+        if schedules:
+            cmd += ["--schedules", ",".join(schedules)]
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0 or not os.path.exists(out_json):
             tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
@@ -330,6 +348,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", action="append", help="target arch (repeatable); default sm_120a and sm_90a")
     ap.add_argument("--kernels", type=lambda s: [x for x in s.split(",") if x],
                     help="comma-separated kernel name prefixes to keep (e.g. prefill,decode)")
+    ap.add_argument("--schedules", type=lambda s: [x for x in s.split(",") if x],
+                    help="comma-separated schedule name prefixes to keep (e.g. m64_w4_s2)")
     ap.add_argument("--no-demo", action="store_true", help="leave out the built-in demo kernel")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--keep", help="keep PTX/cubin dumps under this folder (one subfolder per arch)")
@@ -337,9 +357,10 @@ def main(argv=None) -> int:
     ap.add_argument("--_json-out", dest="json_out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
-        return _worker(args.arch[0], args.json_out, args.kernels, not args.no_demo)
+        return _worker(args.arch[0], args.json_out, args.kernels, not args.no_demo, args.schedules)
     archs = args.arch or list(DEFAULT_ARCHS)
-    rows = collect(archs, kernels=args.kernels, demo=not args.no_demo, keep_dir=args.keep)
+    rows = collect(archs, kernels=args.kernels, demo=not args.no_demo, keep_dir=args.keep,
+                   schedules=args.schedules)
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:
