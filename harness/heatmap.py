@@ -133,8 +133,7 @@ def plot(err, selected_mask, path: str, title: str) -> Optional[str]:
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.log10(np.where(e > 0, e, np.nan))
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    cmap = plt.get_cmap("magma").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("magma").with_extremes(bad="#dddddd")
     im = ax.imshow(z, cmap=cmap, origin="upper", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="log10 ||C_FP4 - C_exact||_F per block")
     if selected_mask is not None:
