@@ -126,22 +126,32 @@ def e4m3_byte_to_f32(packed, byte: int, *, loc=None, ip=None) -> Float32:
 
 
 @dsl_user_op
-def e8m0_ceil_scale(amax_over_6, *, loc=None, ip=None) -> Int32:
-    """UE8M0 code of 2^ceil(log2(y)) for y = amax/6 >= 0 (fp32 bit trick: exponent + (mantissa != 0)).
+def e8m0_ceil_scale(amax, *, loc=None, ip=None) -> Int32:
+    """UE8M0 code of 2^ceil(log2(amax/6)) for amax >= 0, as quant.mxfp4.e8m0_scale computes it.
 
-    y == 0 -> code 0 (2^-127), so the codes (x * 2^127 would be huge) must be zeroed by the caller when amax == 0.
+    Exponent of the fp32 quotient y = amax/6, +1 if y's mantissa is non-zero, then the exact correction
+    "+1 if amax > 6 * 2^e" (y can round down onto a power of two). amax == 0 -> code 0 (2^-127; the caller
+    zeroes the codes). Deviation from the codec only for amax < 6 * 2^-126 (fp32-subnormal y), irrelevant
+    for P (such groups are < 1e-37 of the tile max).
     """
+    a = Float32(amax)
+    y = a / Float32(6.0)
     text = (
-        "{\n.reg .b32 e, m;\n.reg .pred p;\n"
+        "{\n.reg .b32 e, m, sb;\n.reg .f32 sf, t;\n.reg .pred p, q;\n"
         "shr.u32 e, $1, 23;\n"
         "and.b32 e, e, 255;\n"
         "and.b32 m, $1, 8388607;\n"
         "setp.ne.u32 p, m, 0;\n"
         "@p add.u32 e, e, 1;\n"
+        "shl.b32 sb, e, 23;\n"
+        "mov.b32 sf, sb;\n"
+        "mul.f32 t, sf, 0f40C00000;\n"
+        "setp.gt.f32 q, $2, t;\n"
+        "@q add.u32 e, e, 1;\n"
         "min.u32 $0, e, 254;\n}"
     )
-    bits = llvm.bitcast(T.i32(), Float32(amax_over_6).ir_value(loc=loc, ip=ip), loc=loc, ip=ip)
-    return Int32(_asm(T.i32(), [bits], text, "=r,r", loc, ip))
+    ybits = llvm.bitcast(T.i32(), y.ir_value(loc=loc, ip=ip), loc=loc, ip=ip)
+    return Int32(_asm(T.i32(), [ybits, a.ir_value(loc=loc, ip=ip)], text, "=r,r,f", loc, ip))
 
 
 @dsl_user_op
@@ -379,8 +389,7 @@ class Sm120Fp4AttnTile:
             half = r // 2
             inv = Float32(1.0) / s1[h] if const_expr(not exact_div) else None
             for i in range(8):
-                j = 4 * half + i // 2
-                e = i % 2
+                _, j, e = L.p_areg_source(r, i)
                 p = accP[(e, h), 0, j]
                 if const_expr(exact_div):
                     xv = p / s1[h]
@@ -410,7 +419,7 @@ class Sm120Fp4AttnTile:
             mine = w[0] + hs * (w[1] - w[0])
             other = cute.arch.shuffle_sync_bfly(mine, offset=2)
             b = (lane // 2) % 2
-            sel = Int32(0x5140) + b * Int32(0x1504 - 0x5140)
+            sel = Int32(L.SFA_PRMT_SEL[0]) + b * Int32(L.SFA_PRMT_SEL[1] - L.SFA_PRMT_SEL[0])
             sf_store[0, 0] = Int32(cute.arch.prmt(mine, other, sel))
             for r in range(4):
                 codes = [None] * 8
@@ -423,7 +432,7 @@ class Sm120Fp4AttnTile:
                 storage[r] = cvt_e2m1x8(codes)
         else:
             # MXFP4: one UE8M0 scale per 32 keys = per (row half, key half); every quad lane has them all
-            ec = [e8m0_ceil_scale(amax[r] / Float32(6.0)) for r in range(4)]
+            ec = [e8m0_ceil_scale(amax[r]) for r in range(4)]
             sf_store[0, 0] = (ec[0] | (ec[2] << 8)) + hs * ((ec[1] | (ec[3] << 8)) - (ec[0] | (ec[2] << 8)))
             for r in range(4):
                 inv = e8m0_code_to_inv_f32(ec[r])

@@ -105,6 +105,20 @@ def key_of_column(j: int, e: int, t: int) -> int:
     return 32 * (j // 4) + 8 * t + 2 * (j % 4) + e
 
 
+def p_areg_source(reg: int, nib: int):
+    """(h, j, e) of the S/P accumulator element that goes to nibble ``nib`` of P·V A register ``reg``.
+
+    Only valid with the permuted K rows; used verbatim by the kernel and by the CPU emulation test.
+    """
+    return reg % 2, 4 * (reg // 2) + nib // 2, nib % 2
+
+
+# prmt selectors assembling the nvfp4 P scale word (SFA) from this lane's 16-bit pair `mine` (groups t//2 and
+# 2 + t//2 of its row) and the xor-2 partner's `other`: byte q must be group q. Lanes with (lane//2) % 2 == 0
+# hold groups {0, 2} -> [mine.b0, other.b0, mine.b1, other.b1]; the others -> [other.b0, mine.b0, other.b1, mine.b1].
+SFA_PRMT_SEL = (0x5140, 0x1504)
+
+
 def swizzle_bits(row_bytes: int) -> int:
     """B of Swizzle<B, 4, 3> (bytes) for rows of ``row_bytes`` (32 or 64)."""
     table = {32: 1, 64: 2}
