@@ -1,0 +1,185 @@
+"""The one place where the prefill kernel's FP4 math depends on the GPU architecture.
+
+The kernel body (kernels/prefill.py) is identical for every arch; it asks an *arch path* for:
+  * ``needs_decode``      -- whether FP4 K/V stages must be decoded into 16-bit smem tiles first;
+  * ``decode_q/k/v``      -- SM90 path: E2M1 codes x E4M3 scale -> fp16/bf16 (exact) into smem;
+  * ``qk_fp4`` / ``pv_fp4`` -- S = Q K^T and O += P' V' in FP4 numerics.
+
+Paths:
+  * ``Sm90DecodePath`` (sm_80..sm_90a, and anything without an FP4 MMA): every FP4 tile is decoded
+    to fp16/bf16 **in shared memory** (first step; the register-decode variant is future work), with
+    the E4M3 scale folded in -- exact, since every E2M1*E4M3 product has <= 5 significant bits and lies
+    in [2^-10, 2688] -- then ``MmaF16BF16Op`` 16x8x16 with fp32 accumulation reproduces
+    dq(Q) dq(K)^T and P' dq(V) up to fp32 summation order.
+  * ``Sm120BlockScaledPath`` (sm_120a/121a): ``MmaMXF4NVF4Op`` 16x8x64 straight from the packed FP4
+    stages (helper module kernels/fp4_mma_sm120.py).  See its docstring for status.
+
+Also here: the small PTX helpers (ex2, E4M3/E2M1 round-to-nearest-even, FP4x8 -> half2x4 decode)
+that both paths share.
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Uint32
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import T, dsl_user_op
+
+
+def _asm(ret, args, text, cons):
+    return llvm.inline_asm(ret, args, text, cons, has_side_effects=False, is_align_stack=False,
+                           asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
+@dsl_user_op
+def ex2(x, *, loc=None, ip=None) -> Float32:
+    """2^x (ex2.approx.ftz, ~2 ulp); -inf -> 0."""
+    return Float32(_asm(T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "ex2.approx.ftz.f32 $0, $1;", "=f,f"))
+
+
+@dsl_user_op
+def lg2(x, *, loc=None, ip=None) -> Float32:
+    return Float32(_asm(T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "lg2.approx.ftz.f32 $0, $1;", "=f,f"))
+
+
+@dsl_user_op
+def e4m3_rne(x, *, loc=None, ip=None) -> Float32:
+    """fp32 -> E4M3 (round to nearest even, saturating at 448) -> fp32.  cvt.e4m3x2 needs sm_89+."""
+    return Float32(_asm(
+        T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .b16 e;\n\t.reg .b32 h2;\n\t.reg .f16 h;\n\t"
+        "cvt.rn.satfinite.e4m3x2.f32 e, $1, $1;\n\t"
+        "cvt.rn.f16x2.e4m3x2 h2, e;\n\t"
+        "mov.b32 {h, _}, h2;\n\t"
+        "cvt.f32.f16 $0, h;\n\t}",
+        "=f,f"))
+
+
+@dsl_user_op
+def e2m1_rne(y, *, loc=None, ip=None) -> Float32:
+    """Round y >= 0 to the nearest E2M1 value {0,.5,1,1.5,2,3,4,6} (ties to even code, saturate at 6).
+
+    Software, so it runs on every arch: spacing 0.5 below 2, 1 in [2,4), 2 in [4,6]; cvt.rni is RNE,
+    which gives the E2M1 tie rule (0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4)."""
+    return Float32(_asm(
+        T.f32(), [Float32(y).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .f32 a, b, c;\n\t.reg .pred p, q;\n\t"
+        "mul.f32 a, $1, 0f40000000;\n\tcvt.rni.f32.f32 a, a;\n\tmul.f32 a, a, 0f3F000000;\n\t"
+        "cvt.rni.f32.f32 b, $1;\n\t"
+        "mul.f32 c, $1, 0f3F000000;\n\tcvt.rni.f32.f32 c, c;\n\tadd.f32 c, c, c;\n\tmin.f32 c, c, 0f40C00000;\n\t"
+        "setp.lt.f32 p, $1, 0f40000000;\n\tsetp.lt.f32 q, $1, 0f40800000;\n\t"
+        "selp.f32 b, b, c, q;\n\tselp.f32 $0, a, b, p;\n\t}",
+        "=f,f"))
+
+
+# E2M1 magnitude code (0..7) -> the two bytes of its fp16 / bf16 value, as prmt lookup tables
+# (low table: codes 0..3, high table: codes 4..7).
+_LUT = {
+    # fp16: 0, .5, 1, 1.5 | 2, 3, 4, 6  -> 0x0000 0x3800 0x3C00 0x3E00 | 0x4000 0x4200 0x4400 0x4600
+    "f16": dict(hi_lo=0x3E3C3800, hi_hi=0x46444240, lo_lo=0x00000000, lo_hi=0x00000000),
+    # bf16: 0x0000 0x3F00 0x3F80 0x3FC0 | 0x4000 0x4040 0x4080 0x40C0
+    "bf16": dict(hi_lo=0x3F3F3F00, hi_hi=0x40404040, lo_lo=0xC0800000, lo_hi=0xC0804000),
+}
+
+
+@dsl_user_op
+def fp4x8_decode(w, sc_byte, is_bf16: bool, *, loc=None, ip=None):
+    """Decode 8 packed E2M1 codes (element i in nibble i of w) times one E4M3 scale (low byte of
+    sc_byte) into 4 half2 words (element 2k in the low half of word k).  Exact in fp16 and bf16."""
+    t = _LUT["bf16" if is_bf16 else "f16"]
+    ty = "bf16x2" if is_bf16 else "f16x2"
+    scale_cvt = (
+        # e4m3 -> f16x2 -> f32 -> bf16x2 (all exact)
+        "cvt.rn.f16x2.e4m3x2 s2, sb;\n\tmov.b32 {sh, _}, s2;\n\tcvt.f32.f16 sf, sh;\n\t"
+        "cvt.rn.bf16x2.f32 s2, sf, sf;\n\t"
+        if is_bf16 else "cvt.rn.f16x2.e4m3x2 s2, sb;\n\t"
+    )
+    text = (
+        "{\n\t.reg .b32 m, sg, se, so, h0, h1, l0, l1, g0, g1, s2, x, sbw;\n\t.reg .b16 sb, sh;\n\t.reg .f32 sf;\n\t"
+        # replicate the scale byte into both bytes of a b16, convert
+        "and.b32 sbw, $5, 255;\n\tprmt.b32 sbw, sbw, 0, 0x0000;\n\tcvt.u16.u32 sb, sbw;\n\t"
+        + scale_cvt +
+        "and.b32 m, $4, 0x77777777;\n\t"
+        # high / low bytes of the 16-bit values of codes 0..3 (h0,l0) and 4..7 (h1,l1)
+        f"prmt.b32 h0, {t['hi_lo']}, {t['hi_hi']}, m;\n\t"
+        f"prmt.b32 l0, {t['lo_lo']}, {t['lo_hi']}, m;\n\t"
+        "shr.b32 x, m, 16;\n\t"
+        f"prmt.b32 h1, {t['hi_lo']}, {t['hi_hi']}, x;\n\t"
+        f"prmt.b32 l1, {t['lo_lo']}, {t['lo_hi']}, x;\n\t"
+        # sign bits: even nibbles (bit 3 of each byte) and odd nibbles (bit 7) -> bit 7 of a byte
+        "and.b32 se, $4, 0x08080808;\n\tshl.b32 se, se, 4;\n\tand.b32 so, $4, 0x80808080;\n\t"
+        "prmt.b32 g0, se, so, 0x5140;\n\tprmt.b32 g1, se, so, 0x7362;\n\t"
+        "or.b32 h0, h0, g0;\n\tor.b32 h1, h1, g1;\n\t"
+        # interleave low/high bytes: word k = (elem 2k, elem 2k+1)
+        "prmt.b32 $0, l0, h0, 0x5140;\n\tprmt.b32 $1, l0, h0, 0x7362;\n\t"
+        "prmt.b32 $2, l1, h1, 0x5140;\n\tprmt.b32 $3, l1, h1, 0x7362;\n\t"
+        f"mul.rn.{ty} $0, $0, s2;\n\tmul.rn.{ty} $1, $1, s2;\n\tmul.rn.{ty} $2, $2, s2;\n\tmul.rn.{ty} $3, $3, s2;\n\t"
+        "}"
+    )
+    res = _asm(llvm.StructType.get_literal([T.i32()] * 4),
+               [Uint32(w).ir_value(loc=loc, ip=ip), Uint32(sc_byte).ir_value(loc=loc, ip=ip)],
+               text, "=r,=r,=r,=r,r,r")
+    return tuple(Uint32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
+
+class Sm90DecodePath:
+    """FP4 via decode-to-16-bit in shared memory, then the 16-bit warp MMA (sm_80+ incl. sm_90a)."""
+
+    name = "sm90_decode"
+    needs_decode = True
+    block_scaled = False
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    @cute.jit
+    def decode_rows(self, dst: cute.Tensor, tiled_copy: cute.TiledCopy, tidx: Int32, src32: cute.Tensor,
+                    scales: cute.Tensor, row_limit: Int32, is_bf16: cutlass.Constexpr):
+        """dst (rows x cols, 16-bit, swizzled) <- decode(src32 (rows x cols/8 u32), scales (rows x cols/16 u8)).
+
+        Rows >= row_limit are written as zeros (sequence tail / padding)."""
+        thr = tiled_copy.get_slice(tidx)
+        tD = thr.partition_D(dst)
+        cD = thr.partition_D(cute.make_identity_tensor((cute.size(dst, mode=[0]), cute.size(dst, mode=[1]))))
+        frag = cute.make_rmem_tensor((8,), dst.element_type)
+        frag32 = cute.recast_tensor(frag, Uint32)
+        for m in cutlass.range_constexpr(cute.size(tD, mode=[1])):
+            for k in cutlass.range_constexpr(cute.size(tD, mode=[2])):
+                row = cD[0, m, k][0]
+                col = cD[0, m, k][1]
+                if row < row_limit:
+                    w = src32[row, col // 8]
+                    sb = Uint32(scales[row, col // 16])
+                    d0, d1, d2, d3 = fp4x8_decode(w, sb, is_bf16)
+                    frag32[0] = d0
+                    frag32[1] = d1
+                    frag32[2] = d2
+                    frag32[3] = d3
+                else:
+                    frag32[0] = Uint32(0)
+                    frag32[1] = Uint32(0)
+                    frag32[2] = Uint32(0)
+                    frag32[3] = Uint32(0)
+                cute.autovec_copy(frag, tD[None, m, k])
+
+
+def make_arch_path(arch: int):
+    """The arch path for sm_<arch> (arch = 10*major + minor).  ValueError below sm_80."""
+    if arch < 80:
+        raise ValueError(f"ThriftAttention prefill needs sm_80 or newer; got sm_{arch}")
+    if arch in (120, 121):
+        try:
+            return Sm120BlockScaledPath(arch)
+        except Exception:  # helper block not usable -> decode path (still exact, slower)
+            return Sm90DecodePath(arch)
+    return Sm90DecodePath(arch)
+
+
+class Sm120BlockScaledPath(Sm90DecodePath):
+    """sm_120a: MmaMXF4NVF4Op for FP4 tiles (integration pending -- falls back to decoding)."""
+
+    name = "sm120_block_scaled"
+
+    def __init__(self, arch: int):
+        super().__init__(arch)
+        raise NotImplementedError("sm120 block-scaled path not wired yet")

@@ -1,0 +1,659 @@
+"""ThriftPrefillKernel: the fused mixed-precision (FP4 + FP16) attention prefill, one CuTe DSL kernel.
+
+One CTA = one 64-query block of one (batch, query head); grid (n_q_blocks, Hq, B), causal q-blocks
+heaviest-first.  Per CTA:
+
+  Phase 1 (FP4): for every causally visible key tile NOT selected for this query block (descending
+      order, skipping the bits set in the selection bitmask), packed E2M1 K/V tiles + E4M3 scales go
+      through a ``schedule.stages``-deep cp.async ring (tile j+1 loads while tile j computes).
+      S = dq(Q) dq(K)^T (exact FP4 products, fp32 accumulation), online softmax in fp32 (exp2 with
+      log2(e) folded into the scale), then P~ is quantized with the two-level scheme of the contract:
+      s1 = rowmax_tile(P~)/2688, x = P~/s1, E4M3 scale per 16 keys (amax via quad shuffles),
+      E2M1 values; P' = e2m1*e4m3 (exact in 16 bit) feeds the MMA, and s1 is applied in fp32 by
+      keeping the O accumulator in units of the last tile's s1 (``c``): acc <- acc*alpha*c_old/s1 + P'V'.
+  Phase 2 (FP16): only if the CTA has selected tiles: the real fp16/bf16 Q is loaded now (over the
+      decoded FP4 Q), then the selected key tiles in fp16/bf16 through a 2-stage cp.async ring that
+      aliases the phase-1 buffers (see layouts/prefill.py for the byte map); the same m / l / acc
+      registers continue (acc converted to true units once: acc *= c).
+  Finalize: O = acc*c/l in the input dtype (through smem, coalesced stores), LSE = m*scale + ln l.
+
+Fully masked rows give O = 0 and LSE = -inf.  Keys past Skv inside a tile are masked (-inf), and the
+16-bit V rows past Skv are zero-filled so 0*garbage never reaches the accumulator.
+
+Shared memory byte map (D = head_dim, kv16 = 64*D*2 bytes; see layouts.prefill.PrefillSmemMap):
+    [0, 64*D*2)                      sQ (decoded FP4 Q in phase 1, FP16 Q in phase 2, O in the epilogue)
+    R = round_up(64*D*2, 1024):
+      phase 1: R+0 kdec (decoded K, 16 bit) | R+kv16 vdec (decoded V^T) | R+2*kv16 + s*stage: FP4 stage s
+               (kp 64xD/2, ks 64xD/16, vp Dx32, vs Dx4 bytes)
+      phase 2: R + t*kv16: FP16 K stage t (t<2) | R + 2*kv16 + t*kv16: FP16 V stage t
+    i.e. the phase-2 K stages overwrite kdec/vdec, the V stages overwrite the FP4 stages.
+
+The SM90 path decodes the FP4 tiles into 16-bit shared-memory tiles (kdec / vdec / sQ) and runs the
+16-bit MMA; decoding straight into registers is the planned next step (not done).
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+from cutlass import Float32, Int32, Uint32, const_expr
+from cutlass.cute.nvgpu import cpasync, warp
+
+from kernels.arch_paths import e2m1_rne, e4m3_rne, ex2, lg2, make_arch_path
+from kernels.schedules import PrefillSchedule
+from layouts.prefill import PrefillSmemMap, smem_tile_layout_16b
+
+LOG2E = math.log2(math.e)
+P_SCALE_MAX = 448.0 * 6.0  # two-level P: s1 = rowmax / (448*6)
+# A tile whose largest P~ (relative to the running max) is below 2^-60 contributes < 64*2^-60 of the row
+# sum: its FP4 numerator is dropped (keeps acc = O/c bounded in fp32).
+P_TILE_MIN = 2.0 ** -60
+
+
+class ThriftPrefillKernel:
+    """Static configuration of one compiled prefill kernel (see module docstring)."""
+
+    def __init__(self, dtype, head_dim: int, causal: bool, schedule: PrefillSchedule, arch: int,
+                 fmt: str = "nvfp4", has_lse: bool = True):
+        if dtype not in (cutlass.Float16, cutlass.BFloat16):
+            raise TypeError(f"dtype: expected Float16 or BFloat16, got {dtype}")
+        if head_dim not in (64, 128):
+            raise ValueError(f"head_dim: expected 64 or 128, got {head_dim}")
+        if fmt != "nvfp4":
+            raise ValueError(f"fmt: the CuTe kernel implements 'nvfp4' only, got {fmt!r}")
+        self.dtype = dtype
+        self.is_bf16 = dtype is cutlass.BFloat16
+        self.D = head_dim
+        self.causal = causal
+        self.sch = schedule
+        self.arch = arch
+        self.fmt = fmt
+        self.has_lse = has_lse
+        self.Tm = schedule.tile_m
+        self.Tn = schedule.tile_n
+        self.S = schedule.stages
+        self.nthr = schedule.num_threads
+        self.smap = PrefillSmemMap(head_dim, self.Tm, self.Tn, self.S)
+        self.path = make_arch_path(arch)
+
+    # ------------------------------------------------------------------------------------------
+    # host side
+    # ------------------------------------------------------------------------------------------
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
+                 mQp: cute.Tensor, mQs: cute.Tensor, mKp: cute.Tensor, mKs: cute.Tensor,
+                 mVp: cute.Tensor, mVs: cute.Tensor, mMask: cute.Tensor, mSel: cute.Tensor,
+                 mO: cute.Tensor, mLSE: cute.Tensor, softmax_scale_log2: Float32, qhead_per_kv: Int32,
+                 stream):
+        """Q/K/V/O [B,S,H,D] 16-bit; Qp/Kp [B,S,H,D/2] u8, Qs/Ks [B,S,H,D/16] u8 (E4M3 bits);
+        Vp [B,Hkv,D,Skv_pad/2] u8, Vs [B,Hkv,D,Skv_pad/16] u8; mMask [B,Hq,nqb,nwords] i32 selection
+        bitmask; mSel [B,Hq,nqb,k] i32 selected key blocks (-1 padded); mLSE [B,Hq,Sq] f32."""
+        D, Tm, Tn, T = self.D, self.Tm, self.Tn, self.nthr
+        dt = self.dtype
+        # 16-bit tiles: 128B-swizzled K-major
+        sQ_layout = smem_tile_layout_16b(Tm, D)
+        sKV_layout = smem_tile_layout_16b(Tn, D)
+        sVt_layout = smem_tile_layout_16b(D, Tn)  # decoded V^T (keys contiguous)
+
+        # --- gmem -> smem copies -------------------------------------------------------------
+        def tv(atom, rows_per_pass_threads, cols_threads, vals):
+            return cute.make_tiled_copy_tv(
+                atom, cute.make_layout((rows_per_pass_threads, cols_threads), stride=(cols_threads, 1)),
+                cute.make_layout((1, vals)))
+
+        atom16 = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dt,
+                                     num_bits_per_copy=128)
+        ct = D // 8  # 16-byte chunks per 16-bit row
+        copy_kv16 = tv(atom16, T // ct, ct, 8)
+        # FP4 stage pieces (uint8): kp rows D/2 bytes, ks rows D/16, vp rows Tn/2 = 32, vs rows Tn/16 = 4
+        atom_b16 = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL),
+                                       cutlass.Uint8, num_bits_per_copy=128)
+        ck = (D // 2) // 16
+        copy_kp = tv(atom_b16, T // ck, ck, 16)
+        ks_row = D // 16
+        atom_ks = cute.make_copy_atom(cpasync.CopyG2SOp(), cutlass.Uint8, num_bits_per_copy=ks_row * 8)
+        copy_ks = tv(atom_ks, Tn, 1, ks_row)  # Tn threads (guarded)
+        cv = (Tn // 2) // 16
+        copy_vp = tv(atom_b16, T // cv, cv, 16)
+        atom_vs = cute.make_copy_atom(cpasync.CopyG2SOp(), cutlass.Uint8, num_bits_per_copy=(Tn // 16) * 8)
+        copy_vs = tv(atom_vs, D, 1, Tn // 16)  # D threads (guarded)
+        # 16-bit register -> smem (decode output) and smem -> gmem (O) 16-byte copies
+        atom_st = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dt, num_bits_per_copy=128)
+        copy_rows16 = tv(atom_st, T // ct, ct, 8)  # (.., D) tiles
+        copy_vt16 = tv(atom_st, T // (Tn // 8), Tn // 8, 8)  # (D, Tn) tiles
+
+        tiled_mma = cute.make_tiled_mma(
+            warp.MmaF16BF16Op(dt, Float32, (16, 8, 16)),
+            (self.sch.num_warps, 1, 1),
+            permutation_mnk=(self.sch.num_warps * 16, 16, 16),
+        )
+
+        nqb = cute.ceil_div(mQ.shape[1], Tm)
+        grid = (nqb, cute.size(mQ.shape[2]), cute.size(mQ.shape[0]))
+        self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mMask, mSel, mO, mLSE,
+                    softmax_scale_log2, qhead_per_kv,
+                    sQ_layout, sKV_layout, sVt_layout,
+                    copy_kv16, copy_kp, copy_ks, copy_vp, copy_vs, copy_rows16, copy_vt16,
+                    tiled_mma).launch(grid=grid, block=[T, 1, 1], smem=self.smap.total_bytes, stream=stream)
+
+    # ------------------------------------------------------------------------------------------
+    # device side
+    # ------------------------------------------------------------------------------------------
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
+               mQp: cute.Tensor, mQs: cute.Tensor, mKp: cute.Tensor, mKs: cute.Tensor,
+               mVp: cute.Tensor, mVs: cute.Tensor, mMask: cute.Tensor, mSel: cute.Tensor,
+               mO: cute.Tensor, mLSE: cute.Tensor, softmax_scale_log2: Float32, qhead_per_kv: Int32,
+               sQ_layout: cute.ComposedLayout, sKV_layout: cute.ComposedLayout, sVt_layout: cute.ComposedLayout,
+               copy_kv16: cute.TiledCopy, copy_kp: cute.TiledCopy, copy_ks: cute.TiledCopy,
+               copy_vp: cute.TiledCopy, copy_vs: cute.TiledCopy, copy_rows16: cute.TiledCopy,
+               copy_vt16: cute.TiledCopy, tiled_mma: cute.TiledMma):
+        D, Tm, Tn, S = self.D, self.Tm, self.Tn, self.S
+        dt = self.dtype
+        sm = self.smap
+        tidx, _, _ = cute.arch.thread_idx()
+        bx, hq, b = cute.arch.block_idx()
+        Sq = mQ.shape[1]
+        Skv = mK.shape[1]
+        nqb = cute.ceil_div(Sq, Tm)
+        nkb = cute.ceil_div(Skv, Tn)
+        m_block = bx
+        if const_expr(self.causal):
+            m_block = nqb - 1 - bx  # heaviest (longest causal row) first
+        hkv = hq // qhead_per_kv
+        # causal (bottom-right): query i sees keys j <= i + Skv - Sq
+        n_block_max = nkb
+        if const_expr(self.causal):
+            hi = cutlass.min((m_block + 1) * Tm, Sq) + Skv - Sq  # 1 + last visible key of the block
+            hi = cutlass.max(hi, 0)
+            n_block_max = cutlass.min(nkb, cute.ceil_div(hi, Tn))
+
+        # ---------------- shared memory ----------------
+        smem = cutlass.utils.SmemAllocator()
+        base = smem.allocate(sm.total_bytes, 1024)
+
+        def p16(off):
+            return cute.recast_ptr(base + off, dtype=dt)
+
+        def pu8(off):
+            return cute.recast_ptr(base + off, dtype=cutlass.Uint8)
+
+        sQ = cute.make_tensor(p16(0), sQ_layout)
+        sKdec = cute.make_tensor(p16(sm.kdec_off), sKV_layout)
+        sVdec = cute.make_tensor(p16(sm.vdec_off), sVt_layout)  # (D, Tn)
+        # phase-2 stages: K stages contiguous, V stages contiguous (stage mode last)
+        sK16 = [cute.make_tensor(p16(sm.region_off + t * sm.kv16), sKV_layout) for t in range(2)]
+        sV16 = [cute.make_tensor(p16(sm.region_off + (2 + t) * sm.kv16), sKV_layout) for t in range(2)]
+        # FP4 stages (uint8, row-major), stage mode last
+        st = sm.fp4_stage
+        fp4_base = sm.region_off + 2 * sm.kv16
+        sKp = cute.make_tensor(pu8(fp4_base + sm.kp_off), cute.make_layout((Tn, D // 2, S), stride=(D // 2, 1, st)))
+        sKs = cute.make_tensor(pu8(fp4_base + sm.ks_off), cute.make_layout((Tn, D // 16, S), stride=(D // 16, 1, st)))
+        sVp = cute.make_tensor(pu8(fp4_base + sm.vp_off), cute.make_layout((D, Tn // 2, S), stride=(Tn // 2, 1, st)))
+        sVs = cute.make_tensor(pu8(fp4_base + sm.vs_off), cute.make_layout((D, Tn // 16, S), stride=(Tn // 16, 1, st)))
+        sKp32 = cute.make_tensor(cute.recast_ptr(base + fp4_base + sm.kp_off, dtype=Uint32),
+                                 cute.make_layout((Tn, D // 8, S), stride=(D // 8, 1, st // 4)))
+        sVp32 = cute.make_tensor(cute.recast_ptr(base + fp4_base + sm.vp_off, dtype=Uint32),
+                                 cute.make_layout((D, Tn // 8, S), stride=(Tn // 8, 1, st // 4)))
+
+        # ---------------- MMA partitions ----------------
+        thr_mma = tiled_mma.get_slice(tidx)
+        tSrQ = thr_mma.make_fragment_A(thr_mma.partition_A(sQ))
+        tSrK = thr_mma.make_fragment_B(thr_mma.partition_B(sKdec))
+        tOrVt = thr_mma.make_fragment_B(thr_mma.partition_B(sVdec))
+        acc_O = cute.make_rmem_tensor(thr_mma.partition_shape_C((Tm, D)), Float32)
+        acc_O.fill(0.0)
+
+        ld_q = cute.make_tiled_copy_A(cute.make_copy_atom(warp.LdMatrix8x8x16bOp(False, 4), dt), tiled_mma)
+        ld_k = cute.make_tiled_copy_B(cute.make_copy_atom(warp.LdMatrix8x8x16bOp(False, 4), dt), tiled_mma)
+        ld_vt = cute.make_tiled_copy_B(cute.make_copy_atom(warp.LdMatrix8x8x16bOp(True, 4), dt), tiled_mma)
+        thr_ld_q = ld_q.get_slice(tidx)
+        thr_ld_k = ld_k.get_slice(tidx)
+        thr_ld_vt = ld_vt.get_slice(tidx)
+        tSsQ = thr_ld_q.partition_S(sQ)
+        tSrQ_v = thr_ld_q.retile(tSrQ)
+        tSrK_v = thr_ld_k.retile(tSrK)
+        tOrVt_kv = thr_ld_k.retile(tOrVt)   # decoded V^T: non-transposed ldmatrix
+        tOrVt_v = thr_ld_vt.retile(tOrVt)   # 16-bit V (keys x D): transposed ldmatrix
+        tSsKdec = thr_ld_k.partition_S(sKdec)
+        tOsVdec = thr_ld_k.partition_S(sVdec)
+
+        def vt_view(sV):
+            return cute.composition(sV, cute.make_layout((D, Tn), stride=(Tn, 1)))
+
+        tSsK16 = [thr_ld_k.partition_S(sK16[t]) for t in range(2)]
+        tOsV16 = [thr_ld_vt.partition_S(vt_view(sV16[t])) for t in range(2)]
+
+        # row state: 2 rows per thread (m16n8 C layout: rows lane/4 and lane/4 + 8 of the warp's 16)
+        n_rows = acc_O.shape[0][0] * acc_O.shape[1]
+        row_max = cute.make_rmem_tensor((n_rows,), Float32)
+        row_sum = cute.make_rmem_tensor((n_rows,), Float32)
+        row_c = cute.make_rmem_tensor((n_rows,), Float32)
+        row_max.fill(-Float32.inf)
+        row_sum.fill(0.0)
+        row_c.fill(1.0)
+
+        # identity coords of the S tile (query row, key) for masking
+        mcS = cute.make_identity_tensor((Sq, Skv))
+
+        mask_row = mMask[b, hq, m_block, None]
+        sel_row = mSel[b, hq, m_block, None]
+
+        # ---------------- gmem -> smem partitions (all at top level; indexed by tile inside) ----------------
+        thr_kp = copy_kp.get_slice(tidx)
+        thr_ks = copy_ks.get_slice(tidx)
+        thr_vp = copy_vp.get_slice(tidx)
+        thr_vs = copy_vs.get_slice(tidx)
+        thr_16 = copy_kv16.get_slice(tidx)
+        gKp = cute.local_tile(mKp[b, None, hkv, None], (Tn, D // 2), (None, 0))
+        gKs = cute.local_tile(mKs[b, None, hkv, None], (Tn, D // 16), (None, 0))
+        gVp = cute.local_tile(mVp[b, hkv, None, None], (D, Tn // 2), (0, None))
+        gVs = cute.local_tile(mVs[b, hkv, None, None], (D, Tn // 16), (0, None))
+        gK16 = cute.local_tile(mK[b, None, hkv, None], (Tn, D), (None, 0))
+        gV16 = cute.local_tile(mV[b, None, hkv, None], (Tn, D), (None, 0))
+        gQ16 = cute.local_tile(mQ[b, None, hq, None], (Tm, D), (m_block, 0))
+
+        def mkg():
+                return SimpleNamespace(
+                tKp_g=thr_kp.partition_S(gKp), tKp_s=thr_kp.partition_D(sKp),
+                tKp_c=thr_kp.partition_S(cute.make_identity_tensor((Tn, D // 2))),
+                tKs_g=thr_ks.partition_S(gKs), tKs_s=thr_ks.partition_D(sKs),
+                tVp_g=thr_vp.partition_S(gVp), tVp_s=thr_vp.partition_D(sVp),
+                tVs_g=thr_vs.partition_S(gVs), tVs_s=thr_vs.partition_D(sVs),
+                tK16_g=thr_16.partition_S(gK16), tK16_s=[thr_16.partition_D(sK16[t]) for t in range(2)],
+                tV16_g=thr_16.partition_S(gV16), tV16_s=[thr_16.partition_D(sV16[t]) for t in range(2)],
+                tQ16_g=thr_16.partition_S(gQ16), tQ16_s=thr_16.partition_D(sQ),
+                t16_c=thr_16.partition_S(cute.make_identity_tensor((Tn, D))),
+            )
+
+        def mkctx():
+                return SimpleNamespace(
+                g=mkg(), tidx=tidx, b=b, hq=hq, hkv=hkv, m_block=m_block, Sq=Sq, Skv=Skv, nkb=nkb,
+                n_block_max=n_block_max, sl2=softmax_scale_log2, mask_row=mask_row,
+                mK=mK, mV=mV, mKp=mKp, mKs=mKs, mVp=mVp, mVs=mVs, mcS=mcS,
+                sKp=sKp, sKs=sKs, sVp=sVp, sVs=sVs, sKp32=sKp32, sVp32=sVp32, sKdec=sKdec, sVdec=sVdec,
+                sK16=sK16, sV16=sV16, copy_kv16=copy_kv16, copy_kp=copy_kp, copy_ks=copy_ks,
+                copy_vp=copy_vp, copy_vs=copy_vs, copy_rows16=copy_rows16, copy_vt16=copy_vt16,
+                tiled_mma=tiled_mma, thr_mma=thr_mma, tSrQ=tSrQ, tSrK=tSrK, tOrVt=tOrVt, acc_O=acc_O,
+                ld_q=ld_q, ld_k=ld_k, ld_vt=ld_vt, tSsQ=tSsQ, tSrQ_v=tSrQ_v, tSrK_v=tSrK_v,
+                tOrVt_kv=tOrVt_kv, tOrVt_v=tOrVt_v, tSsKdec=tSsKdec, tOsVdec=tOsVdec,
+                tSsK16=tSsK16, tOsV16=tOsV16, row_max=row_max, row_sum=row_sum, row_c=row_c,
+            )
+
+        ctx = mkctx()
+
+        # ======================= phase 1: FP4 over the unselected tiles =======================
+        # decoded FP4 Q -> sQ (exact 16-bit values of dq(Q))
+        gQp32 = cute.local_tile(cute.recast_tensor(mQp[b, None, hq, None], Uint32), (Tm, D // 8), (m_block, 0))
+        gQs = cute.local_tile(mQs[b, None, hq, None], (Tm, D // 16), (m_block, 0))
+        self.path.decode_rows(sQ, copy_rows16, tidx, gQp32, gQs, Sq - m_block * Tm, self.is_bf16)
+        n_cur = self.next_unselected(mask_row, n_block_max)
+        n_issue = n_cur
+        for s in cutlass.range_constexpr(S - 1):
+            if n_issue >= 0:
+                self.load_fp4_tile(ctx, n_issue, s)
+            cute.arch.cp_async_commit_group()
+            n_issue = self.next_unselected(mask_row, n_issue)
+        stage = Int32(0)
+        while n_cur >= 0:
+            cute.arch.cp_async_wait_group(S - 2)
+            cute.arch.barrier()
+            st_load = stage + (S - 1)
+            if st_load >= S:
+                st_load = st_load - S
+            if n_issue >= 0:
+                self.load_fp4_tile(ctx, n_issue, st_load)
+            cute.arch.cp_async_commit_group()
+            n_issue = self.next_unselected(mask_row, n_issue)
+            if const_expr(self.sch.mask_split):
+                need = self.tile_needs_mask(ctx, n_cur)
+                if need:
+                    self.step(ctx, n_cur, stage, 1, True)
+                if not need:
+                    self.step(ctx, n_cur, stage, 1, False)
+            else:
+                self.step(ctx, n_cur, stage, 1, True)
+            n_cur = self.next_unselected(mask_row, n_cur)
+            stage = stage + 1
+            if stage == S:
+                stage = Int32(0)
+        cute.arch.cp_async_wait_group(0)
+
+        # ======================= phase 2: FP16 over the selected tiles =======================
+        ctx = mkctx()
+        k_sel = Int32(0)
+        for i in range(cute.size(mSel.shape[3])):
+            nsel = sel_row[i]
+            if nsel >= 0 and nsel < n_block_max:
+                k_sel = k_sel + 1
+        if k_sel > 0:
+            # acc from units of c (last FP4 tile's s1) to true units; phase 2 keeps c = 1
+            acc_mn = self.mn_view(acc_O)
+            for r in cutlass.range_constexpr(n_rows):
+                acc_mn[r, None] = acc_mn[r, None].load() * row_c[r]
+                row_c[r] = 1.0
+            cute.arch.barrier()  # every warp is done with sQ / the phase-1 buffers
+            # real 16-bit Q over the decoded one
+            self.load_rows16(ctx, ctx.g.tQ16_g, ctx.g.tQ16_s, m_block * Tm, Sq)
+            n0 = self.sel_at(sel_row, 0, n_block_max)
+            if n0 >= 0:
+                self.load_kv16_tile(ctx, n0, 0)
+            cute.arch.cp_async_commit_group()
+            j = Int32(0)
+            for i in range(cute.size(mSel.shape[3])):
+                n_i = self.sel_at(sel_row, i, n_block_max)
+                if n_i >= 0:
+                    cute.arch.cp_async_wait_group(0)
+                    cute.arch.barrier()
+                    n_next = Int32(-1)
+                    if i + 1 < cute.size(mSel.shape[3]):
+                        n_next = self.sel_at(sel_row, i + 1, n_block_max)
+                    if n_next >= 0:
+                        self.load_kv16_tile(ctx, n_next, 1 - j)
+                    cute.arch.cp_async_commit_group()
+                    if const_expr(self.sch.mask_split):
+                        need = self.tile_needs_mask(ctx, n_i)
+                        if need:
+                            self.step(ctx, n_i, j, 2, True)
+                        if not need:
+                            self.step(ctx, n_i, j, 2, False)
+                    else:
+                        self.step(ctx, n_i, j, 2, True)
+                    j = 1 - j
+            cute.arch.cp_async_wait_group(0)
+
+        # ======================= finalize =======================
+        ctx = mkctx()
+        self.epilogue(ctx, mO, mLSE, sQ)
+
+    # ------------------------------------------------------------------------------------------
+    @cute.jit
+    def is_selected(self, mask_row: cute.Tensor, n: Int32) -> cutlass.Boolean:
+        nn = cutlass.max(n, 0)
+        word = Uint32(mask_row[nn // 32])
+        bit = (word >> Uint32(nn % 32)) & Uint32(1)
+        return (bit != Uint32(0)) & (n >= 0)
+
+    @cute.jit
+    def next_unselected(self, mask_row: cute.Tensor, n: Int32) -> Int32:
+        """Largest key tile index < n that is not selected (-1 if none)."""
+        m = n - 1
+        sel = self.is_selected(mask_row, m)
+        while sel:
+            m = m - 1
+            sel = self.is_selected(mask_row, m)
+        return cutlass.max(m, -1)
+
+    @cute.jit
+    def sel_at(self, sel_row: cute.Tensor, i: Int32, n_block_max: Int32) -> Int32:
+        n = sel_row[i]
+        res = Int32(-1)
+        if n >= 0 and n < n_block_max:
+            res = n
+        return res
+
+    @cute.jit
+    def tile_needs_mask(self, ctx, n: Int32) -> cutlass.Boolean:
+        """Key tile n needs masking if it crosses Skv or (causal) the first row's diagonal."""
+        need = (n + 1) * self.Tn > ctx.Skv
+        if const_expr(self.causal):
+            first_row_limit = ctx.m_block * self.Tm + ctx.Skv - ctx.Sq  # last key row 0 may see
+            need = need | ((n + 1) * self.Tn - 1 > first_row_limit)
+        return need
+
+    # ---------------- loads ----------------
+    @cute.jit
+    def load_fp4_tile(self, ctx, n: Int32, stage: Int32):
+        """cp.async the packed K rows/scales and V^T columns/scales of key tile n into FP4 stage `stage`.
+        K rows past Skv are zero-filled; Vp/Vs are zero padded to a multiple of 64 keys (in bounds)."""
+        key0 = n * self.Tn
+        g = ctx.g
+        for m in cutlass.range_constexpr(cute.size(g.tKp_s, mode=[1])):
+            ok = key0 + g.tKp_c[0, m, 0][0] < ctx.Skv
+            if ok:
+                cute.copy(ctx.copy_kp, g.tKp_g[None, m, None, n], g.tKp_s[None, m, None, stage])
+            if not ok:
+                g.tKp_s[None, m, None, stage].fill(0)
+        if ctx.tidx < self.Tn:
+            ok_s = key0 + ctx.tidx < ctx.Skv
+            if ok_s:
+                cute.copy(ctx.copy_ks, g.tKs_g[None, None, None, n], g.tKs_s[None, None, None, stage])
+            if not ok_s:
+                g.tKs_s[None, None, None, stage].fill(0)
+        cute.copy(ctx.copy_vp, g.tVp_g[None, None, None, n], g.tVp_s[None, None, None, stage])
+        if ctx.tidx < self.D:
+            cute.copy(ctx.copy_vs, g.tVs_g[None, None, None, n], g.tVs_s[None, None, None, stage])
+
+    @cute.jit
+    def load_rows16(self, ctx, tg: cute.Tensor, ts: cute.Tensor, row0: Int32, row_limit: Int32):
+        """cp.async a 16-bit (rows, D) tile (partitioned gmem tg -> smem ts); rows >= row_limit -> 0."""
+        for m in cutlass.range_constexpr(cute.size(ts, mode=[1])):
+            ok = row0 + ctx.g.t16_c[0, m, 0][0] < row_limit
+            if ok:
+                cute.copy(ctx.copy_kv16, tg[None, m, None], ts[None, m, None])
+            if not ok:
+                ts[None, m, None].fill(0)
+
+    @cute.jit
+    def load_kv16_tile(self, ctx, n: Int32, t: Int32):
+        g = ctx.g
+        if t == 0:
+            self.load_rows16(ctx, g.tK16_g[None, None, None, n], g.tK16_s[0], n * self.Tn, ctx.Skv)
+            self.load_rows16(ctx, g.tV16_g[None, None, None, n], g.tV16_s[0], n * self.Tn, ctx.Skv)
+        if t != 0:
+            self.load_rows16(ctx, g.tK16_g[None, None, None, n], g.tK16_s[1], n * self.Tn, ctx.Skv)
+            self.load_rows16(ctx, g.tV16_g[None, None, None, n], g.tV16_s[1], n * self.Tn, ctx.Skv)
+
+    # ---------------- one key tile ----------------
+    @cute.jit
+    def step(self, ctx, n: Int32, stage: Int32, phase: cutlass.Constexpr, masked: cutlass.Constexpr):
+        """One key tile: S = QK^T, mask, online softmax, (phase 1: two-level P quantization), O += PV."""
+        Tm, Tn = self.Tm, self.Tn
+        if const_expr(phase == 1):
+            # SM90 path: decode this FP4 stage into the 16-bit kdec / vdec tiles
+            self.path.decode_rows(ctx.sKdec, ctx.copy_rows16, ctx.tidx, ctx.sKp32[None, None, stage],
+                                  ctx.sKs[None, None, stage], ctx.Skv - n * Tn, self.is_bf16)
+            self.path.decode_rows(ctx.sVdec, ctx.copy_vt16, ctx.tidx, ctx.sVp32[None, None, stage],
+                                  ctx.sVs[None, None, stage], self.D, self.is_bf16)
+            cute.arch.barrier()
+
+        acc_S = cute.make_rmem_tensor(ctx.thr_mma.partition_shape_C((Tm, Tn)), Float32)
+        acc_S.fill(0.0)
+        if const_expr(phase == 1):
+            self.gemm_ss(ctx, acc_S, ctx.tSsKdec)
+        else:
+            if stage == 0:
+                self.gemm_ss(ctx, acc_S, ctx.tSsK16[0])
+            if stage != 0:
+                self.gemm_ss(ctx, acc_S, ctx.tSsK16[1])
+
+        acc_S_mn = self.mn_view(acc_S)
+        acc_O_mn = self.mn_view(ctx.acc_O)
+        if const_expr(masked):
+            cS = cute.local_tile(ctx.mcS, (Tm, Tn), (ctx.m_block, n))
+            tScS_mn = self.mn_view(ctx.thr_mma.partition_C(cS))
+            for r in cutlass.range_constexpr(cute.size(acc_S_mn, mode=[0])):
+                row = tScS_mn[r, 0][0]
+                limit = ctx.Skv
+                if const_expr(self.causal):
+                    limit = cutlass.min(row + 1 + ctx.Skv - ctx.Sq, ctx.Skv)
+                for c in cutlass.range_constexpr(cute.size(acc_S_mn, mode=[1])):
+                    acc_S_mn[r, c] = -Float32.inf if tScS_mn[0, c][1] >= limit else acc_S_mn[r, c]
+
+        sl2 = ctx.sl2
+        ncols = cute.size(acc_S_mn, mode=[1])
+        for r in cutlass.range_constexpr(cute.size(acc_S_mn, mode=[0])):
+            s_row = acc_S_mn[r, None].load()
+            tmax = s_row.reduce(cute.ReductionOp.MAX, -Float32.inf, 0)
+            tmax = self.quad_max(tmax)
+            m_old = ctx.row_max[r]
+            m_new = cute.arch.fmax(m_old, tmax)
+            m_use = Float32(0.0) if m_new == -Float32.inf else m_new
+            ms = m_use * sl2
+            alpha = ex2(m_old * sl2 - ms)
+            for c in cutlass.range_constexpr(ncols):
+                acc_S_mn[r, c] = ex2(acc_S_mn[r, c] * sl2 - ms)
+            p_row = acc_S_mn[r, None].load()
+            ctx.row_sum[r] = ctx.row_sum[r] * alpha + p_row.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+            ctx.row_max[r] = m_new
+            if const_expr(phase == 1):
+                # ---- two-level P quantization (contract: SageAttention3 scheme) ----
+                # group g of 16 keys = columns 4g..4g+3 of this thread's mn row (n-atoms 2g, 2g+1),
+                # the other 12 keys live in the 3 other lanes of the quad.
+                gmax = []
+                for g in cutlass.range_constexpr(ncols // 4):
+                    v = cute.arch.fmax(cute.arch.fmax(acc_S_mn[r, 4 * g], acc_S_mn[r, 4 * g + 1]),
+                                       cute.arch.fmax(acc_S_mn[r, 4 * g + 2], acc_S_mn[r, 4 * g + 3]))
+                    gmax.append(self.quad_max(v))
+                rmax = gmax[0]
+                for g in cutlass.range_constexpr(1, ncols // 4):
+                    rmax = cute.arch.fmax(rmax, gmax[g])
+                valid = rmax > Float32(P_TILE_MIN)
+                s1 = rmax / Float32(P_SCALE_MAX)
+                inv_s1 = Float32(1.0) / s1 if valid else Float32(0.0)
+                ratio = alpha * ctx.row_c[r] * inv_s1 if valid else alpha
+                ctx.row_c[r] = s1 if valid else ctx.row_c[r]
+                for g in cutlass.range_constexpr(ncols // 4):
+                    sc = e4m3_rne((gmax[g] * inv_s1) / Float32(6.0))
+                    rs = Float32(1.0) / sc if sc > Float32(0.0) else Float32(0.0)
+                    for q in cutlass.range_constexpr(4):
+                        x = acc_S_mn[r, 4 * g + q] * inv_s1
+                        acc_S_mn[r, 4 * g + q] = e2m1_rne(x * rs) * sc
+                acc_O_mn[r, None] = acc_O_mn[r, None].load() * ratio
+            else:
+                acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
+
+        # P (16-bit) as the A operand: (4, MMA_M, MMA_N) -> ((4,2), MMA_M, MMA_N/2)
+        rP = cute.make_fragment_like(acc_S, self.dtype)
+        rP.store(acc_S.load().to(self.dtype))
+        lay = cute.logical_divide(rP.layout, (None, None, 2))
+        tOrP = cute.make_tensor(rP.iterator, cute.make_layout(
+            ((lay.shape[0], lay.shape[2][0]), lay.shape[1], lay.shape[2][1]),
+            stride=((lay.stride[0], lay.stride[2][0]), lay.stride[1], lay.stride[2][1])))
+        if const_expr(phase == 1):
+            self.gemm_rs(ctx, tOrP, ctx.ld_k, ctx.tOsVdec, ctx.tOrVt_kv)
+        else:
+            if stage == 0:
+                self.gemm_rs(ctx, tOrP, ctx.ld_vt, ctx.tOsV16[0], ctx.tOrVt_v)
+            if stage != 0:
+                self.gemm_rs(ctx, tOrP, ctx.ld_vt, ctx.tOsV16[1], ctx.tOrVt_v)
+
+    @cute.jit
+    def gemm_ss(self, ctx, acc: cute.Tensor, tSsK: cute.Tensor):
+        """acc += Q K^T with both operands ldmatrix'ed from smem, one k-block ahead."""
+        nk = cute.size(ctx.tSsQ.shape[2])
+        cute.copy(ctx.ld_q, ctx.tSsQ[None, None, 0], ctx.tSrQ_v[None, None, 0])
+        cute.copy(ctx.ld_k, tSsK[None, None, 0], ctx.tSrK_v[None, None, 0])
+        for k in cutlass.range_constexpr(nk):
+            if const_expr(k + 1 < nk):
+                cute.copy(ctx.ld_q, ctx.tSsQ[None, None, k + 1], ctx.tSrQ_v[None, None, k + 1])
+                cute.copy(ctx.ld_k, tSsK[None, None, k + 1], ctx.tSrK_v[None, None, k + 1])
+            cute.gemm(ctx.tiled_mma, acc, ctx.tSrQ[None, None, k], ctx.tSrK[None, None, k], acc)
+
+    @cute.jit
+    def gemm_rs(self, ctx, tOrP: cute.Tensor, ld: cute.TiledCopy, tOsV: cute.Tensor, tOrV_v: cute.Tensor):
+        """acc_O += P V with P in registers and V^T ldmatrix'ed from smem."""
+        nk = cute.size(tOrP.shape[2])
+        cute.copy(ld, tOsV[None, None, 0], tOrV_v[None, None, 0])
+        for k in cutlass.range_constexpr(nk):
+            if const_expr(k + 1 < nk):
+                cute.copy(ld, tOsV[None, None, k + 1], tOrV_v[None, None, k + 1])
+            cute.gemm(ctx.tiled_mma, ctx.acc_O, tOrP[None, None, k], ctx.tOrVt[None, None, k], ctx.acc_O)
+
+    # ---------------- epilogue ----------------
+    @cute.jit
+    def epilogue(self, ctx, mO: cute.Tensor, mLSE: cute.Tensor, sQ: cute.Tensor):
+        Tm, D = self.Tm, self.D
+        acc_O_mn = self.mn_view(ctx.acc_O)
+        n_rows = cute.size(ctx.row_sum)
+        cS = cute.local_tile(ctx.mcS, (Tm, self.Tn), (ctx.m_block, 0))
+        tScS_mn = self.mn_view(ctx.thr_mma.partition_C(cS))
+        lane = ctx.tidx % 32
+        for r in cutlass.range_constexpr(n_rows):
+            l = self.quad_sum(ctx.row_sum[r])
+            pos = l > Float32(0.0)
+            f = ctx.row_c[r] / l if pos else Float32(0.0)
+            lse = (ctx.row_max[r] * ctx.sl2 + lg2(l)) * Float32(math.log(2.0)) if pos else -Float32.inf
+            acc_O_mn[r, None] = acc_O_mn[r, None].load() * f
+            if const_expr(self.has_lse):
+                row = tScS_mn[r, 0][0]
+                if lane % 4 == 0 and row < ctx.Sq:
+                    mLSE[ctx.b, ctx.hq, row] = lse
+        # O through smem (rows owned by this warp only: no barrier needed before the write)
+        cute.arch.barrier()  # phase-2 / phase-1 warps may still read sQ rows of other warps? (A rows are per warp; be safe)
+        rO = cute.make_fragment_like(ctx.acc_O, self.dtype)
+        rO.store(ctx.acc_O.load().to(self.dtype))
+        st_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype)
+        st_c = cute.make_tiled_copy_C(st_atom, ctx.tiled_mma)
+        thr_st = st_c.get_slice(ctx.tidx)
+        cute.copy(st_atom, thr_st.retile(rO), thr_st.partition_D(sQ))
+        cute.arch.barrier()
+        gO = cute.local_tile(mO[ctx.b, None, ctx.hq, None], (Tm, D), (ctx.m_block, 0))
+        thr = ctx.copy_rows16.get_slice(ctx.tidx)
+        tOs = thr.partition_S(sQ)
+        tOg = thr.partition_D(gO)
+        tOc = thr.partition_D(cute.make_identity_tensor((Tm, D)))
+        tOr = cute.make_fragment_like(tOs, self.dtype)
+        cute.autovec_copy(tOs, tOr)
+        for m in cutlass.range_constexpr(cute.size(tOr, mode=[1])):
+            if ctx.m_block * Tm + tOc[0, m, 0][0] < ctx.Sq:
+                cute.copy(ctx.copy_rows16, tOr[None, m, None], tOg[None, m, None])
+
+    # ---------------- helpers ----------------
+    @cute.jit
+    def mn_view(self, acc: cute.Tensor) -> cute.Tensor:
+        """((2,2),M,N) m16n8 accumulator -> (rows, cols) view: rows (2,M), cols (2,N)."""
+        l = cute.make_layout(acc.layout.shape)
+        mn = cute.make_layout(((l.shape[0][1], l.shape[1]), (l.shape[0][0], l.shape[2])),
+                              stride=((l.stride[0][1], l.stride[1]), (l.stride[0][0], l.stride[2])))
+        return cute.make_tensor(acc.iterator, cute.composition(acc.layout, mn))
+
+    @cute.jit
+    def quad_max(self, v: Float32) -> Float32:
+        v = cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=2, mask=-1, mask_and_clamp=31))
+        v = cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=1, mask=-1, mask_and_clamp=31))
+        return v
+
+    @cute.jit
+    def quad_sum(self, v: Float32) -> Float32:
+        v = v + cute.arch.shuffle_sync_bfly(v, offset=2, mask=-1, mask_and_clamp=31)
+        v = v + cute.arch.shuffle_sync_bfly(v, offset=1, mask=-1, mask_and_clamp=31)
+        return v
+
+
+# ----------------------------------------------------------------------------------------------
+# compilation with symbolic shapes (used by the interface's cache and by the CPU compile tests)
+# ----------------------------------------------------------------------------------------------
+def fake_args(dtype, head_dim: int):
+    """Fake (symbolic-shape) tensors matching ThriftPrefillKernel.__call__ (B, S, H dynamic)."""
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    D = head_dim
+    B, Sq, Skv, Hq, Hkv = (cute.sym_int() for _ in range(5))
+    skp2, skp16 = cute.sym_int(divisibility=32), cute.sym_int(divisibility=4)
+    nqb, nw, nq_b2, ks = (cute.sym_int() for _ in range(4))
+
+    def t(dt, shape, align=16):
+        return make_fake_compact_tensor(dt, shape, stride_order=tuple(range(len(shape) - 1, -1, -1)),
+                                        assumed_align=align)
+
+    u8 = cutlass.Uint8
+    return (
+        t(dtype, (B, Sq, Hq, D)), t(dtype, (B, Skv, Hkv, D)), t(dtype, (B, Skv, Hkv, D)),
+        t(u8, (B, Sq, Hq, D // 2)), t(u8, (B, Sq, Hq, D // 16)),
+        t(u8, (B, Skv, Hkv, D // 2)), t(u8, (B, Skv, Hkv, D // 16)),
+        t(u8, (B, Hkv, D, skp2)), t(u8, (B, Hkv, D, skp16)),
+        t(cutlass.Int32, (B, Hq, nqb, nw), 4), t(cutlass.Int32, (B, Hq, nq_b2, ks), 4),
+        t(dtype, (B, Sq, Hq, D)), t(Float32, (B, Hq, Sq), 4),
+        Float32(1.0), Int32(1), make_fake_stream(),
+    )
+
+
+def compile_prefill(dtype, head_dim: int, causal: bool, schedule: PrefillSchedule, arch: int,
+                    has_lse: bool = True, options: str = ""):
+    """cute.compile the kernel for fake tensors; the arch comes from CUTE_DSL_ARCH (or the GPU)."""
+    k = ThriftPrefillKernel(dtype, head_dim, causal, schedule, arch, has_lse=has_lse)
+    return cute.compile(k, *fake_args(dtype, head_dim), options=options)
