@@ -282,6 +282,9 @@ def _sage_variant() -> Tuple[Optional[Variant], Optional[str]]:
     def prepare(p: Problem, qkv):
         q, k, v = qkv
         is_causal = _sdpa_causal_flag(p)
+        # sageattn's smooth_k does `k -= k.mean(seq)` IN PLACE: give it its own copy so the shared inputs of
+        # the other variants stay untouched (the subtraction is softmax-invariant and part of its timed work)
+        k = k.clone()
 
         def call(kk, vv):
             return _first(mod.sageattn(q, kk, vv, tensor_layout="NHD", is_causal=is_causal))
