@@ -372,16 +372,7 @@ class Sm120Fp4AttnTile:
         Shuffles: 2 x 2 for the row max, 4 (nvfp4) / 8 (mxfp4) for the group amax, 1 (nvfp4) for the scale word.
         """
         lane = tidx % 32
-        # ---- s1 per row half (rows g and g+8) ----
-        s1 = [Float32(0.0), Float32(0.0)]
-        for h in range(2):
-            m = Float32(0.0)
-            for j in range(8):
-                for e in range(2):
-                    m = cute.arch.fmax(m, accP[(e, h), 0, j])
-            m = _bfly_max(m, 1)
-            m = _bfly_max(m, 2)
-            s1[h] = m / Float32(P_TILE_MAX_DIV)
+        s1 = self._row_s1(accP)
         # ---- x = P~ / s1 (0 where s1 == 0), grouped by A register ----
         xs = [[None] * 8 for _ in range(4)]
         for r in range(4):
@@ -440,12 +431,93 @@ class Sm120Fp4AttnTile:
                 for i in range(8):
                     codes[i] = cutlass.select_(amax[r] > Float32(0.0), xs[r][i] * inv, Float32(0.0))
                 storage[r] = cvt_e2m1x8(codes)
+        return PFragments(self._p_frag_view(storage), sf_frag, s1[0], s1[1])
+
+    @staticmethod
+    def _row_s1(accP):
+        """s1 = rowmax(P~ over the 64-key tile) / (448*6) for rows g and g+8 (quad max: xor 1, xor 2)."""
+        s1 = [Float32(0.0), Float32(0.0)]
+        for h in range(2):
+            m = Float32(0.0)
+            for j in range(8):
+                for e in range(2):
+                    m = cute.arch.fmax(m, accP[(e, h), 0, j])
+            m = _bfly_max(m, 1)
+            m = _bfly_max(m, 2)
+            s1[h] = m / Float32(P_TILE_MAX_DIV)
+        return s1
+
+    @staticmethod
+    def _p_frag_view(storage):
         # the A fragment ((8,2,2),1,1) of E2M1 over the 4 packed words: word r = v1 + 2*v2 = (h, half)
-        frag = cute.make_tensor(
+        return cute.make_tensor(
             cute.recast_ptr(storage.iterator, dtype=cutlass.Float4E2M1FN),
             cute.make_layout(((8, 2, 2), 1, 1), stride=((1, 8, 16), 0, 0)),
         )
-        return PFragments(frag, sf_frag, s1[0], s1[1])
+
+    def quantize_p_natural(self, accP, tidx, exact_div: bool = True):
+        """``quantize_p`` for K rows in natural key order (no permutation, e.g. an appendable decode cache).
+
+        Same numerics and outputs; column c = 8j + 2*(lane%4) + e of S is key c. The lane's values are not the
+        keys its A registers need, so the codes go through a 4x4 byte transpose across the quad
+        (layouts/sm120_fp4.QUAD_T_SEL*): 2 shuffles + 2 prmt per A register (8 + 8), and the group amax needs
+        2 shuffles per group (16 for nvfp4, 8 for mxfp4); the scale word needs no exchange.
+        """
+        lane = tidx % 32
+        t = lane % 4
+        hs = lane % 2
+        s1 = self._row_s1(accP)
+        x = [[[None, None] for _ in range(8)] for _ in range(2)]
+        for h in range(2):
+            inv = Float32(1.0) / s1[h] if const_expr(not exact_div) else None
+            for j in range(8):
+                for e in range(2):
+                    p = accP[(e, h), 0, j]
+                    xv = p / s1[h] if const_expr(exact_div) else p * inv
+                    x[h][j][e] = cutlass.select_(s1[h] > Float32(0.0), xv, Float32(0.0))
+        gsize = 2 if const_expr(self.fmt == "nvfp4") else 4  # n-blocks per scale group (16 / 32 keys)
+        ng = 8 // gsize
+        amax = [[None] * ng for _ in range(2)]
+        for h in range(2):
+            for q in range(ng):
+                a = x[h][gsize * q][0]
+                for jj in range(gsize):
+                    for e in range(2):
+                        a = cute.arch.fmax(a, x[h][gsize * q + jj][e])
+                a = _bfly_max(a, 1)
+                amax[h][q] = _bfly_max(a, 2)
+        sf_frag, sf_store = self._sf_fragment(1, 1)
+        # per (h, group): the value to multiply x by before e2m1 (None -> divide by sc) and the "group alive" flag
+        if const_expr(self.fmt == "nvfp4"):
+            w01 = [cvt_e4m3x2(amax[h][0] / Float32(6.0), amax[h][1] / Float32(6.0)) for h in range(2)]
+            w23 = [cvt_e4m3x2(amax[h][2] / Float32(6.0), amax[h][3] / Float32(6.0)) for h in range(2)]
+            sc = [[e4m3_byte_to_f32(w01[h] if q < 2 else w23[h], q % 2) for q in range(4)] for h in range(2)]
+            word = [w01[h] | (w23[h] << 16) for h in range(2)]
+            sf_store[0, 0] = word[0] + hs * (word[1] - word[0])
+        else:
+            ec = [[e8m0_ceil_scale(amax[h][q]) for q in range(2)] for h in range(2)]
+            word = [ec[h][0] | (ec[h][1] << 8) for h in range(2)]
+            sf_store[0, 0] = word[0] + hs * (word[1] - word[0])
+            inv_s = [[e8m0_code_to_inv_f32(ec[h][q]) for q in range(2)] for h in range(2)]
+        storage = cute.make_rmem_tensor(cute.make_layout((4,)), Int32)
+        sel1 = Int32(L.QUAD_T_SEL1[0]) + (t % 2) * Int32(L.QUAD_T_SEL1[1] - L.QUAD_T_SEL1[0])
+        sel2 = Int32(L.QUAD_T_SEL2[0]) + (t // 2) * Int32(L.QUAD_T_SEL2[1] - L.QUAD_T_SEL2[0])
+        for h in range(2):
+            for half in range(2):
+                codes = [None] * 8
+                for i in range(8):
+                    j = 4 * half + i // 2
+                    q = j // gsize
+                    xv = x[h][j][i % 2]
+                    if const_expr(self.fmt == "nvfp4"):
+                        v = xv / sc[h][q] if const_expr(exact_div) else xv * (Float32(1.0) / sc[h][q])
+                        codes[i] = cutlass.select_(sc[h][q] > Float32(0.0), v, Float32(0.0))
+                    else:
+                        codes[i] = cutlass.select_(amax[h][q] > Float32(0.0), xv * inv_s[h][q], Float32(0.0))
+                w = cvt_e2m1x8(codes)  # byte c = n-block 4*half + c of this lane
+                m1 = Int32(cute.arch.prmt(w, cute.arch.shuffle_sync_bfly(w, offset=1), sel1))
+                storage[h + 2 * half] = Int32(cute.arch.prmt(m1, cute.arch.shuffle_sync_bfly(m1, offset=2), sel2))
+        return PFragments(self._p_frag_view(storage), sf_frag, s1[0], s1[1])
 
     def pv(self, accO, pf: PFragments, sV, sVs, tidx):
         """accO += P'·V' (no s1): P' = e2m1 * e4m3 of ``pf``, V' the dequantized V tile.
@@ -497,12 +569,14 @@ class Fp4AttentionTileSm120:
     O = P_deq·V' with P~ = exp(S - rowmax_tile) quantized by the two-level scheme (O not normalized).
 
     Inputs (global, uint8 views, contiguous): Qp [64, D/2], Qs [64, D/sf], Kp [64, D/2] + Ks [64, D/sf] with
-    rows permuted (layouts.sm120_fp4.permute_key_rows), Vp [D, 32], Vs [D, 64/sf]. Outputs fp32 S [64, 64],
+    rows permuted (layouts.sm120_fp4.permute_key_rows; natural order with k_permuted=False, which uses
+    quantize_p_natural), Vp [D, 32], Vs [D, 64/sf]. Outputs fp32 S [64, 64],
     O [64, D]. This is what the emulation/GPU tests compare against the torch reference.
     """
 
-    def __init__(self, head_dim: int, fmt: str = "nvfp4", softmax_scale: float | None = None):
+    def __init__(self, head_dim: int, fmt: str = "nvfp4", softmax_scale: float | None = None, k_permuted: bool = True):
         self.tile = Sm120Fp4AttnTile(head_dim, fmt)
+        self.k_permuted = k_permuted
         self.head_dim = head_dim
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
 
@@ -553,14 +627,20 @@ class Fp4AttentionTileSm120:
             for j in cutlass.range_constexpr(8):
                 for e in cutlass.range_constexpr(2):
                     v = accS[(e, h), 0, j]
-                    mS[row0 + 8 * h, Sm120Fp4AttnTile.key_of_column(j, e, lane)] = v * scale
+                    if const_expr(self.k_permuted):
+                        mS[row0 + 8 * h, Sm120Fp4AttnTile.key_of_column(j, e, lane)] = v * scale
+                    else:
+                        mS[row0 + 8 * h, 8 * j + 2 * (lane % 4) + e] = v * scale
                     m = cute.arch.fmax(m, v)
             m = _bfly_max(m, 1)
             m = _bfly_max(m, 2)
             for j in cutlass.range_constexpr(8):
                 for e in cutlass.range_constexpr(2):
                     accS[(e, h), 0, j] = cute.math.exp2((accS[(e, h), 0, j] - m) * (scale * Float32(math.log2(math.e))), fastmath=True)
-        pf = tile.quantize_p(accS, tidx)
+        if const_expr(self.k_permuted):
+            pf = tile.quantize_p(accS, tidx)
+        else:
+            pf = tile.quantize_p_natural(accS, tidx)
         accO = tile.make_acc_o(tidx)
         tile.pv(accO, pf, sV, sVs, tidx)
         for h in cutlass.range_constexpr(2):
@@ -570,7 +650,7 @@ class Fp4AttentionTileSm120:
                     mO[row0 + 8 * h, 8 * j + 2 * (lane % 4) + e] = accO[(e, h), 0, j] * s1
 
 
-def compile_demo(head_dim: int = 128, fmt: str = "nvfp4"):
+def compile_demo(head_dim: int = 128, fmt: str = "nvfp4", k_permuted: bool = True):
     """Compile the demo for the current DSL target with fake tensors (no GPU). Returns the compiled object."""
     from cutlass.cute.runtime import make_fake_compact_tensor
 
@@ -587,4 +667,4 @@ def compile_demo(head_dim: int = 128, fmt: str = "nvfp4"):
         f(Float32, (64, 64)),
         f(Float32, (64, d)),
     )
-    return cute.compile(Fp4AttentionTileSm120(head_dim, fmt), *args)
+    return cute.compile(Fp4AttentionTileSm120(head_dim, fmt, k_permuted=k_permuted), *args)

@@ -119,6 +119,14 @@ def p_areg_source(reg: int, nib: int):
 SFA_PRMT_SEL = (0x5140, 0x1504)
 
 
+# Natural key order (K not permuted; Sm120Fp4AttnTile.quantize_p_natural): lane t builds word W_t whose byte c holds
+# the codes of its n-block 4*half + c (e = 0 low nibble, 1 high); the A register needs R_t with byte c = W_c's
+# byte t: a 4x4 byte transpose across the quad, done as (xor-1 exchange, prmt with QUAD_T_SEL1[t & 1]) then
+# (xor-2 exchange, prmt with QUAD_T_SEL2[(t >> 1) & 1]).
+QUAD_T_SEL1 = (0x6240, 0x3715)
+QUAD_T_SEL2 = (0x5410, 0x3276)
+
+
 def swizzle_bits(row_bytes: int) -> int:
     """B of Swizzle<B, 4, 3> (bytes) for rows of ``row_bytes`` (32 or 64)."""
     table = {32: 1, 64: 2}

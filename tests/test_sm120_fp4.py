@@ -248,14 +248,54 @@ def _quantize_p_lanes(P, fmt):
     return a_regs, sfa, s1
 
 
-def _emulate_tile(q, k, v, fmt, p_fill=None):
+def _quantize_p_lanes_natural(P, fmt):
+    """Replay Sm120Fp4AttnTile.quantize_p_natural (K in natural order): P[lane, h, j, e] is key 8j + 2t + e."""
+    lanes = torch.arange(32)
+    m = P.amax(dim=(2, 3))
+    m = torch.maximum(m, m[lanes ^ 1])
+    m = torch.maximum(m, m[lanes ^ 2])
+    s1 = m / torch.tensor(448.0 * 6.0)
+    x = torch.where(s1[:, :, None, None] > 0, P / s1[:, :, None, None], torch.zeros(()))
+    gsize = 2 if fmt == "nvfp4" else 4
+    amax = x.reshape(32, 2, 8 // gsize, gsize * 2).amax(dim=3)  # [32, h, group]
+    amax = torch.maximum(amax, amax[lanes ^ 1])
+    amax = torch.maximum(amax, amax[lanes ^ 2])
+    j_group = torch.arange(8) // gsize
+    if fmt == "nvfp4":
+        sc_code = (amax / torch.tensor(6.0)).to(torch.float8_e4m3fn)
+        sc = sc_code.float()[:, :, j_group]  # [32, h, j]
+        q = torch.where(sc[..., None] > 0, x / sc[..., None], torch.zeros(()))
+        b = sc_code.view(torch.uint8).long()
+        words = b[:, :, 0] | (b[:, :, 1] << 8) | (b[:, :, 2] << 16) | (b[:, :, 3] << 24)
+    else:
+        ec = _e8m0_code(amax)
+        inv = torch.ldexp(torch.ones_like(amax), (127 - ec).float())[:, :, j_group]
+        q = torch.where(amax[:, :, j_group, None] > 0, x * inv[..., None], torch.zeros(()))
+        words = ec[:, :, 0] | (ec[:, :, 1] << 8)
+    codes = e2m1_encode(q)  # [32, h, j, e]
+    sfa = [int(words[lane, lane % 2]) for lane in range(32)]
+    a_regs = [[0] * 4 for _ in range(32)]
+    for h in range(2):
+        for half in range(2):
+            w = [sum(int(codes[lane, h, 4 * half + c, e]) << (8 * c + 4 * e) for c in range(4) for e in range(2))
+                 for lane in range(32)]
+            m1 = [_prmt(w[l], w[l ^ 1], L.QUAD_T_SEL1[(l % 4) & 1]) for l in range(32)]
+            r = [_prmt(m1[l], m1[l ^ 2], L.QUAD_T_SEL2[((l % 4) >> 1) & 1]) for l in range(32)]
+            for lane in range(32):
+                a_regs[lane][h + 2 * half] = r[lane]
+    return a_regs, sfa, s1
+
+
+def _emulate_tile(q, k, v, fmt, p_fill=None, k_permuted=True):
     """Emulate the demo kernel (4 warps) on fp32 q, k [64, D], v [64, D]. Returns S [64, 64] (logical key
     order), P~ [64, 64] (logical key order) and O = s1 * P'·V' [64, D]."""
     codec, sf_vec = FMTS[fmt]
     D = q.shape[1]
     Qp, Qs = codec.quantize(q, dim=-1)
     Kp, Ks = codec.quantize(k, dim=-1)
-    Kp, Ks = L.permute_key_rows(Kp, dim=0), L.permute_key_rows(Ks, dim=0)  # what the quant kernel stores
+    if k_permuted:  # what the quant kernel stores
+        Kp, Ks = L.permute_key_rows(Kp, dim=0), L.permute_key_rows(Ks, dim=0)
+    col_key = L.key_of_column if k_permuted else (lambda j, e, t: 8 * j + 2 * t + e)
     Vp, Vs = codec.quantize(v.T.contiguous(), dim=-1)  # [D, 32], [D, 64/sf]
     Qs8, Ks8, Vs8 = (t.view(torch.uint8) for t in (Qs, Ks, Vs))
     S = torch.empty(64, 64, dtype=torch.float64)
@@ -277,7 +317,7 @@ def _emulate_tile(q, k, v, fmt, p_fill=None):
             for h in range(2):
                 for j in range(8):
                     for e in range(2):
-                        S[16 * w + g + 8 * h, L.key_of_column(j, e, t)] = C[lane, h, j, e]
+                        S[16 * w + g + 8 * h, col_key(j, e, t)] = C[lane, h, j, e]
         # P~ in registers: exp(S - rowmax) from the (fp32-rounded) accumulators, or a caller-given pattern
         if p_fill is None:
             Sf = C.float()
@@ -292,14 +332,14 @@ def _emulate_tile(q, k, v, fmt, p_fill=None):
                 for h in range(2):
                     for j in range(8):
                         for e in range(2):
-                            P[lane, h, j, e] = p_fill[16 * w + g + 8 * h, L.key_of_column(j, e, t)]
+                            P[lane, h, j, e] = p_fill[16 * w + g + 8 * h, col_key(j, e, t)]
         for lane in range(32):
             g, t = divmod(lane, 4)
             for h in range(2):
                 for j in range(8):
                     for e in range(2):
-                        Pt[16 * w + g + 8 * h, L.key_of_column(j, e, t)] = P[lane, h, j, e]
-        a_regs, sfa_words, s1 = _quantize_p_lanes(P, fmt)
+                        Pt[16 * w + g + 8 * h, col_key(j, e, t)] = P[lane, h, j, e]
+        a_regs, sfa_words, s1 = (_quantize_p_lanes if k_permuted else _quantize_p_lanes_natural)(P, fmt)
         for j in range(D // 8):
             b = [_ldsm_b(Vp, 8 * j, 0, lane) for lane in range(32)]
             sfb = [_sf_word(Vs8, 8 * j + L.sfb_col(lane), 0, fmt) for lane in range(32)]
@@ -312,14 +352,15 @@ def _emulate_tile(q, k, v, fmt, p_fill=None):
     return S, Pt, O, (Qp, Qs, Kp, Ks, Vp, Vs)
 
 
-@pytest.mark.parametrize("fmt,D", [("nvfp4", 128), ("nvfp4", 64), ("mxfp4", 64)])
-def test_emulated_register_mapping_reproduces_reference(fmt, D, rng_seed, one_thread):
+@pytest.mark.parametrize("fmt,D,k_permuted", [("nvfp4", 128, True), ("nvfp4", 64, True), ("mxfp4", 64, True),
+                                              ("nvfp4", 64, False), ("mxfp4", 128, False)])
+def test_emulated_register_mapping_reproduces_reference(fmt, D, k_permuted, rng_seed, one_thread):
     torch.manual_seed(rng_seed)
     codec = FMTS[fmt][0]
     q = torch.randn(64, D) * 2.0
     k = torch.randn(64, D)
     v = torch.randn(64, D)
-    S, Pt, O, _ = _emulate_tile(q, k, v, fmt)
+    S, Pt, O, _ = _emulate_tile(q, k, v, fmt, k_permuted=k_permuted)
     ref_S = codec.fake_quantize(q, -1).double() @ codec.fake_quantize(k, -1).double().T
     assert rel_l2(S, ref_S) <= 1e-6
     ref_O = softmax_p.quantize_p(Pt, fmt=fmt, p_tile=64).double() @ codec.fake_quantize(v.T.contiguous(), -1).double().T
@@ -330,7 +371,7 @@ def test_emulated_p_path_edge_cases(rng_seed, one_thread):
     """Zero rows (rowmax 0 -> s1 0), zero and tiny 16-key groups (scale 0 / underflow), wide dynamic range."""
     torch.manual_seed(rng_seed)
     D = 64
-    for fmt in ("nvfp4", "mxfp4"):
+    for fmt, k_permuted in (("nvfp4", True), ("mxfp4", True), ("nvfp4", False), ("mxfp4", False)):
         codec = FMTS[fmt][0]
         p = torch.exp(torch.randn(64, 64) * 4.0).clamp(max=1.0)
         p[3] = 0.0  # fully masked row
@@ -338,7 +379,7 @@ def test_emulated_p_path_edge_cases(rng_seed, one_thread):
         p[6, 32:64] = 1e-30  # groups far below the tile max
         p[7, :] = torch.rand(64) * 1e-20  # a row with a tiny max
         q, k, v = torch.randn(64, D), torch.randn(64, D), torch.randn(64, D)
-        _, Pt, O, _ = _emulate_tile(q, k, v, fmt, p_fill=p)
+        _, Pt, O, _ = _emulate_tile(q, k, v, fmt, p_fill=p, k_permuted=k_permuted)
         assert torch.equal(Pt, p)
         ref_O = softmax_p.quantize_p(p, fmt=fmt, p_tile=64).double() @ codec.fake_quantize(v.T.contiguous(), -1).double().T
         assert rel_l2(O, ref_O) <= 1e-6
@@ -355,12 +396,12 @@ _COMPILE_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {root!r})
     from kernels.fp4_mma_sm120 import compile_demo
     out = {{}}
-    for d, fmt in {cases!r}:
-        c = compile_demo(d, fmt)
-        path = os.path.join(os.environ["CUTE_DSL_DUMP_DIR"], f"demo_{{fmt}}_{{d}}.ptx")
+    for d, fmt, perm in {cases!r}:
+        c = compile_demo(d, fmt, k_permuted=perm)
+        path = os.path.join(os.environ["CUTE_DSL_DUMP_DIR"], f"demo_{{fmt}}_{{d}}_{{perm}}.ptx")
         with open(path, "w") as f:
             f.write(c.artifacts.PTX)
-        out[f"{{fmt}}_{{d}}"] = path
+        out[f"{{fmt}}_{{d}}_{{perm}}"] = path
     print("RESULT" + json.dumps(out))
     """
 )
@@ -374,13 +415,14 @@ def _run_py(script: str, arch: str, dump_dir: str):
 
 @pytest.mark.compile
 def test_demo_compiles_for_sm120a_with_block_scaled_mma_and_no_spills(tmp_path):
-    cases = [(128, "nvfp4"), (64, "mxfp4")]
+    cases = [(128, "nvfp4", True), (64, "mxfp4", True), (64, "nvfp4", False)]
     res = _run_py(_COMPILE_SCRIPT.format(root=ROOT, cases=cases), "sm_120a", str(tmp_path))
     assert res.returncode == 0, res.stderr[-4000:]
     paths = json.loads(res.stdout.split("RESULT", 1)[1])
     expect = {
-        "nvfp4_128": ("mma.sync.aligned.kind::mxf4nvf4.block_scale.scale_vec::4X.m16n8k64.row.col.f32.e2m1.e2m1.f32.ue4m3", 16 + 16),
-        "mxfp4_64": ("mma.sync.aligned.kind::mxf4.block_scale.scale_vec::2X.m16n8k64.row.col.f32.e2m1.e2m1.f32.ue8m0", 8 + 8),
+        "nvfp4_128_True": ("mma.sync.aligned.kind::mxf4nvf4.block_scale.scale_vec::4X.m16n8k64.row.col.f32.e2m1.e2m1.f32.ue4m3", 16 + 16),
+        "nvfp4_64_False": ("mma.sync.aligned.kind::mxf4nvf4.block_scale.scale_vec::4X.m16n8k64.row.col.f32.e2m1.e2m1.f32.ue4m3", 8 + 8),
+        "mxfp4_64_True": ("mma.sync.aligned.kind::mxf4.block_scale.scale_vec::2X.m16n8k64.row.col.f32.e2m1.e2m1.f32.ue8m0", 8 + 8),
     }
     ptxas = shutil.which("ptxas") or "/usr/local/bin/ptxas"
     for key, path in paths.items():
