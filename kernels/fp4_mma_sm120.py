@@ -18,7 +18,8 @@ The P operand never goes through shared memory: ``quantize_p`` turns the fp32 P~
 fragment of the P·V MMA plus its scale register, with the SageAttention3 two-level scheme of the contract
 (s1 = rowmax/(448*6) per row and 64-key tile, E4M3 scale per 16 keys, E2M1 codes). This is register-local
 because the K rows of every 32-key group are stored permuted (see ``layouts/sm120_fp4.py``): accumulator
-column c of S holds key ``perm(c)``; ``key_of_column`` gives the logical key for masking.
+column c of S holds key ``perm(c)``; ``key_of_column`` gives the logical key for masking. For K in natural
+order (appendable decode cache) ``quantize_p_natural`` does the same with a quad byte transpose (shuffles).
 
 Arch gating: constructing ``MmaMXF4NVF4Op``/``MmaMXF4Op`` raises (``DSLUserCodeError``) unless the DSL target
 is sm_120a/sm_120f/sm_121a/sm_121f (``CUTE_DSL_ARCH``). The SM90 path must never build this class's MMAs;
@@ -199,6 +200,7 @@ class Sm120Fp4AttnTile:
         accS = tile.qk(qf, sK, sKs, tidx)                   # ((2,2),1,8) fp32, C layout, columns permuted
         ...  mask with tile.key_of_column(...), online softmax, P~ = exp(S - m) in place ...
         pf   = tile.quantize_p(accP, tidx)                  # FP4 A fragment + scales; s1 per row
+               (tile.quantize_p_natural(accP, tidx) when K rows are NOT permuted: same result, +24 shuffles)
         tile.pv(accO, pf, sV, sVs, tidx)                    # accO += P'·V'  (caller applies s1, see pv())
     """
 
