@@ -409,14 +409,59 @@ def _build_decode_cache(p: Problem, k, v):
 BASELINE_ORDER = ("fa2-sdpa", "cudnn-sdpa", "fa4-cute", "fa2-pkg", "sage3", "sage")
 
 
+def _cpu_variants(budgets: Sequence[float]) -> Tuple[List[Variant], List[Skipped]]:
+    """device='cpu': torch SDPA (math) and the project's bit-faithful reference at each budget -- to exercise
+    the benchmark pipeline end to end without a GPU (tiny shapes; the times are not kernel speeds)."""
+    import torch
+
+    def sdpa_prepare(p: Problem, qkv):
+        q, k, v = qkv
+        is_causal = _sdpa_causal_flag(p)
+        ke, ve = _expand_kv(k, p.hq).transpose(1, 2), _expand_kv(v, p.hq).transpose(1, 2)
+
+        def run():
+            return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), ke, ve,
+                                                                    is_causal=is_causal).transpose(1, 2)
+
+        run()
+        return run
+
+    out = [Variant("sdpa-math", "baseline", ("prefill", "decode"), sdpa_prepare, note="torch SDPA on CPU")]
+    mod, err = _import("kernels.reference")
+    if mod is None or not hasattr(mod, "thrift_attention_ref"):
+        return out, [Skipped("thrift-ref", err or "kernels.reference has no thrift_attention_ref")]
+    for bud in budgets:
+        def prepare(p: Problem, qkv, _bud=bud):
+            q, k, v = qkv
+
+            def run():
+                return mod.thrift_attention_ref(q, k, v, budget=_bud, causal=p.causal)
+
+            run()
+            return run
+
+        out.append(Variant(_thrift_name(bud).replace("thrift", "thrift-ref"), "thrift", ("prefill", "decode"),
+                           prepare, budget=float(bud), note="kernels.reference.thrift_attention_ref (CPU)"))
+    return out, []
+
+
 def discover(*, budgets: Sequence[float] = (0.0, 0.05), modes: Sequence[str] = ("prefill", "decode"),
-             include: Optional[Sequence[str]] = None, verbose: bool = True) -> Tuple[List[Variant], List[Skipped]]:
+             include: Optional[Sequence[str]] = None, verbose: bool = True,
+             device: str = "cuda") -> Tuple[List[Variant], List[Skipped]]:
     """Every variant usable here, and (name, reason) for every one that is not.
 
     include: optional list of name prefixes to keep (e.g. ["fa2", "thrift"]); others are dropped silently.
+    device: 'cuda' (the benchmark) or 'cpu' (pipeline check: SDPA math + thrift reference only).
     """
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
     variants: List[Variant] = []
     skipped: List[Skipped] = []
+    if device == "cpu":
+        variants, skipped = _cpu_variants(budgets)
+        if include:
+            variants = [v for v in variants if v.name.startswith(tuple(include))]
+        return variants, skipped
 
     def add(name, result, modes=("prefill", "decode")):
         var, why = result

@@ -104,6 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ceilings", default="measured",
                    help="'measured' (D2D copy + bf16 matmul at start) or a datasheet key: "
                         + ", ".join(sorted(rf.DATASHEET)))
+    g.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: exercise the whole pipeline without a GPU on tiny shapes (torch SDPA math and the "
+                        "thrift reference only; wall-clock timing; numbers are not kernel speeds)")
     g.add_argument("--max-seconds", type=float, default=0.0,
                    help="stop starting new measurements after this many seconds (0 = no limit)")
     g.add_argument("--seed", type=int, default=None, help="input seed (default: fresh, printed)")
@@ -209,16 +212,16 @@ def _fp16_fraction(p: bl.Problem, budget: Optional[float]) -> float:
     return rf.fp16_fraction_for_budget(nqb, nkb, k, p.causal)
 
 
-def _make_inputs(p: bl.Problem, n_sets: int, seed: int):
+def _make_inputs(p: bl.Problem, n_sets: int, seed: int, device: str = "cuda"):
     import torch
 
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     dt = p.torch_dtype()
     sets = []
     for _ in range(n_sets):
-        q = torch.randn((p.b, p.sq, p.hq, p.d), generator=gen, device="cuda", dtype=dt)
-        k = torch.randn((p.b, p.skv, p.hkv, p.d), generator=gen, device="cuda", dtype=dt)
-        v = torch.randn((p.b, p.skv, p.hkv, p.d), generator=gen, device="cuda", dtype=dt)
+        q = torch.randn((p.b, p.sq, p.hq, p.d), generator=gen, device=device, dtype=dt)
+        k = torch.randn((p.b, p.skv, p.hkv, p.d), generator=gen, device=device, dtype=dt)
+        v = torch.randn((p.b, p.skv, p.hkv, p.d), generator=gen, device=device, dtype=dt)
         sets.append((q, k, v))
     return sets
 
@@ -263,7 +266,7 @@ def run(args) -> int:
         print("[bench] no shapes selected", file=sys.stderr)
         return 2
     modes = sorted({p.mode for p in problems})
-    variants, skipped = bl.discover(budgets=args.budgets, modes=modes, include=args.variants)
+    variants, skipped = bl.discover(budgets=args.budgets, modes=modes, include=args.variants, device=args.device)
     print(f"[bench] {len(problems)} shapes x {len(variants)} variants: "
           + ", ".join(v.name for v in variants))
     if args.list:
@@ -292,7 +295,7 @@ def run(args) -> int:
                 r.update(status="skip", note=s.reason)
                 rows.append(r)
 
-    cuda_why = bl._cuda_reason()
+    cuda_why = bl._cuda_reason() if args.device == "cuda" else None
     if args.dry_run or cuda_why:
         skip_rows(lambda v: "dry run" if args.dry_run else cuda_why)
         meta["device"] = None
@@ -304,13 +307,18 @@ def run(args) -> int:
 
     import torch
 
+    gpu = args.device == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    print(f"[bench] seed={seed} device={torch.cuda.get_device_name()}")
-    meta.update(seed=seed, device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+    dev_name = torch.cuda.get_device_name() if gpu else "cpu (pipeline check, not a kernel benchmark)"
+    print(f"[bench] seed={seed} device={dev_name}")
+    meta.update(seed=seed, device=dev_name, capability=list(torch.cuda.get_device_capability()) if gpu else None,
                 torch=torch.__version__)
-    if args.profile:  # nothing is timed: skip the ceiling kernels so a profiler sees only the variants
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    if not gpu:
+        ceil = rf.datasheet(args.ceilings if args.ceilings in rf.DATASHEET else "h100-sxm")
+    elif args.profile:  # nothing is timed: skip the ceiling kernels so a profiler sees only the variants
         ceil = rf.datasheet("h100-sxm")
     elif args.ceilings == "measured":
         ceil = rf.measure_ceilings()
@@ -322,13 +330,13 @@ def run(args) -> int:
     meta["datasheet_leads"] = {k: c.as_dict() for k, c in rf.DATASHEET.items()}
     annotated = _thrift_annotates_phases()
     flusher = None
-    if args.timer == "events" and not args.profile:
+    if args.timer == "events" and not args.profile and gpu:
         from .timing import L2Flusher
 
         flusher = L2Flusher()
 
     for p in problems:
-        sets = _make_inputs(p, 1 if args.profile else _n_rotate(p, args.rotate), seed)
+        sets = _make_inputs(p, 1 if args.profile else _n_rotate(p, args.rotate), seed, args.device)
         ref = None
         if args.ref != "none" and not args.profile:
             q, k, v = sets[0]
@@ -352,13 +360,13 @@ def run(args) -> int:
             try:
                 t0 = time.time()
                 fns = [v.prepare(p, s) for s in sets]
-                torch.cuda.synchronize()
+                sync()
                 row["compile_s"] = round(time.time() - t0, 3)
                 calls = [_wrap_nvtx(v, p, fn, annotated and v.family == "thrift") for fn in fns]
                 if args.profile:
                     for i in range(args.profile_iters):
                         calls[i % len(calls)]()
-                    torch.cuda.synchronize()
+                    sync()
                     row.update(status="ok", note=f"profiled {args.profile_iters} calls")
                     rows.append(row)
                     continue
@@ -368,7 +376,8 @@ def run(args) -> int:
                     del out
                 from .timing import time_calls
 
-                t = time_calls(calls, warmup=args.warmup, rep=args.rep, method=args.timer, flusher=flusher)
+                t = time_calls(calls, warmup=args.warmup, rep=args.rep, method=args.timer if gpu else "wall",
+                               flusher=flusher)
                 nbytes = rf.attention_bytes(p.b, p.sq, p.skv, p.hq, p.hkv, p.d, kv_elem_bytes=v.kv_elem_bytes)
                 fl = rf.floor_ms(flops, nbytes, ceil, fp16_fraction=_fp16_fraction(p, v.budget))
                 row.update(status="ok", ms=t.median_ms, ms_p20=t.p20_ms, ms_p80=t.p80_ms, n_timed=t.n,
@@ -390,7 +399,8 @@ def run(args) -> int:
             if r["shape"] == p.tag and r["mode"] == p.mode and r.get("ms") and fa2_ms:
                 r["speedup_vs_fa2"] = fa2_ms / r["ms"]
         del sets, ref
-        torch.cuda.empty_cache()
+        if gpu:
+            torch.cuda.empty_cache()
 
     meta["elapsed_s"] = round(time.time() - t_start, 1)
     rp.write_all(rp.rows_from(rows), out_dir, meta, plots=not args.no_plots and not args.profile)

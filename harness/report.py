@@ -10,6 +10,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
 ROW_FIELDS = [
@@ -151,17 +152,23 @@ def plot_pareto(rows: Sequence[dict], path: str, max_panels: int = 4) -> Optiona
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.8), squeeze=False)
     for ax, (mode, shape) in zip(axes[0], shapes):
         sub = [r for r in ok if (r["mode"], r["shape"]) == (mode, shape)]
-        thr = sorted((r for r in sub if r["family"] == "thrift"), key=lambda r: r.get("budget") or 0.0)
-        if thr:
-            ax.plot([r["ms"] for r in thr], [max(r["rel_l2"], 1e-7) for r in thr], "o-", color="C3", label="thrift")
+        groups: Dict[str, list] = {}
+        for r in sub:
+            if r["family"] == "thrift":
+                groups.setdefault(re.sub(r"-(f[\d.e-]+|fp4only)$", "", r["variant"]), []).append(r)
+        for gi, (gname, grp) in enumerate(sorted(groups.items())):
+            thr = sorted(grp, key=lambda r: r.get("budget") or 0.0)
+            ax.plot([r["ms"] for r in thr], [max(r["rel_l2"], 1e-7) for r in thr], "o-", color=f"C{3 + gi}",
+                    label=f"{gname} (budgets)")
             for r in thr:
-                ax.annotate(f"f={r.get('budget'):g}", (r["ms"], max(r["rel_l2"], 1e-7)), fontsize=7,
+                ax.annotate(f"f={r.get('budget') or 0:g}", (r["ms"], max(r["rel_l2"], 1e-7)), fontsize=7,
                             textcoords="offset points", xytext=(4, 4))
         for i, r in enumerate(x for x in sub if x["family"] != "thrift"):
             ax.plot([r["ms"]], [max(r["rel_l2"], 1e-7)], marker="sD^vP*X"[i % 7], linestyle="none",
                     color=f"C{i % 3}", label=r["variant"])
         ax.set_yscale("log")
-        ax.set_xlabel("time (ms, median)")
+        ax.set_xscale("log")
+        ax.set_xlabel("time (ms, median, log)")
         ax.set_ylabel("relative L2 error vs fp32")
         ax.set_title(f"{mode} {shape}", fontsize=9)
         ax.grid(True, alpha=0.3, which="both")

@@ -79,12 +79,21 @@ def time_calls(calls: Sequence[Callable[[], object]], *, warmup: int = 3, rep: i
         raise ValueError("calls: expected at least one callable")
     if rep < 1:
         raise ValueError(f"rep: expected >= 1, got {rep}")
+    if method == "wall":  # CPU pipeline checks: host wall clock, no flush
+        for i in range(max(warmup, 0)):
+            calls[i % len(calls)]()
+        samples = []
+        for i in range(rep):
+            t0 = time.perf_counter()
+            calls[i % len(calls)]()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return summarize(samples, "wall-clock (cpu)")
     import torch
 
     if method == "do_bench":
         return _time_do_bench(calls, warmup=warmup, rep=rep)
     if method != "events":
-        raise ValueError(f"method: expected 'events' or 'do_bench', got {method!r}")
+        raise ValueError(f"method: expected 'events', 'do_bench' or 'wall', got {method!r}")
     flush = flusher if flusher is not None else (L2Flusher() if flush_l2 else None)
     for i in range(max(warmup, 0)):
         calls[i % len(calls)]()

@@ -86,6 +86,24 @@ def test_dry_run_writes_report_without_gpu(tmp_path, capsys):
     assert (out / "results.csv").exists() and (out / "table.txt").exists()
 
 
+def test_bench_pipeline_end_to_end_on_cpu(tmp_path):
+    """--device cpu runs the real measurement path (inputs, fp32 reference, prepare, timing, roofline, report)
+    with torch SDPA and the thrift reference, on a tiny non-multiple-of-64 shape."""
+    pytest.importorskip("kernels.reference")
+    from harness.__main__ import main
+
+    out = tmp_path / "cpu"
+    rc = main(["bench", "--device", "cpu", "--prefill", "1,100,100,2,1,32", "--mode", "prefill",
+               "--budgets", "0.5", "--rep", "2", "--warmup", "0", "--rotate", "2", "--out", str(out), "--no-plots"])
+    assert rc == 0
+    rows = {r["variant"]: r for r in report.load_rows(str(out / "results.json"))}
+    assert set(rows) == {"sdpa-math", "thrift-ref-f0.5"}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["ms"] > 0 and r["n_timed"] == 2 and r["floor_ms"] > 0
+    assert rows["sdpa-math"]["rel_l2"] < 1e-2            # bf16 output rounding only
+    assert 1e-3 < rows["thrift-ref-f0.5"]["rel_l2"] < 0.5  # FP4 on half the blocks
+
+
 # ----------------------------------------------------------------------------------------------- discovery
 
 def test_discovery_gives_a_reason_for_every_skip():
