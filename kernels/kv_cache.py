@@ -147,6 +147,7 @@ class ThriftKVCache:
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         self.dtype, self.device, self.growth = dtype, torch.device(device or "cpu"), float(growth)
         self.lengths = [0] * batch
+        self._lens_dev = None
         self.capacity = 0
         self._alloc(_round_up(capacity, BLOCK))
 
@@ -178,8 +179,11 @@ class ThriftKVCache:
         return max(self.lengths)
 
     def lengths_tensor(self, device=None) -> torch.Tensor:
-        """int32 [B] sequence lengths."""
-        return torch.tensor(self.lengths, dtype=torch.int32, device=device or self.device)
+        """int32 [B] sequence lengths (cached on the device until the next append)."""
+        dev = torch.device(device or self.device)
+        if self._lens_dev is None or self._lens_dev.device != dev:
+            self._lens_dev = torch.tensor(self.lengths, dtype=torch.int32, device=dev)
+        return self._lens_dev
 
     # ------------------------------------------------------------------------------------------------ append
     def append(self, k: torch.Tensor, v: torch.Tensor, num_new=None):
@@ -213,6 +217,7 @@ class ThriftKVCache:
             self.k16[b, L0:L0 + c] = k[b, :c]
             self.v16[b, L0:L0 + c] = v[b, :c]
             self.lengths[b] = L0 + c
+            self._lens_dev = None
             self._requantize(b, L0 // BLOCK, -(-(L0 + c) // BLOCK))
 
     def _requantize(self, b: int, blk0: int, blk1: int):

@@ -1,0 +1,524 @@
+"""Split-KV ThriftAttention decode kernel (CuTe DSL) over the FP4+FP16 KV cache of kernels/kv_cache.py.
+
+One CTA = one warp = (sequence b, KV head, split of the sequence). All G = Hq/Hkv query heads of the KV head
+share the CTA, so each cache byte is read once. The warp streams its 64-token tiles in order:
+  * FP4 tiles (not selected): the 72*D-byte decode tile is copied to shared memory with 16-byte cp.async,
+    double-buffered (tile i+1 in flight while tile i is computed); each thread then reads its fragments with
+    16-byte ld.shared (the cache layout makes them conflict-free), decodes E2M1 x E4M3 to exact fp16 in
+    registers (the SM90 path: no FP4 tensor cores), and runs m16n8k16 MMAs with the 64 keys (K rows) or the
+    D channels (V^T rows) as M and the query heads as N (padded to 8 or 16):
+        S^T = K' Q'^T,    O^T += V'^T P'^T   (P'^T is turned into the B operand with movmatrix.trans).
+    P uses the contract's two-level scheme: per head and tile, x = 2688 * exp(S - tilemax) (= P~/s1 with
+    s1 = rowmax/(448*6)), NVFP4 of x over 16 keys -- each thread holds exactly one 16-key group per head, so
+    the group amax needs one shuffle -- and O += s1 * (P'.V') with s1 = exp(tilemax - m)/2688 in fp32.
+  * FP16 tiles (selected blocks, and the partial last block which is always FP16): K and V read straight from
+    the 16-bit cache with 16-byte loads (keys beyond the length predicated off -> S = -inf, V = 0),
+    S = q.k in fp32, P~ = exp(S - m) rounded to the input dtype, O^T += V^T P~^T.
+Partial results (O/l, LSE) of each split go to an fp32 workspace; a second small kernel combines the splits
+through their LSEs. Softmax runs in the log2 domain; l sums the unquantized P~ (as the reference).
+
+Arch difference (kept in `fp4_math_path`): both sm_90a and sm_120a run the register-decode path above
+(mma.sync f16, movmatrix, cvt e4m3x2 need sm_89+). The sm_120a block-scaled MMA (MmaMXF4NVF4Op) for the FP4
+tiles is NOT wired into decode yet -- see the report in profiling/RESULTS.md (decode section).
+"""
+from __future__ import annotations
+
+import math
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Int64, Uint32, const_expr
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import T, dsl_user_op
+
+from .arch_paths import e2m1_rne, e4m3_rne, ex2, fp4x8_decode
+from .kv_cache import tile_bytes
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+P_SCALE = 448.0 * 6.0  # two-level P: x = P~ / s1, s1 = rowmax / (448 * 6)
+
+
+def fp4_math_path(arch: int) -> str:
+    """How FP4 tiles are multiplied on sm_<arch>: "decode_f16" (E2M1*E4M3 -> fp16 in registers + mma.sync
+    m16n8k16). The only difference between the arch builds today; sm_120a block-scaled MMA is future work."""
+    if arch < 89:
+        raise ValueError(f"thrift decode needs sm_89 or newer (cvt e4m3x2), got sm_{arch}")
+    return "decode_f16"
+
+
+# --------------------------------------------------------------------------------------------- PTX helpers
+def _asm(ret, args, text, cons, side=False, loc=None, ip=None):
+    return llvm.inline_asm(ret, args, text, cons, has_side_effects=side, is_align_stack=False,
+                           asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
+
+
+def _words(res, n, loc=None, ip=None):
+    return [Uint32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(n)]
+
+
+@dsl_user_op
+def cp_async16(saddr, gaddr, *, loc=None, ip=None):
+    """16-byte cp.async global -> shared (L2 only, .cg)."""
+    _asm(None, [Int32(saddr).ir_value(loc=loc, ip=ip), Int64(gaddr).ir_value(loc=loc, ip=ip)],
+         "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", side=True, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def lds(saddr, n: int, *, loc=None, ip=None):
+    """n (2 or 4) 32-bit words from shared memory (one vector load). Side-effecting so it stays after waits."""
+    outs = ",".join(f"${i}" for i in range(n))
+    res = _asm(llvm.StructType.get_literal([T.i32()] * n), [Int32(saddr).ir_value(loc=loc, ip=ip)],
+               f"ld.shared.v{n}.u32 {{{outs}}}, [${n}];", ",".join(["=r"] * n) + ",r", side=True, loc=loc, ip=ip)
+    return _words(res, n, loc, ip)
+
+
+@dsl_user_op
+def ldg4_pred(gaddr, pred, *, loc=None, ip=None):
+    """16 bytes from global memory (read-only path) if pred != 0, else zeros."""
+    res = _asm(llvm.StructType.get_literal([T.i32()] * 4),
+               [Int64(gaddr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)],
+               "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $5, 0;\n\tmov.b32 $0, 0;\n\tmov.b32 $1, 0;\n\tmov.b32 $2, 0;\n\t"
+               "mov.b32 $3, 0;\n\t@p ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];\n\t}",
+               "=r,=r,=r,=r,l,r", side=True, loc=loc, ip=ip)
+    return _words(res, 4, loc, ip)
+
+
+@dsl_user_op
+def ldg2_pred(gaddr, pred, *, loc=None, ip=None):
+    """8 bytes from global memory if pred != 0, else zeros."""
+    res = _asm(llvm.StructType.get_literal([T.i32()] * 2),
+               [Int64(gaddr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)],
+               "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $3, 0;\n\tmov.b32 $0, 0;\n\tmov.b32 $1, 0;\n\t"
+               "@p ld.global.nc.v2.u32 {$0, $1}, [$2];\n\t}",
+               "=r,=r,l,r", side=True, loc=loc, ip=ip)
+    return _words(res, 2, loc, ip)
+
+
+@dsl_user_op
+def mma16816(a, b, c, is_bf16: bool, *, loc=None, ip=None):
+    """D = A(16x16) B(16x8) + C, fp32 accumulate; a: 4 x b32, b: 2 x b32 (f16x2 or bf16x2), c: 4 x f32."""
+    ty = "bf16" if is_bf16 else "f16"
+    args = [Uint32(x).ir_value(loc=loc, ip=ip) for x in a] + [Uint32(x).ir_value(loc=loc, ip=ip) for x in b]
+    args += [Float32(x).ir_value(loc=loc, ip=ip) for x in c]
+    res = _asm(llvm.StructType.get_literal([T.f32()] * 4), args,
+               f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, "
+               "{$8, $9}, {$10, $11, $12, $13};",
+               "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", loc=loc, ip=ip)
+    return [Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+
+@dsl_user_op
+def movtrans(x, *, loc=None, ip=None) -> Uint32:
+    """Transpose an 8x8 b16 matrix held one row per lane quad (movmatrix.trans)."""
+    return Uint32(_asm(T.i32(), [Uint32(x).ir_value(loc=loc, ip=ip)],
+                       "movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", loc=loc, ip=ip))
+
+
+@dsl_user_op
+def pack2(lo, hi, is_bf16: bool, *, loc=None, ip=None) -> Uint32:
+    """Two fp32 -> f16x2 / bf16x2 (RNE), lo in the low half."""
+    ty = "bf16x2" if is_bf16 else "f16x2"
+    return Uint32(_asm(T.i32(), [Float32(hi).ir_value(loc=loc, ip=ip), Float32(lo).ir_value(loc=loc, ip=ip)],
+                       f"cvt.rn.{ty}.f32 $0, $1, $2;", "=r,f,f", loc=loc, ip=ip))
+
+
+@dsl_user_op
+def prmt(a, b, sel: int, *, loc=None, ip=None) -> Uint32:
+    return Uint32(_asm(T.i32(), [Uint32(a).ir_value(loc=loc, ip=ip), Uint32(b).ir_value(loc=loc, ip=ip)],
+                       f"prmt.b32 $0, $1, $2, {sel};", "=r,r,r", loc=loc, ip=ip))
+
+
+@dsl_user_op
+def lg2(x, *, loc=None, ip=None) -> Float32:
+    return Float32(_asm(T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "lg2.approx.f32 $0, $1;", "=f,f",
+                        loc=loc, ip=ip))
+
+
+def _bfly_max(x, off):
+    return cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=off))
+
+
+def _bfly_sum(x, off):
+    return x + cute.arch.shuffle_sync_bfly(x, offset=off)
+
+
+def _byte(words, i):
+    """Byte i of a little-endian list of 32-bit words (as the low byte of a Uint32)."""
+    w = words[i // 4]
+    return w >> (8 * (i % 4)) if i % 4 else w
+
+
+# ------------------------------------------------------------------------------------------------- kernels
+class ThriftDecodeSplitKV:
+    """Split-KV decode kernel for one (head_dim, group size G, dtype) configuration.
+
+    Tensors (contiguous): tiles uint8 [B, NBLK, Hkv, 72D]; k16, v16 [B, CAP, Hkv, D] (input dtype);
+    q4 fp16 [B, Hq, D] (dq(NVFP4(q)), exact in fp16); q16 [B, Hq, D] input dtype; flags uint8 [B, Hkv, NBLK]
+    (1 = read this block from the FP16 cache); lens int32 [B]; o_part fp32 [B, Hq, NS, D]; lse_part fp32
+    [B, Hq, NS]. Scalars: scale_log2 = softmax_scale * log2(e); tiles_per_split.
+    """
+
+    def __init__(self, head_dim: int, group: int, is_bf16: bool, arch: int = 90):
+        if head_dim not in (64, 128):
+            raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
+        if not 1 <= group <= 16:
+            raise ValueError(f"GQA group size Hq/Hkv must be in [1, 16], got {group}")
+        self.D, self.G, self.is_bf16 = head_dim, group, bool(is_bf16)
+        self.NG = (group + 7) // 8  # n8 tiles of query heads
+        self.TB = tile_bytes(head_dim)
+        self.path = fp4_math_path(arch)
+
+    @cute.jit
+    def __call__(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor, mQ4: cute.Tensor,
+                 mQ16: cute.Tensor, mFlags: cute.Tensor, mLens: cute.Tensor, mOp: cute.Tensor, mLse: cute.Tensor,
+                 scale_log2: Float32, tiles_per_split: Int32, stream):
+        B = mLens.shape[0]
+        hkv = mTiles.shape[2]
+        nsplit = mLse.shape[2]
+        self.kernel(mTiles, mK16, mV16, mQ4, mQ16, mFlags, mLens, mOp, mLse, scale_log2, tiles_per_split).launch(
+            grid=(nsplit, hkv, B), block=(32, 1, 1), smem=2 * self.TB + 128, stream=stream)
+
+    @cute.kernel
+    def kernel(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor, mQ4: cute.Tensor,
+               mQ16: cute.Tensor, mFlags: cute.Tensor, mLens: cute.Tensor, mOp: cute.Tensor, mLse: cute.Tensor,
+               scale_log2: Float32, tiles_per_split: Int32):
+        D, G, NG, TB, bf = self.D, self.G, self.NG, self.TB, self.is_bf16
+        NKC = D // 16  # k16 chunks of QK^T; also m16 tiles of V^T
+        KW = D // 32  # 32-bit words of K codes per (thread, key)
+        lane, _, _ = cute.arch.thread_idx()
+        split, hk, b = cute.arch.block_idx()
+        r = lane // 4
+        t = lane % 4
+        NBLK = mTiles.shape[1]
+        CAP = mK16.shape[1]
+        HKV = mTiles.shape[2]
+        HQ = mQ4.shape[1]
+        NS = mLse.shape[2]
+        L = mLens[b]
+
+        smem = cutlass.utils.SmemAllocator()
+        sbuf = smem.allocate_tensor(cutlass.Uint8, cute.make_layout(2 * TB), byte_alignment=128)
+        sbase = sbuf.iterator.toint()
+        g_tiles = mTiles.iterator.toint()
+        g_k16 = mK16.iterator.toint()
+        g_v16 = mV16.iterator.toint()
+        g_q4 = mQ4.iterator.toint()
+        g_q16 = mQ16.iterator.toint()
+
+        # ---- query fragments (B operand of S^T = K Q^T): head g = 8*ng + r, channels t*D/4 + 4*kc + 0..3
+        qf4 = cute.make_rmem_tensor((NG, NKC, 2), Uint32)
+        for ng in cutlass.range_constexpr(NG):
+            g = 8 * ng + r
+            hq = hk * G + g
+            for kc in cutlass.range_constexpr(NKC):
+                off = (Int64(b) * HQ + hq) * D + t * (D // 4) + 4 * kc
+                w = ldg2_pred(g_q4 + off * 2, Int32(g < G))
+                qf4[ng, kc, 0] = w[0]
+                qf4[ng, kc, 1] = w[1]
+
+        # ---- running state per (ng, column e): head 8*ng + 2*t + e
+        m_run = cute.make_rmem_tensor((NG, 2), Float32)
+        l_run = cute.make_rmem_tensor((NG, 2), Float32)
+        acc_o = cute.make_rmem_tensor((NKC, NG, 4), Float32)
+        for ng in cutlass.range_constexpr(NG):
+            for e in cutlass.range_constexpr(2):
+                m_run[ng, e] = -Float32.inf
+                l_run[ng, e] = Float32(0.0)
+            for dt in cutlass.range_constexpr(NKC):
+                for i in cutlass.range_constexpr(4):
+                    acc_o[dt, ng, i] = Float32(0.0)
+
+        n_tiles = (L + 63) // 64
+        t_begin = split * tiles_per_split
+        t_end = cutlass.min(t_begin + tiles_per_split, n_tiles)
+        n_it = cutlass.max(t_end - t_begin, 0)
+        tile_base = (Int64(b) * NBLK * HKV + hk) * TB  # + blk * HKV * TB
+
+        # prologue: tile t_begin (if FP4) -> stage 0
+        if n_it > 0:
+            if self._is_fp4(mFlags, b, hk, t_begin, L):
+                self._issue_tile(g_tiles + tile_base + Int64(t_begin) * HKV * TB, sbase, lane)
+        cute.arch.cp_async_commit_group()
+
+        for it in cutlass.range(n_it, unroll=1):
+            tile = t_begin + it
+            if it + 1 < n_it:
+                if self._is_fp4(mFlags, b, hk, tile + 1, L):
+                    self._issue_tile(g_tiles + tile_base + Int64(tile + 1) * HKV * TB,
+                                     sbase + ((it + 1) % 2) * TB, lane)
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(1)
+            cute.arch.sync_warp()
+            if self._is_fp4(mFlags, b, hk, tile, L):
+                self._fp4_tile(sbase + (it % 2) * TB, lane, qf4, m_run, l_run, acc_o, scale_log2)
+            else:
+                self._f16_tile(g_k16, g_v16, g_q16, b, hk, tile, L, CAP, HKV, HQ, lane, m_run, l_run, acc_o,
+                               scale_log2)
+            cute.arch.sync_warp()  # every lane is done with this stage before it is refilled
+        cute.arch.cp_async_wait_group(0)
+
+        # ---- epilogue: O/l and LSE of this split
+        for ng in cutlass.range_constexpr(NG):
+            for e in cutlass.range_constexpr(2):
+                ls = l_run[ng, e]
+                ls = _bfly_sum(ls, 4)
+                ls = _bfly_sum(ls, 8)
+                ls = _bfly_sum(ls, 16)
+                g = 8 * ng + 2 * t + e
+                if g < G:
+                    hq = hk * G + g
+                    inv_l = Float32(0.0)
+                    lse = -Float32.inf
+                    if ls > Float32(0.0):
+                        inv_l = Float32(1.0) / ls
+                        lse = (m_run[ng, e] + lg2(ls)) * Float32(LN2)
+                    for dt in cutlass.range_constexpr(NKC):
+                        for hh in cutlass.range_constexpr(2):
+                            d = (D // 8) * r + 2 * dt + hh
+                            mOp[b, hq, split, d] = acc_o[dt, ng, 2 * hh + e] * inv_l
+                    if r == 0:
+                        mLse[b, hq, split] = lse
+
+    # ------------------------------------------------------------------------------------------ pieces
+    @cute.jit
+    def _is_fp4(self, mFlags, b, hk, tile, L):
+        """Tile is read as FP4: not selected and complete (the partial last block is always FP16)."""
+        return (mFlags[b, hk, tile] == 0) & (tile * 64 + 64 <= L)
+
+    @cute.jit
+    def _issue_tile(self, gaddr, saddr, lane):
+        """cp.async the 72*D-byte tile (contiguous) to shared memory, 16 bytes per lane per step."""
+        for i in cutlass.range_constexpr(self.TB // 16 // 32):
+            off = (i * 32 + lane) * 16
+            cp_async16(saddr + off, gaddr + off)
+
+    @cute.jit
+    def _fp4_tile(self, sb, lane, qf4, m_run, l_run, acc_o, scale_log2):
+        D, NG = self.D, self.NG
+        NKC, KW = D // 16, D // 32
+        KS_OFF, V_OFF, VS_OFF = 32 * D, 36 * D, 68 * D
+        r = lane // 4
+        ks = lds(sb + KS_OFF + lane * (D // 8), D // 32)  # [j][group] scale bytes of this lane's keys
+        # ---- S^T = K' Q'^T : m-tile c holds keys key(c, r, h) (see kv_cache), columns = heads 2t, 2t+1 (+8ng)
+        s_acc = [[None] * NG for _ in range(4)]
+        for c in cutlass.range_constexpr(4):
+            a = [[None] * 4 for _ in range(NKC)]
+            for h in cutlass.range_constexpr(2):
+                j = 2 * c + h
+                kw = lds(sb + (j * 32 + lane) * (D // 8), KW)
+                for w in cutlass.range_constexpr(KW):
+                    hs = fp4x8_decode(kw[w], _byte(ks, j * (D // 64) + w // 2), False)
+                    for k in cutlass.range_constexpr(4):
+                        a[2 * w + k // 2][h + 2 * (k % 2)] = hs[k]
+            for ng in cutlass.range_constexpr(NG):
+                acc = [Float32(0.0)] * 4
+                for kc in cutlass.range_constexpr(NKC):
+                    acc = mma16816(a[kc], [qf4[ng, kc, 0], qf4[ng, kc, 1]], acc, False)
+                s_acc[c][ng] = acc
+        # ---- two-level P per head column e: x = 2688 * 2^(s - tilemax), NVFP4 over this lane's 16 keys
+        pb = [[None] * NG for _ in range(4)]  # B fragments (b0, b1) of P'^T per m-tile c
+        fac_o = [[None] * 2 for _ in range(NG)]
+        fac_t = [[None] * 2 for _ in range(NG)]
+        for ng in cutlass.range_constexpr(NG):
+            pq = [[[None] * 2 for _ in range(2)] for _ in range(4)]  # [c][h][e]
+            for e in cutlass.range_constexpr(2):
+                vals = [s_acc[c][ng][e + 2 * h] * scale_log2 for c in range(4) for h in range(2)]
+                gm = vals[0]
+                for i in cutlass.range_constexpr(1, 8):
+                    gm = cute.arch.fmax(gm, vals[i])
+                gm = _bfly_max(gm, 4)  # the partner lane (r ^ 1) holds the other 8 keys of the group
+                tm = _bfly_max(gm, 8)
+                tm = _bfly_max(tm, 16)
+                m_old = m_run[ng, e]
+                m_new = cute.arch.fmax(m_old, tm)
+                m_run[ng, e] = m_new
+                alpha = ex2(m_old - m_new)
+                amax = ex2(gm - tm) * Float32(P_SCALE)
+                sc = e4m3_rne(amax / Float32(6.0))
+                inv = Float32(1.0) / cute.arch.fmax(sc, Float32(1e-30))
+                psum = Float32(0.0)
+                for c in cutlass.range_constexpr(4):
+                    for h in cutlass.range_constexpr(2):
+                        p = ex2(vals[2 * c + h] - tm)
+                        psum = psum + p
+                        pq[c][h][e] = e2m1_rne(p * Float32(P_SCALE) * inv) * sc
+                rel = ex2(tm - m_new)
+                l_run[ng, e] = l_run[ng, e] * alpha + rel * psum
+                fac_o[ng][e] = alpha
+                fac_t[ng][e] = rel * Float32(1.0 / P_SCALE)
+            for c in cutlass.range_constexpr(4):
+                b0 = movtrans(pack2(pq[c][0][0], pq[c][0][1], False))
+                b1 = movtrans(pack2(pq[c][1][0], pq[c][1][1], False))
+                pb[c][ng] = [b0, b1]
+        # ---- O^T = O^T * alpha + s1 * (V'^T P'^T): m-tile dt rows drow(dt, r, hh), k = keys of m-tile c
+        vsw = lds(sb + VS_OFF + lane * (D // 8), D // 32)
+        for dt in cutlass.range_constexpr(NKC):
+            vw = lds(sb + V_OFF + (dt * 32 + lane) * 16, 4)
+            h0 = list(fp4x8_decode(vw[0], _byte(vsw, 2 * dt), False)) + list(fp4x8_decode(vw[1], _byte(vsw, 2 * dt), False))
+            h1 = list(fp4x8_decode(vw[2], _byte(vsw, 2 * dt + 1), False)) + list(
+                fp4x8_decode(vw[3], _byte(vsw, 2 * dt + 1), False))
+            for ng in cutlass.range_constexpr(NG):
+                acc = [Float32(0.0)] * 4
+                for c in cutlass.range_constexpr(4):
+                    kx = 4 * (c // 2) + 2 * (c % 2)
+                    acc = mma16816([h0[kx], h1[kx], h0[kx + 1], h1[kx + 1]], pb[c][ng], acc, False)
+                for i in cutlass.range_constexpr(4):
+                    e = i % 2
+                    acc_o[dt, ng, i] = acc_o[dt, ng, i] * fac_o[ng][e] + acc[i] * fac_t[ng][e]
+
+    @cute.jit
+    def _f16_tile(self, g_k16, g_v16, g_q16, b, hk, tile, L, CAP, HKV, HQ, lane, m_run, l_run, acc_o, scale_log2):
+        D, G, NG, bf = self.D, self.G, self.NG, self.is_bf16
+        NKC = D // 16
+        r = lane // 4
+        t = lane % 4
+        valid = L - tile * 64  # keys of this tile that exist (>= 1)
+        row0 = Int64(b) * CAP + tile * 64  # token row of key 0 of the tile
+        # q16 fragments, same channel mapping as the FP4 path
+        qf = [[None] * NKC for _ in range(NG)]
+        for ng in cutlass.range_constexpr(NG):
+            g = 8 * ng + r
+            for kc in cutlass.range_constexpr(NKC):
+                off = (Int64(b) * HQ + hk * G + g) * D + t * (D // 4) + 4 * kc
+                qf[ng][kc] = ldg2_pred(g_q16 + off * 2, Int32(g < G))
+        # ---- S^T: m-tile c rows r, r+8 = keys 16c + r (+8); lane t holds channels t*D/4 .. +D/4
+        s_acc = [[None] * NG for _ in range(4)]
+        for c in cutlass.range_constexpr(4):
+            kw = [None, None]
+            for h in cutlass.range_constexpr(2):
+                key = 16 * c + r + 8 * h
+                addr = g_k16 + ((row0 + key) * HKV + hk) * (D * 2) + t * (D // 2)
+                ws = []
+                for v in cutlass.range_constexpr(D // 32):  # D/4 channels = D/2 bytes
+                    ws += ldg4_pred(addr + 16 * v, Int32(key < valid))
+                kw[h] = ws
+            for ng in cutlass.range_constexpr(NG):
+                acc = [Float32(0.0)] * 4
+                for kc in cutlass.range_constexpr(NKC):
+                    a = [kw[0][2 * kc], kw[1][2 * kc], kw[0][2 * kc + 1], kw[1][2 * kc + 1]]
+                    acc = mma16816(a, qf[ng][kc], acc, bf)
+                s_acc[c][ng] = acc
+        pb = [[None] * NG for _ in range(4)]
+        for ng in cutlass.range_constexpr(NG):
+            pv = [[[None] * 2 for _ in range(2)] for _ in range(4)]
+            for e in cutlass.range_constexpr(2):
+                vals = [None] * 8
+                for c in cutlass.range_constexpr(4):
+                    for h in cutlass.range_constexpr(2):
+                        key = 16 * c + r + 8 * h
+                        v = s_acc[c][ng][e + 2 * h] * scale_log2
+                        vals[2 * c + h] = v if key < valid else -Float32.inf
+                tm = vals[0]
+                for i in cutlass.range_constexpr(1, 8):
+                    tm = cute.arch.fmax(tm, vals[i])
+                tm = _bfly_max(tm, 4)
+                tm = _bfly_max(tm, 8)
+                tm = _bfly_max(tm, 16)
+                m_old = m_run[ng, e]
+                m_new = cute.arch.fmax(m_old, tm)
+                m_run[ng, e] = m_new
+                alpha = ex2(m_old - m_new)
+                psum = Float32(0.0)
+                for c in cutlass.range_constexpr(4):
+                    for h in cutlass.range_constexpr(2):
+                        p = ex2(vals[2 * c + h] - m_new)
+                        psum = psum + p
+                        pv[c][h][e] = p
+                l_run[ng, e] = l_run[ng, e] * alpha + psum
+                for dt in cutlass.range_constexpr(NKC):
+                    for hh in cutlass.range_constexpr(2):
+                        acc_o[dt, ng, 2 * hh + e] = acc_o[dt, ng, 2 * hh + e] * alpha
+            for c in cutlass.range_constexpr(4):
+                b0 = movtrans(pack2(pv[c][0][0], pv[c][0][1], bf))
+                b1 = movtrans(pack2(pv[c][1][0], pv[c][1][1], bf))
+                pb[c][ng] = [b0, b1]
+        # ---- O^T += V^T P~^T: chunk c slots (2t, 2t+1 | 2t+8, 2t+9) = keys 16c + 2t + {0, 1} (| + 8);
+        # lane r's V^T rows are channels (D/8)*r + 2*dt + hh: D/8 contiguous channels of each key row
+        for c in cutlass.range_constexpr(4):
+            wv = []
+            for q in cutlass.range_constexpr(4):
+                key = 16 * c + 2 * t + (q % 2) + 8 * (q // 2)
+                addr = g_v16 + ((row0 + key) * HKV + hk) * (D * 2) + r * (D // 4)
+                ws = []
+                for v in cutlass.range_constexpr(D // 64):
+                    ws += ldg4_pred(addr + 16 * v, Int32(key < valid))
+                wv.append(ws)
+            for dt in cutlass.range_constexpr(NKC):
+                a = [prmt(wv[0][dt], wv[1][dt], 0x5410), prmt(wv[0][dt], wv[1][dt], 0x7632),
+                     prmt(wv[2][dt], wv[3][dt], 0x5410), prmt(wv[2][dt], wv[3][dt], 0x7632)]
+                for ng in cutlass.range_constexpr(NG):
+                    acc = [acc_o[dt, ng, i] for i in range(4)]
+                    acc = mma16816(a, pb[c][ng], acc, bf)
+                    for i in cutlass.range_constexpr(4):
+                        acc_o[dt, ng, i] = acc[i]
+
+
+class ThriftDecodeCombine:
+    """Merge the splits: O = sum_s w_s O_s / sum_s w_s with w_s = exp(lse_s - max lse); LSE = max + log(sum w).
+    One CTA of D threads per (query head, sequence); splits with lse = -inf contribute nothing."""
+
+    def __init__(self, head_dim: int, is_bf16: bool):
+        self.D, self.is_bf16 = head_dim, bool(is_bf16)
+
+    @cute.jit
+    def __call__(self, mOp: cute.Tensor, mLse: cute.Tensor, mO: cute.Tensor, mLseOut: cute.Tensor, stream):
+        self.kernel(mOp, mLse, mO, mLseOut).launch(grid=(mOp.shape[1], mOp.shape[0], 1), block=(self.D, 1, 1),
+                                                   stream=stream)
+
+    @cute.kernel
+    def kernel(self, mOp: cute.Tensor, mLse: cute.Tensor, mO: cute.Tensor, mLseOut: cute.Tensor):
+        d, _, _ = cute.arch.thread_idx()
+        hq, b, _ = cute.arch.block_idx()
+        NS = mLse.shape[2]
+        mx = -Float32.inf
+        for s in cutlass.range(NS, unroll=1):
+            mx = cute.arch.fmax(mx, mLse[b, hq, s])
+        acc = Float32(0.0)
+        wsum = Float32(0.0)
+        if mx > -Float32.inf:
+            for s in cutlass.range(NS, unroll=4):
+                w = ex2((mLse[b, hq, s] - mx) * Float32(LOG2E))
+                wsum = wsum + w
+                acc = acc + w * mOp[b, hq, s, d]
+        out = Float32(0.0)
+        lse = -Float32.inf
+        if wsum > Float32(0.0):
+            out = acc / wsum
+            lse = mx + lg2(wsum) * Float32(LN2)
+        mO[b, 0, hq, d] = out.to(mO.element_type)
+        if d == 0:
+            mLseOut[b, hq] = lse
+
+
+# ------------------------------------------------------------------------------------------------ compile
+def fake_args(head_dim: int, num_kv_heads: int, group: int, dtype_name: str):
+    """Fake tensors (dynamic B, NBLK, CAP, NSPLIT) for cute.compile without a GPU."""
+    from cutlass.cute.runtime import make_fake_compact_tensor
+
+    D, H, HQ = head_dim, num_kv_heads, num_kv_heads * group
+    dt = cutlass.BFloat16 if dtype_name == "bf16" else cutlass.Float16
+    B, NB, CAP, NS = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
+
+    def f(dtype, shape, align=16):
+        return make_fake_compact_tensor(dtype, shape, stride_order=tuple(range(len(shape) - 1, -1, -1)),
+                                        assumed_align=align)
+
+    dec = (f(cutlass.Uint8, (B, NB, H, tile_bytes(D))), f(dt, (B, CAP, H, D)), f(dt, (B, CAP, H, D)),
+           f(cutlass.Float16, (B, HQ, D)), f(dt, (B, HQ, D)), f(cutlass.Uint8, (B, H, NB), 1),
+           f(cutlass.Int32, (B,), 4), f(cutlass.Float32, (B, HQ, NS, D)), f(cutlass.Float32, (B, HQ, NS), 4))
+    comb = (dec[7], dec[8], f(dt, (B, 1, HQ, D)), f(cutlass.Float32, (B, HQ), 4))
+    return dec, comb
+
+
+def compile_decode(head_dim: int, num_kv_heads: int, group: int, dtype_name: str = "f16", arch: int = 90,
+                   tvm_ffi: bool = False):
+    """cute.compile the decode and combine kernels for the current DSL target. Returns (decode, combine)."""
+    dec_args, comb_args = fake_args(head_dim, num_kv_heads, group, dtype_name)
+    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True) if tvm_ffi else cute.runtime.make_fake_stream()
+    opts = "--enable-tvm-ffi" if tvm_ffi else None
+    kw = {"options": opts} if opts else {}
+    bf = dtype_name == "bf16"
+    dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch), *dec_args, Float32(1.0), Int32(1), stream, **kw)
+    comb = cute.compile(ThriftDecodeCombine(head_dim, bf), *comb_args, stream, **kw)
+    return dec, comb

@@ -1,0 +1,115 @@
+"""Benchmark of thrift_decode vs SDPA bf16 decode and FA4 (flash_attn.cute) -- issue 4.
+
+python -m kernels.decode_bench [--lens 8192 32768 131072] [--batches 1 8] [--out FILE]
+Median of triton do_bench (L2 flushed between reps). GB/s = bytes the kernel must read (FP4 tiles of the FP4
+blocks, FP16 K+V of the selected and partial blocks) / time. Also a device-to-device copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+
+def _bench(fn):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lens", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.0, 0.05, 0.25])
+    ap.add_argument("--hq", type=int, default=32)
+    ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    from kernels.decode_interface import decode_fwd, plan_splits, select_decode_blocks, thrift_decode
+    from kernels.kv_cache import BLOCK, ThriftKVCache, tile_bytes
+    from quant import nvfp4
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    rows = []
+    # device-to-device copy bandwidth (read + write bytes)
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    t = _bench(lambda: dst.copy_(src))
+    copy_gbs = 2 * src.numel() / (t * 1e-3) / 1e9
+    del src, dst
+    print(f"device {props.name}, {props.multi_processor_count} SMs; d2d copy {copy_gbs:.0f} GB/s", flush=True)
+    try:
+        from flash_attn.cute import flash_attn_func as fa4
+    except Exception as e:  # noqa: BLE001
+        fa4 = None
+        print("FA4 unavailable:", repr(e))
+    D, H, HQ, dt = args.d, args.hkv, args.hq, torch.bfloat16
+    scale = 1.0 / math.sqrt(D)
+    for B in args.batches:
+        for L in args.lens:
+            torch.cuda.empty_cache()
+            g = torch.Generator(device=dev).manual_seed(0)
+            k = torch.randn((B, L, H, D), generator=g, device=dev).to(dt)
+            v = torch.randn((B, L, H, D), generator=g, device=dev).to(dt)
+            q = torch.randn((B, 1, HQ, D), generator=g, device=dev).to(dt)
+            t0 = time.time()
+            cache = ThriftKVCache(B, H, D, capacity=L, dtype=dt, device=dev)
+            cache.append(k, v)
+            torch.cuda.synchronize()
+            build_s = time.time() - t0
+            row = dict(B=B, L=L, cache_build_s=round(build_s, 2))
+            kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+            del k, v
+            qt = q.transpose(1, 2).contiguous()
+            f = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)  # noqa: E731
+            row["sdpa_ms"] = _bench(f)
+            bf16_bytes = 2 * B * L * H * D * 2
+            row["sdpa_GBs"] = bf16_bytes / (row["sdpa_ms"] * 1e-3) / 1e9
+            if fa4 is not None:
+                try:
+                    kk, vv = kt.transpose(1, 2), vt.transpose(1, 2)
+                    kk, vv = kk.contiguous(), vv.contiguous()
+                    row["fa4_ms"] = _bench(lambda: fa4(q, kk, vv, causal=True))
+                    del kk, vv
+                except Exception as e:  # noqa: BLE001
+                    row["fa4_err"] = repr(e)[:200]
+            del kt, vt, qt
+            q16 = q[:, 0].contiguous()
+            q4 = nvfp4.fake_quantize(q16, dim=-1).to(torch.float16)
+            ns, tps = plan_splits(-(-L // BLOCK), B, H, props.multi_processor_count)
+            lens = cache.lengths_tensor(dev)
+            for bud in args.budgets:
+                flags = select_decode_blocks(q, cache, bud)
+                nsel = int(flags.sum())
+                nblk = B * H * (L // BLOCK)
+                part = B * H * (1 if L % BLOCK else 0)
+                must = (nblk - nsel) * tile_bytes(D) + (nsel + part) * BLOCK * D * 2 * 2
+                fk = lambda: decode_fwd(q4, q16, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps)  # noqa: E731
+                fe = lambda: thrift_decode(q, cache, budget=bud)  # noqa: E731
+                tk = _bench(fk)
+                te = _bench(fe)
+                row[f"b{bud}_kernel_ms"] = tk
+                row[f"b{bud}_e2e_ms"] = te
+                row[f"b{bud}_GBs"] = must / (tk * 1e-3) / 1e9
+                row[f"b{bud}_MB"] = must / 1e6
+            row["splits"] = ns
+            rows.append(row)
+            print(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}), flush=True)
+            del cache
+    res = dict(device=props.name, sms=props.multi_processor_count, copy_GBs=copy_gbs, rows=rows,
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""Entry point of ThriftAttention decode: `thrift_decode(q, cache, ...)` over a ThriftKVCache, and its reference.
+
+Selection for a single query (per KV head): score of complete block j = max over the KV head's G query heads of
+q . mean(K block j) (fp32); the top-k complete blocks with k = topk_for_budget(n_complete, budget, causal=False)
+(per sequence) are read from the FP16 cache; the partial last block (if the length is not a multiple of 64) is
+always read in FP16 -- it holds the newest tokens, is at most 63 keys, and its FP4 V groups are still filling.
+So budget=0 means "all complete blocks FP4". The reference (`thrift_decode_ref`) feeds exactly this selection to
+kernels.reference.thrift_attention_ref (Sq = 1, bottom-right causal: the query sees every cached key).
+
+The GPU work is a torch.library custom op `thrift::decode_fwd` (tensors only; selection and the NVFP4 quantization
+of q happen before it in torch).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._validate import check_budget, check_choice, softmax_scale_or_default
+from .kv_cache import BLOCK, ThriftKVCache
+from .selection import topk_for_budget
+
+_COMPILED: dict = {}
+DEFAULT_CTAS_PER_SM = 10  # 1-warp CTAs; ~11 fit an H100 SM (163 regs, 18.4 KB smem each)
+
+
+def _arch(device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int):
+    key = (D, hkv, G, dtype, arch)
+    if key not in _COMPILED:
+        from .decode import compile_decode
+
+        try:
+            import tvm_ffi  # noqa: F401  (the compiled functions take torch tensors through TVM FFI)
+        except ImportError as e:
+            raise RuntimeError("thrift_decode needs apache-tvm-ffi (pip install apache-tvm-ffi)") from e
+        _COMPILED[key] = compile_decode(D, hkv, G, "bf16" if dtype == torch.bfloat16 else "f16", arch,
+                                        tvm_ffi=True)
+    return _COMPILED[key]
+
+
+def plan_splits(max_tiles: int, batch: int, num_kv_heads: int, num_sms: int, schedule=None):
+    """(num_splits, tiles_per_split): enough 1-warp CTAs to fill every SM about once (one wave)."""
+    sched = dict(schedule or {})
+    unknown = set(sched) - {"num_splits", "ctas_per_sm"}
+    if unknown:
+        raise ValueError(f"thrift_decode: schedule keys must be num_splits/ctas_per_sm, got {sorted(unknown)}")
+    if "num_splits" in sched:
+        ns = int(sched["num_splits"])
+        if ns < 1:
+            raise ValueError(f"thrift_decode: schedule['num_splits'] must be >= 1, got {ns}")
+    else:
+        target = num_sms * int(sched.get("ctas_per_sm", DEFAULT_CTAS_PER_SM))
+        ns = -(-target // (batch * num_kv_heads))
+    ns = max(1, min(ns, max_tiles))
+    tps = -(-max_tiles // ns)
+    return -(-max_tiles // tps), tps
+
+
+@torch.library.custom_op("thrift::decode_fwd", mutates_args=())
+def decode_fwd(q4: torch.Tensor, q16: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: torch.Tensor,
+               flags: torch.Tensor, lens: torch.Tensor, softmax_scale: float, num_splits: int,
+               tiles_per_split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV decode + LSE combine. q4 fp16 / q16 [B, Hq, D]; tiles/k16/v16/flags/lens from the cache.
+    Returns O [B, 1, Hq, D] (q16's dtype) and LSE fp32 [B, Hq]."""
+    B, HQ, D = q16.shape
+    hkv = tiles.shape[2]
+    dec, comb = _get_kernels(D, hkv, HQ // hkv, q16.dtype, _arch(q16.device))
+    o_part = torch.empty((B, HQ, num_splits, D), dtype=torch.float32, device=q16.device)
+    lse_part = torch.empty((B, HQ, num_splits), dtype=torch.float32, device=q16.device)
+    out = torch.empty((B, 1, HQ, D), dtype=q16.dtype, device=q16.device)
+    lse = torch.empty((B, HQ), dtype=torch.float32, device=q16.device)
+    dec(tiles, k16, v16, q4, q16, flags, lens, o_part, lse_part, softmax_scale * math.log2(math.e), tiles_per_split)
+    comb(o_part, lse_part, out, lse)
+    return out, lse
+
+
+@decode_fwd.register_fake
+def _(q4, q16, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split):
+    B, HQ, D = q16.shape
+    return q16.new_empty((B, 1, HQ, D)), q16.new_empty((B, HQ), dtype=torch.float32)
+
+
+def _check_q_cache(q, cache, where):
+    if not isinstance(cache, ThriftKVCache):
+        raise TypeError(f"{where}: cache must be a ThriftKVCache, got {type(cache).__name__}")
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"{where}: q must be a torch.Tensor, got {type(q).__name__}")
+    if q.dtype != cache.dtype:
+        raise TypeError(f"{where}: q must have the cache dtype {cache.dtype}, got {q.dtype}")
+    B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
+    if q.dim() != 4 or q.shape[0] != B or q.shape[1] != 1 or q.shape[3] != D or q.shape[2] % H:
+        raise ValueError(f"{where}: q must be [B={B}, 1, Hq, D={D}] with Hq a multiple of Hkv={H}, got "
+                         f"{tuple(q.shape)}")
+    G = q.shape[2] // H
+    if not 1 <= G <= 16:
+        raise ValueError(f"{where}: Hq/Hkv must be in [1, 16], got {G}")
+    if q.device != cache.device:
+        raise ValueError(f"{where}: q must be on the cache device {cache.device}, got {q.device}")
+    return G
+
+
+def select_decode_blocks(q, cache: ThriftKVCache, budget: float = 0.05, selection: str = "block_mean"):
+    """uint8 flags [B, Hkv, cap/64]: 1 for the complete blocks read from the FP16 cache (see module docstring).
+    The partial last block is not flagged: the kernel always reads it in FP16."""
+    where = "select_decode_blocks"
+    G = _check_q_cache(q, cache, where)
+    f = check_budget(budget, where=where)
+    check_choice("selection", selection, ("block_mean",), where=where)
+    B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
+    nblk = cache.capacity // BLOCK
+    flags = torch.zeros((B, H, nblk), dtype=torch.uint8, device=q.device)
+    n_full = [L // BLOCK for L in cache.lengths]
+    ks = [topk_for_budget(n, f, causal=False) if n > 0 else 0 for n in n_full]
+    kmax = max(ks)
+    if kmax == 0:
+        return flags
+    nmax = max(n_full)
+    qg = q[:, 0].float().reshape(B, H, G, D)
+    scores = torch.einsum("bhgd,bjhd->bhgj", qg, cache.kmean[:, :nmax]).amax(dim=2)  # [B, H, nmax]
+    lens_full = torch.tensor(n_full, device=q.device)
+    scores.masked_fill_(torch.arange(nmax, device=q.device)[None, None, :] >= lens_full[:, None, None],
+                        float("-inf"))
+    idx = torch.topk(scores, kmax, dim=-1).indices  # [B, H, kmax]
+    keep = torch.arange(kmax, device=q.device)[None, None, :] < torch.tensor(ks, device=q.device)[:, None, None]
+    flags.scatter_(-1, idx, keep.to(torch.uint8).expand(B, H, kmax).contiguous())
+    return flags
+
+
+def _flags_to_selected(flags_b, L, G):
+    """One sequence's flags [Hkv, nblk] -> a select_blocks-style int32 [1, Hq, 1, k] (plus the partial block)."""
+    H = flags_b.shape[0]
+    nb = -(-L // BLOCK)
+    rows = []
+    for h in range(H):
+        blocks = torch.nonzero(flags_b[h, :nb]).flatten().tolist()
+        if L % BLOCK:
+            blocks.append(nb - 1)
+        rows.append(blocks)
+    k = max(len(x) for x in rows)
+    sel = torch.full((1, H * G, 1, k), -1, dtype=torch.int32)
+    for h, blocks in enumerate(rows):
+        if blocks:
+            sel[0, h * G:(h + 1) * G, 0, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    return sel
+
+
+def thrift_decode_ref(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean", softmax_scale=None,
+                      return_lse=False, flags=None):
+    """Reference decode: the same selection (or the given `flags`) through kernels.reference.thrift_attention_ref,
+    one sequence at a time on its valid tokens. Returns O [B, 1, Hq, D] (and LSE fp32 [B, Hq])."""
+    from .reference import thrift_attention_ref
+
+    G = _check_q_cache(q, cache, "thrift_decode_ref")
+    if flags is None:
+        flags = select_decode_blocks(q, cache, budget, selection)
+    B, HQ, D = q.shape[0], q.shape[2], q.shape[3]
+    out = torch.zeros((B, 1, HQ, D), dtype=q.dtype, device=q.device)
+    lse = torch.full((B, HQ), float("-inf"), dtype=torch.float32, device=q.device)
+    for b, L in enumerate(cache.lengths):
+        if L == 0:
+            continue
+        sel = _flags_to_selected(flags[b].cpu(), L, G).to(q.device)
+        o, l = thrift_attention_ref(q[b:b + 1], cache.keys(b), cache.values(b), causal=True, selected=sel,
+                                    softmax_scale=softmax_scale, return_lse=True)
+        out[b:b + 1] = o
+        lse[b] = l[0, :, 0]
+    return (out, lse) if return_lse else out
+
+
+def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean", softmax_scale=None,
+                  return_lse=False, schedule=None, flags=None):
+    """ThriftAttention for one new query token per sequence over `cache` (a ThriftKVCache).
+
+    q [B, 1, Hq, D] in the cache dtype (fp16/bf16), Hq/Hkv in [1, 16], D in {64, 128}. budget: fraction of the
+    complete 64-token blocks read in FP16 (top by block-mean score, per KV head); the partial last block is
+    always FP16. schedule: {"num_splits": n} or {"ctas_per_sm": c}. flags: a precomputed select_decode_blocks
+    result (skips selection). Returns O [B, 1, Hq, D] (and LSE fp32 [B, Hq]; -inf for empty sequences)."""
+    where = "thrift_decode"
+    G = _check_q_cache(q, cache, where)
+    if q.device.type != "cuda":
+        raise ValueError(f"{where}: q and the cache must be on a CUDA device, got {q.device}")
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1], where=where)
+    if flags is None:
+        flags = select_decode_blocks(q, cache, budget, selection)
+    from quant import nvfp4
+
+    B, H = cache.batch, cache.num_kv_heads
+    q16 = q[:, 0].contiguous()
+    q4 = nvfp4.fake_quantize(q16, dim=-1).to(torch.float16)  # exact: E2M1 x E4M3 values fit fp16
+    max_tiles = max(1, -(-cache.max_length // BLOCK))
+    ns, tps = plan_splits(max_tiles, B, H, torch.cuda.get_device_properties(q.device).multi_processor_count,
+                          schedule)
+    out, lse = decode_fwd(q4, q16, cache.tiles, cache.k16, cache.v16, flags, cache.lengths_tensor(q.device),
+                          float(scale), ns, tps)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,58 @@
+"""Compile tests of the decode kernels (CPU only): sm_90a and sm_120a with fake tensors, PTX and ptxas checks."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from kernels.decode import compile_decode
+    compile_decode({d}, {hkv}, {g}, {dt!r}, {arch})
+""")
+
+
+def _compile(tmp_path, arch, d, hkv, g, dt):
+    dump = tmp_path / f"dump_{arch}"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH=f"sm_{arch}a", CUTE_DSL_KEEP="ptx,cubin", CUTE_DSL_DUMP_DIR=str(dump))
+    code = _SCRIPT.format(root=ROOT, d=d, hkv=hkv, g=g, dt=dt, arch=arch)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ptx = sorted(p for p in dump.iterdir() if p.suffix == ".ptx")
+    dec = [p for p in ptx if "ThriftDecodeSplitKV" in p.name]
+    comb = [p for p in ptx if "ThriftDecodeCombine" in p.name]
+    assert len(dec) == 1 and len(comb) == 1, [p.name for p in ptx]
+    return dec[0], comb[0]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch,d,hkv,g,dt", [(90, 128, 8, 4, "f16"), (90, 64, 3, 3, "bf16"), (120, 128, 8, 4, "f16"),
+                                             (120, 64, 2, 16, "bf16")])
+def test_decode_compiles(tmp_path, arch, d, hkv, g, dt):
+    dec, comb = _compile(tmp_path, arch, d, hkv, g, dt)
+    text = dec.read_text()
+    assert f".target sm_{arch}a" in text
+    mma = "bf16" if dt == "bf16" else "f16"
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in text  # FP4 tiles (decoded, exact in fp16)
+    assert f"mma.sync.aligned.m16n8k16.row.col.f32.{mma}.{mma}.f32" in text  # FP16 (selected) tiles
+    assert "cp.async.cg.shared.global" in text and re.search(r"cp\.async\.wait_group\s+1;", text)
+    assert "movmatrix.sync.aligned.m8n8.trans.b16" in text
+    assert "ld.shared.v4.u32" in text
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        pytest.skip("ptxas not on PATH")
+    for p in (dec, comb):
+        out = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", str(p), "-o", os.devnull], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        info = out.stdout + out.stderr
+        assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", info), info
+        regs = int(re.search(r"Used (\d+) registers", info).group(1))
+        assert regs <= 255

@@ -1,0 +1,64 @@
+"""CPU tests of the decode selection and reference (kernels/decode_interface.py)."""
+import math
+
+import pytest
+import torch
+
+from kernels import kv_cache as kvc
+from kernels.decode_interface import plan_splits, select_decode_blocks, thrift_decode_ref
+from kernels.reference import attention_exact
+from kernels.selection import topk_for_budget
+
+
+def _cache(lens, H, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    B, T = len(lens), max(lens)
+    k = torch.randn((B, T, H, D), generator=g).to(dtype)
+    v = torch.randn((B, T, H, D), generator=g).to(dtype)
+    c = kvc.ThriftKVCache(B, H, D, capacity=64, dtype=dtype)
+    c.append(k, v, num_new=lens)
+    return c
+
+
+def test_selection_rule(rng_seed):
+    lens, H, G, D = [64 * 20 + 5, 64 * 7, 30], 2, 3, 64
+    c = _cache(lens, H, D, torch.float16, rng_seed)
+    q = torch.randn((3, 1, H * G, D)).half()
+    flags = select_decode_blocks(q, c, 0.25)
+    for b, L in enumerate(lens):
+        n = L // 64
+        k = topk_for_budget(n, 0.25, causal=False) if n else 0
+        assert int(flags[b].sum()) == H * k
+        assert not flags[b, :, n:].any()  # partial/unused blocks never flagged (partial is always FP16)
+        if k:
+            qg = q[b, 0].float().reshape(H, G, D)
+            s = torch.einsum("hgd,jhd->hgj", qg, c.kmean[b, :n]).amax(dim=1)  # [H, n]
+            for h in range(H):
+                top = set(torch.topk(s[h], k).indices.tolist())
+                assert set(torch.nonzero(flags[b, h]).flatten().tolist()) == top
+    assert not select_decode_blocks(q, c, 0.0).any()
+    full = select_decode_blocks(q, c, 1.0)
+    assert int(full[0].sum()) == H * 20 and int(full[2].sum()) == 0
+
+
+def test_reference_budget_one_is_near_exact(rng_seed):
+    """budget=1: everything FP16 -> the reference equals exact attention up to 16-bit rounding of P."""
+    c = _cache([200, 64], 2, 64, torch.float16, rng_seed)
+    q = torch.randn((2, 1, 4, 64)).half()
+    out, lse = thrift_decode_ref(q, c, budget=1.0, return_lse=True)
+    for b, L in enumerate(c.lengths):
+        kk, vv = c.keys(b), c.values(b)
+        ex, lex = attention_exact(q[b:b + 1], kk, vv, causal=True, return_lse=True)
+        err = (out[b:b + 1].double() - ex).norm() / ex.norm()
+        assert err < 2e-3
+        torch.testing.assert_close(lse[b].double(), lex[0, :, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_plan_splits():
+    ns, tps = plan_splits(2048, 1, 8, 132)
+    assert ns * tps >= 2048 and (ns - 1) * tps < 2048 and 8 * ns <= 132 * 10
+    ns, tps = plan_splits(3, 8, 8, 132)
+    assert ns * tps >= 3 and ns <= 3
+    assert plan_splits(100, 1, 1, 10, {"num_splits": 7}) == (7, 15)
+    with pytest.raises(ValueError, match="schedule"):
+        plan_splits(10, 1, 1, 10, {"bogus": 1})
