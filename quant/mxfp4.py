@@ -11,13 +11,17 @@ Why round the exponent UP: it guarantees |x/scale| <= 6, so nothing is clipped (
 floor(log2(amax)) - 2 rule can put amax/scale up to 8 and saturate the group's largest values, the
 values that matter most in attention). The cost: when amax/6 is just above a power of two the scale is
 up to 2x coarser than needed, so the E2M1 steps are up to 2x larger for that group (on Gaussian data
-~0.115 relative L2 vs ~0.10 for NVFP4's 8-bit-mantissa-ish E4M3 scales with groups of 16).
+~0.115 relative L2 vs ~0.095 for NVFP4, whose E4M3 scales track amax/6 within 1/16 and whose groups
+are 16 long).
 The exponent is computed from the fp32 quotient amax/6 and then corrected with the exact comparison
 amax <= 6 * 2^e, so it equals the real-arithmetic ceil even where amax/6 rounds onto a power of two.
 
 * amax == 0 (and amax < 6*2^-127) -> e = -127, the smallest scale (code 0x00); a zero group has all
   codes 0. No group ever has a zero scale.
 * Tails not a multiple of 32 are zero-padded (dequantize returns the padded length).
+* Re-quantizing a dequantized tensor reproduces the VALUES exactly but not always the codes: amax in
+  (3, 3.5)*2^e gives max code 3.0, so amax' = 3*2^e = 6*2^(e-1) and the second pass uses half the scale
+  with doubled codes.
 * Input fp16/bf16/fp32 (fp64 cast to fp32); arithmetic in fp32.
 
 NaN/Inf policy: a group containing NaN or +-Inf gets the UE8M0 NaN scale (0xFF) and codes 0, so the

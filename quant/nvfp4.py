@@ -17,6 +17,11 @@ E2M1 values packed two per uint8 (element 2i in the low nibble, 2i+1 in the high
   ceil(n/16)*8`, `scales.shape[dim] == ceil(n/16)`; dequantize returns the padded length
   (fake_quantize cuts it back).
 * Input fp16/bf16/fp32 (fp64 is cast to fp32 first); all arithmetic in fp32.
+* Re-quantizing a dequantized tensor reproduces codes and scales bit for bit for groups with normal
+  E4M3 scales (>= 2^-6: the group max always lands on code 6, so amax' = 6*scale). Not for subnormal
+  scales: e.g. amax = 3.3*2^-9 -> scale 2^-9, max -> code 3.0, then amax'/6 = 2^-10 ties to scale 0
+  and the group flushes (tests/test_codecs.py pins both behaviours).
+* Relative L2 of fake_quantize on Gaussian data: ~0.095.
 
 NaN/Inf policy: a group containing a NaN or +-Inf gets the E4M3 NaN scale (0x7F) and codes 0, so the
 whole group dequantizes to NaN -- never silently finite, and never polluting other groups.

@@ -17,6 +17,11 @@ rowmax == 0 (or so small that s1 underflows to 0 in fp32, rowmax < ~2^-138) -> t
 NaN/Inf follow the codec policy: a NaN or Inf anywhere in a tile makes that whole tile NaN
 (s1 becomes NaN/Inf), never silently finite.
 
+Measured (scores ~ N(0, sd^2), P~ = exp(S - rowmax), 64x1024): relative L2 0.092 / 0.057 / 0.033 for
+sd = 1 / 2 / 3 with NVFP4 (0.154 with MXFP4 at sd = 1). Row sums of the result are biased LOW by 0.9% /
+4.2% / 2.4%: many small probabilities fall below 0.25*scale of their group and round to 0. With l summed
+from the unquantized P~ (the contract), the FP4 part of O is scaled down by about that much.
+
 Groups never straddle tiles because p_tile must be a multiple of the format's group size.
 Work is chunked over rows, so [B, H, 64, 32768] inputs stay within a few hundred MB of temporaries.
 """
