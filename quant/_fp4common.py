@@ -76,8 +76,14 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """fp32 values of E2M1 codes (uint8, low 4 bits used; bit 3 = sign, 0x8 decodes to -0.0)."""
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
         raise TypeError(f"e2m1_decode: codes must be a uint8 tensor, got {_describe(codes)}")
-    table = torch.tensor(_E2M1_VALUES + tuple(-x for x in _E2M1_VALUES), dtype=torch.float32, device=codes.device)
+    table = _DECODE_TABLES.get(codes.device)
+    if table is None:
+        table = _DECODE_TABLES[codes.device] = torch.tensor(
+            _E2M1_VALUES + tuple(-x for x in _E2M1_VALUES), dtype=torch.float32, device=codes.device)
     return table[(codes & 0xF).long()]
+
+
+_DECODE_TABLES: dict = {}
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
