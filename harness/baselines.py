@@ -65,6 +65,7 @@ class Variant:
     budget: Optional[float] = None
     note: str = ""
     kv_elem_bytes: Optional[float] = None  # bytes per K/V element actually read (quantized caches), for roofline
+    bytes_fn: Optional[Callable] = None     # (problem) -> minimum bytes, overrides the dense count
 
     @property
     def nvtx(self) -> str:
@@ -353,55 +354,54 @@ def _thrift_name(budget: float) -> str:
 
 
 def _thrift_decode_variants(budgets: Sequence[float]) -> Tuple[List[Variant], List[Skipped]]:
-    """thrift decode (kernels.thrift_decode) at each budget, when exported."""
+    """thrift decode (kernels.thrift_decode over a kernels.kv_cache.ThriftKVCache) at each budget."""
     out: List[Variant] = []
-    skipped: List[Skipped] = []
+    names = [_thrift_name(b).replace("thrift", "thrift-decode") for b in budgets]
     mod, err = _import("kernels")
     fn = getattr(mod, "thrift_decode", None) if mod is not None else None
-    names = [_thrift_name(b).replace("thrift", "thrift-decode") for b in budgets]
     if fn is None:
-        reason = err or "kernels.thrift_decode not exported yet (decode kernel not landed)"
+        dmod, derr = _import("kernels.decode_interface")
+        fn = getattr(dmod, "thrift_decode", None) if dmod is not None else None
+        err = err or derr
+    cmod, cerr = _import("kernels.kv_cache")
+    cache_cls = getattr(cmod, "ThriftKVCache", None) if cmod is not None else None
+    if fn is None or cache_cls is None:
+        reason = err or cerr or "kernels.thrift_decode / kernels.kv_cache.ThriftKVCache not available yet"
         return out, [Skipped(n, reason, ("decode",)) for n in names]
     why = _cuda_reason()
     if why:
         return out, [Skipped(n, why, ("decode",)) for n in names]
+    tile_bytes = getattr(cmod, "tile_bytes", None)
+    block = int(getattr(cmod, "BLOCK", 64))
+
     for bud, name in zip(budgets, names):
         def prepare(p: Problem, qkv, _bud=bud):
             q, k, v = qkv
-            cache = _build_decode_cache(p, k, v)
-            kwargs = {"budget": _bud, "causal": p.causal}
-            kwargs = {k_: v_ for k_, v_ in kwargs.items() if _accepts(fn, k_)}
-            if cache is None:
-                def run():
-                    return _first(fn(q, k, v, **kwargs))
-            else:
-                def run():
-                    return _first(fn(q, cache, **kwargs))
+            if p.sq != 1:
+                raise Unsupported("thrift_decode takes one new query token per sequence (Sq = 1)")
+            # the cache is built once per input set, outside the timing (as a serving loop appends over time)
+            cache = cache_cls(p.b, p.hkv, p.d, capacity=p.skv, dtype=k.dtype, device=k.device)
+            cache.append(k, v)
+
+            def run():
+                return _first(fn(q, cache, budget=_bud))
+
             run()
             return run
 
+        def nbytes(p: Problem, _bud=bud) -> float:
+            """Bytes the decode must read: FP4 tiles of the FP4 blocks, FP16 K+V of the selected and partial
+            blocks (budget = fraction of complete blocks in FP16), plus Q and O."""
+            nblk, part = p.skv // block, 1 if p.skv % block else 0
+            nsel = min(nblk, int(round(_bud * nblk)))
+            tb = tile_bytes(p.d) if tile_bytes else 2 * (block * p.d // 2 + block * p.d // 16)
+            kv = p.b * p.hkv * ((nblk - nsel) * tb + (nsel + part) * block * p.d * 2 * 2)
+            return kv + 2.0 * p.b * p.sq * p.hq * p.d * 2
+
         out.append(Variant(name, "thrift", ("decode",), prepare, budget=float(bud),
-                           note="decode over the FP4 KV cache" if bud == 0 else f"decode, budget {bud}",
-                           kv_elem_bytes=0.5 + 1.0 / 16))
-    return out, skipped
-
-
-def _build_decode_cache(p: Problem, k, v):
-    """Build the decode helper's KV cache from K, V when kernels.kv_cache exposes a constructor; None: pass K, V."""
-    mod, _ = _import("kernels.kv_cache")
-    if mod is None:
-        return None
-    for ctor_name in ("from_kv", "build_cache", "KVCache"):
-        ctor = getattr(mod, ctor_name, None)
-        if ctor is None:
-            continue
-        if inspect.isclass(ctor):
-            for meth in ("from_kv", "from_dense", "from_tensors"):
-                if hasattr(ctor, meth):
-                    return getattr(ctor, meth)(k, v)
-            continue
-        return ctor(k, v)
-    return None
+                           note="decode over the FP4+FP16 KV cache" if bud == 0 else f"decode, budget {bud}",
+                           bytes_fn=nbytes))
+    return out, []
 
 
 # --------------------------------------------------------------------------------------------------- discovery

@@ -378,7 +378,8 @@ def run(args) -> int:
 
                 t = time_calls(calls, warmup=args.warmup, rep=args.rep, method=args.timer if gpu else "wall",
                                flusher=flusher)
-                nbytes = rf.attention_bytes(p.b, p.sq, p.skv, p.hq, p.hkv, p.d, kv_elem_bytes=v.kv_elem_bytes)
+                nbytes = (v.bytes_fn(p) if v.bytes_fn else
+                          rf.attention_bytes(p.b, p.sq, p.skv, p.hq, p.hkv, p.d, kv_elem_bytes=v.kv_elem_bytes))
                 fl = rf.floor_ms(flops, nbytes, ceil, fp16_fraction=_fp16_fraction(p, v.budget))
                 row.update(status="ok", ms=t.median_ms, ms_p20=t.p20_ms, ms_p80=t.p80_ms, n_timed=t.n,
                            timer=t.method, tflops=flops / (t.median_ms * 1e-3) / 1e12,

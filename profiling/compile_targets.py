@@ -23,7 +23,7 @@ from typing import Callable, List, Tuple
 class CompileTarget:
     kernel: str
     schedule: str
-    compile: Callable[[], object]   # -> the object cute.compile returned (has .artifacts and .ir_module)
+    compile: Callable[[], object]   # -> what cute.compile returned (.artifacts, .ir_module), or a tuple of them
     note: str = ""
 
 
@@ -115,6 +115,25 @@ def _prefill_targets(arch: str) -> Tuple[List[CompileTarget], List[SkippedTarget
     return out, []
 
 
+def _decode_targets(arch: str) -> Tuple[List[CompileTarget], List[SkippedTarget]]:
+    """Adapter for kernels/decode.py's compile_decode(head_dim, num_kv_heads, group, dtype_name, arch), which
+    returns (split-KV decode kernel, combine kernel); the decode schedule (num_splits) is a run-time choice,
+    so the compile-time variants are the GQA group / head_dim / dtype ones listed here."""
+    try:
+        dec = importlib.import_module("kernels.decode")
+    except Exception as e:
+        return [], [SkippedTarget("decode", "-", f"kernels.decode not importable: {e!r}"[:200])]
+    if not hasattr(dec, "compile_decode"):
+        return [], [SkippedTarget("decode", "-", "kernels.decode has no compile_decode")]
+    out = []
+    for d, hkv, g in ((128, 8, 4), (128, 8, 1)):
+        def build(d=d, hkv=hkv, g=g):
+            return dec.compile_decode(d, hkv, g, "bf16", _arch_int(arch))
+
+        out.append(CompileTarget("decode", f"d{d}_kv{hkv}_g{g}_bf16", build, "kernels/decode.py compile_decode"))
+    return out, []
+
+
 def discover(arch: str, include_demo: bool = True) -> Tuple[List[CompileTarget], List[SkippedTarget]]:
     """Every compile target for ``arch`` ('sm_120a', 'sm_90a', ...) and the ones skipped, with reasons."""
     targets: List[CompileTarget] = []
@@ -126,10 +145,10 @@ def discover(arch: str, include_demo: bool = True) -> Tuple[List[CompileTarget],
     skipped += s
     for mod_name in ("kernels.prefill", "kernels.decode"):
         t, s, found = _protocol_targets(mod_name, arch)
-        if not found and not s and mod_name == "kernels.prefill":
+        if not found and mod_name == "kernels.prefill":
             t, s = _prefill_targets(arch)
-        elif not found and not s:
-            s = [SkippedTarget(mod_name, "-", f"{mod_name} defines no compile_targets(arch) yet")]
+        elif not found and mod_name == "kernels.decode":
+            t, s = _decode_targets(arch)
         targets += t
         skipped += s
     return targets, skipped

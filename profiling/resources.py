@@ -201,6 +201,46 @@ def _clean_msg(msg: str, n: int = 300) -> str:
     return " ".join(msg.split())[:n]
 
 
+def _rows_for_compiled(compiled, base: dict, arch: str, work: str, stem: str, compile_s: float,
+                       note: str) -> List[dict]:
+    """One row per kernel entry of one compiled object."""
+    ptx = getattr(getattr(compiled, "artifacts", None), "PTX", None)
+    if not ptx:
+        return [{**base, "status": "error", "note": "no PTX in compiled.artifacts (CUTE_DSL_KEEP=ptx?)"}]
+    if os.path.exists(str(ptx)) and not str(ptx).lstrip().startswith("//"):
+        with open(ptx) as f:
+            ptx = f.read()
+    ptx_path = os.path.join(work, f"{stem}.{arch}.ptx")
+    with open(ptx_path, "w") as f:
+        f.write(ptx)
+    stats = run_ptxas(ptx_path, arch)
+    try:
+        launches = parse_launch_configs(str(compiled.ir_module))
+    except Exception:
+        launches = []
+    rows = []
+    for name, eptx in split_ptx_entries(ptx).items():
+        st = stats.get(name, {})
+        dyn = next((l["smem_dynamic"] for l in launches if l["kernel"] == name), None)
+        threads = threads_from_ptx(eptx)
+        row = {**base, "entry": name, "status": "ok" if "_error" not in stats else "error",
+               "compile_s": compile_s, "threads": threads, "registers": st.get("registers"),
+               "spill_stores": st.get("spill_stores"), "spill_loads": st.get("spill_loads"),
+               "stack_bytes": st.get("stack_bytes"), "barriers": st.get("barriers"),
+               "smem_static": st.get("smem_static"), "smem_dynamic": dyn,
+               "mma_mix": mma_mix(eptx), "other_mix": other_mix(eptx), "ptx": ptx_path, "note": note}
+        if "_error" in stats:
+            row["note"] = stats["_error"]
+        if row["registers"] is not None and threads:
+            smem_total = (row["smem_static"] or 0) + (dyn or 0)
+            row["smem_total"] = smem_total
+            row.update(ctas_per_sm(arch, row["registers"], threads, smem_total))
+            if dyn is None:
+                row["note"] = (row["note"] + "; " if row["note"] else "") + "dynamic smem not constant/unknown"
+        rows.append(row)
+    return rows
+
+
 def _keep(name: str, schedule: str, kernels, schedules) -> bool:
     if kernels and not any(name.startswith(k) for k in kernels):
         return False
@@ -233,41 +273,9 @@ def _worker(arch: str, json_out: str, kernels: Optional[Sequence[str]], demo: bo
             rows.append({**base, "status": "error", "note": "compile failed: " + _clean_msg(f"{type(e).__name__}: {e}")})
             continue
         compile_s = round(time.time() - t0, 2)
-        ptx = getattr(getattr(compiled, "artifacts", None), "PTX", None)
-        if not ptx:
-            rows.append({**base, "status": "error", "note": "no PTX in compiled.artifacts (CUTE_DSL_KEEP=ptx?)"})
-            continue
-        if os.path.exists(str(ptx)) and not str(ptx).lstrip().startswith("//"):
-            with open(ptx) as f:
-                ptx = f.read()
-        ptx_path = os.path.join(work, f"{t.kernel}.{t.schedule}.{arch}.ptx")
-        with open(ptx_path, "w") as f:
-            f.write(ptx)
-        stats = run_ptxas(ptx_path, arch)
-        try:
-            launches = parse_launch_configs(str(compiled.ir_module))
-        except Exception:
-            launches = []
-        entries = split_ptx_entries(ptx)
-        for name, eptx in entries.items():
-            st = stats.get(name, {})
-            dyn = next((l["smem_dynamic"] for l in launches if l["kernel"] == name), None)
-            threads = threads_from_ptx(eptx)
-            row = {**base, "entry": name, "status": "ok" if "_error" not in stats else "error",
-                   "compile_s": compile_s, "threads": threads, "registers": st.get("registers"),
-                   "spill_stores": st.get("spill_stores"), "spill_loads": st.get("spill_loads"),
-                   "stack_bytes": st.get("stack_bytes"), "barriers": st.get("barriers"),
-                   "smem_static": st.get("smem_static"), "smem_dynamic": dyn,
-                   "mma_mix": mma_mix(eptx), "other_mix": other_mix(eptx), "ptx": ptx_path, "note": t.note}
-            if "_error" in stats:
-                row["note"] = stats["_error"]
-            if row["registers"] is not None and threads:
-                smem_total = (row["smem_static"] or 0) + (dyn or 0)
-                row["smem_total"] = smem_total
-                row.update(ctas_per_sm(arch, row["registers"], threads, smem_total))
-                if dyn is None:
-                    row["note"] = (row["note"] + "; " if row["note"] else "") + "dynamic smem not constant/unknown"
-            rows.append(row)
+        objs = list(compiled) if isinstance(compiled, (tuple, list)) else [compiled]
+        for oi, obj in enumerate(objs):
+            rows += _rows_for_compiled(obj, base, arch, work, f"{t.kernel}.{t.schedule}.{oi}", compile_s, t.note)
     with open(json_out, "w") as f:
         json.dump(rows, f, indent=1)
     return 0
