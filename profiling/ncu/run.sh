@@ -16,9 +16,10 @@
 #
 # Selection of the one launch: the bench runs the variant in --profile mode (prepare/JIT outside any NVTX
 # range, then a few calls each inside nested NVTX ranges <variant>/<phase>/<shape>), and ncu profiles the first
-# kernel launched inside "<variant>/attention/" (-c 1). Set PHASE=quantize (or select/combine) for thrift's
-# other phases when its entry points annotate them, or MATCH=<regex> to select by kernel name instead
-# (-k regex:<regex> -c 1, no NVTX filter). --clock-control none (the card's own clocks) unless CLOCK=base.
+# kernel launched inside "<variant>/attention/" (-c 1) whose name matches MATCH (default for thrift variants:
+# ThriftPrefill / ThriftDecodeSplitKV; MATCH= for none). PHASE=quantize (or select/combine) picks thrift's other
+# phases once its entry points annotate them; NVTX=0 drops the NVTX filter (kernel-name regex only).
+# --clock-control none (the card's own clocks) unless CLOCK=base.
 # Environment: NCU (ncu binary), PY (python), OUTDIR (reports; default results/ncu), EXTRA (more ncu flags).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -54,11 +55,19 @@ case "$VARIANT" in
   thrift-decode-f*) BUDGET=${VARIANT#thrift-decode-f} ;;
 esac
 
-if [ -n "${MATCH:-}" ]; then
-  FILTER=(-k "regex:${MATCH}" -c 1)
-else
-  FILTER=(--nvtx --nvtx-include "${VARIANT}/${PHASE}/" -c 1)
+# Until the thrift entry points open their own NVTX phases, the bench's "attention" range also holds the
+# quantize/select launches, so thrift variants add a kernel-name filter by default (both filters must match).
+if [ -z "${MATCH+x}" ]; then
+  case "$VARIANT" in
+    thrift-decode-*) MATCH=ThriftDecodeSplitKV ;;
+    thrift-*) MATCH=ThriftPrefill ;;
+    *) MATCH= ;;
+  esac
 fi
+FILTER=()
+[ "${NVTX:-1}" = 1 ] && FILTER+=(--nvtx --nvtx-include "${VARIANT}/${PHASE}/")
+[ -n "$MATCH" ] && FILTER+=(-k "regex:${MATCH}")
+FILTER+=(-c 1)
 REP="$OUTDIR/${Q}_${VARIANT}_${MODE}"
 set -x
 "$NCU" "${FILTER[@]}" --clock-control "${CLOCK:-none}" "${SECTIONS[@]}" ${EXTRA:-} -f -o "$REP" \
