@@ -29,6 +29,8 @@ def main(argv=None):
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", type=int, nargs="*", default=[],
+                    help="also time B=1, L=max(lens), budget 0.05 with these num_splits (kernel only)")
     args = ap.parse_args(argv)
 
     from kernels.decode_interface import decode_fwd, plan_splits, select_decode_blocks, thrift_decode
@@ -100,6 +102,12 @@ def main(argv=None):
                 row[f"b{bud}_GBs"] = must / (tk * 1e-3) / 1e9
                 row[f"b{bud}_MB"] = must / 1e6
             row["splits"] = ns
+            if args.sweep and B == 1 and L == max(args.lens):
+                flags = select_decode_blocks(q, cache, 0.05)
+                for n in args.sweep:
+                    n2, t2 = plan_splits(-(-L // BLOCK), B, H, props.multi_processor_count, {"num_splits": n})
+                    row[f"sweep_ns{n2}_ms"] = _bench(lambda: decode_fwd(q4, q16, cache.tiles, cache.k16, cache.v16,
+                                                                         flags, lens, scale, n2, t2))
             rows.append(row)
             print(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}), flush=True)
             del cache

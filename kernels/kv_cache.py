@@ -145,7 +145,10 @@ class ThriftKVCache:
         if not (isinstance(growth, (int, float)) and growth > 1.0):
             raise ValueError(f"ThriftKVCache: growth must be a number > 1, got {growth!r}")
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
-        self.dtype, self.device, self.growth = dtype, torch.device(device or "cpu"), float(growth)
+        dev = torch.device(device or "cpu")
+        if dev.type == "cuda" and dev.index is None:  # "cuda" -> "cuda:N", so device checks compare equal
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.dtype, self.device, self.growth = dtype, dev, float(growth)
         self.lengths = [0] * batch
         self._lens_dev = None
         self.capacity = 0
