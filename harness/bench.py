@@ -400,6 +400,7 @@ def run(args) -> int:
             if r["shape"] == p.tag and r["mode"] == p.mode and r.get("ms") and fa2_ms:
                 r["speedup_vs_fa2"] = fa2_ms / r["ms"]
         del sets, ref
+        bl.clear_caches()
         if gpu:
             torch.cuda.empty_cache()
 
