@@ -277,6 +277,7 @@ def run(args) -> int:
         return 0
 
     out_dir = args.out or rp.results_dir()
+    os.makedirs(out_dir, exist_ok=True)
     meta = {"argv": sys.argv, "started_utc": rp.utc_stamp(), "budgets": args.budgets,
             "skipped_variants": [{"name": s.name, "reason": s.reason} for s in skipped]}
     rows: List[dict] = []
@@ -399,6 +400,9 @@ def run(args) -> int:
         for r in rows:
             if r["shape"] == p.tag and r["mode"] == p.mode and r.get("ms") and fa2_ms:
                 r["speedup_vs_fa2"] = fa2_ms / r["ms"]
+        # partial results after every shape, so a crash later (e.g. a sticky CUDA error) loses nothing measured
+        rp.write_json(os.path.join(out_dir, "results.json"), rp.rows_from(rows), dict(meta, partial=True))
+        rp.write_csv(os.path.join(out_dir, "results.csv"), rp.rows_from(rows))
         del sets, ref
         bl.clear_caches()
         if gpu:
