@@ -329,6 +329,7 @@ class ThriftPrefillKernel:
             nsel = sel_row[i]
             if nsel >= 0 and nsel < n_block_max:
                 k_sel = k_sel + 1
+        ctx_pass = {0: mkctx(), 2: mkctx()}  # fresh per pass (closures cannot run inside staged regions)
         if k_sel > 0:
             # acc from units of c (last FP4 tile's s1) to true units; phase 2 keeps c = 1
             acc_mn = self.mn_view(acc_O)
@@ -336,34 +337,41 @@ class ThriftPrefillKernel:
                 acc_mn[r, None] = acc_mn[r, None].load() * row_c[r]
                 row_c[r] = 1.0
             cute.arch.barrier()  # every warp is done with sQ / the phase-1 buffers
-            # real 16-bit Q over the decoded one
-            self.load_rows16(ctx, ctx.g.tQ16_g, ctx.g.tQ16_s, m_block * Tm, Sq)
-            n0 = self.sel_at(sel_row, 0, n_block_max)
-            if n0 >= 0:
-                self.load_kv16_tile(ctx, n0, 0)
-            cute.arch.cp_async_commit_group()
-            j = Int32(0)
-            for i in range(cute.size(mSel.shape[3])):
-                n_i = self.sel_at(sel_row, i, n_block_max)
-                if n_i >= 0:
-                    cute.arch.cp_async_wait_group(0)
-                    cute.arch.barrier()
-                    n_next = Int32(-1)
-                    if i + 1 < cute.size(mSel.shape[3]):
-                        n_next = self.sel_at(sel_row, i + 1, n_block_max)
-                    if n_next >= 0:
-                        self.load_kv16_tile(ctx, n_next, 1 - j)
-                    cute.arch.cp_async_commit_group()
-                    if const_expr(self.sch.mask_split):
-                        need = self.tile_needs_mask(ctx, n_i)
-                        if need:
-                            self.step(ctx, n_i, j, 2, True)
-                        if not need:
-                            self.step(ctx, n_i, j, 2, False)
-                    else:
-                        self.step(ctx, n_i, j, 2, True)
-                    j = 1 - j
-            cute.arch.cp_async_wait_group(0)
+            # Two passes over the selected tiles: pass 0 computes S16 = QK^T only to finish the row max, so
+            # pass 2 rounds P~ = exp(S - m) to 16 bits relative to the FINAL row max, exactly like the
+            # reference (a running max would round P~ differently: ~2e-3 relative noise in bf16).
+            for kind in (0, 2):
+                ctx = ctx_pass[kind]
+                if const_expr(kind == 0):
+                    # real 16-bit Q over the decoded one (same cp.async group as the first K tile)
+                    self.load_rows16(ctx, ctx.g.tQ16_g, ctx.g.tQ16_s, m_block * Tm, Sq)
+                n0 = self.sel_at(sel_row, 0, n_block_max)
+                if n0 >= 0:
+                    self.load_kv16_tile(ctx, n0, 0, kind == 2)
+                cute.arch.cp_async_commit_group()
+                j = Int32(0)
+                for i in range(cute.size(mSel.shape[3])):
+                    n_i = self.sel_at(sel_row, i, n_block_max)
+                    if n_i >= 0:
+                        cute.arch.cp_async_wait_group(0)
+                        cute.arch.barrier()
+                        n_next = Int32(-1)
+                        if i + 1 < cute.size(mSel.shape[3]):
+                            n_next = self.sel_at(sel_row, i + 1, n_block_max)
+                        if n_next >= 0:
+                            self.load_kv16_tile(ctx, n_next, 1 - j, kind == 2)
+                        cute.arch.cp_async_commit_group()
+                        if const_expr(self.sch.mask_split):
+                            need = self.tile_needs_mask(ctx, n_i)
+                            if need:
+                                self.step(ctx, n_i, j, kind, True)
+                            if not need:
+                                self.step(ctx, n_i, j, kind, False)
+                        else:
+                            self.step(ctx, n_i, j, kind, True)
+                        j = 1 - j
+                cute.arch.cp_async_wait_group(0)
+                cute.arch.barrier()  # stage buffers are reused by the next pass
 
         # ======================= finalize =======================
         ctx = mkctx()
@@ -438,14 +446,16 @@ class ThriftPrefillKernel:
                 ts[None, m, None].fill(0)
 
     @cute.jit
-    def load_kv16_tile(self, ctx, n: Int32, t: Int32):
+    def load_kv16_tile(self, ctx, n: Int32, t: Int32, with_v: cutlass.Constexpr = True):
         g = ctx.g
         if t == 0:
             self.load_rows16(ctx, g.tK16_g[None, None, None, n], g.tK16_s[0], n * self.Tn, ctx.Skv)
-            self.load_rows16(ctx, g.tV16_g[None, None, None, n], g.tV16_s[0], n * self.Tn, ctx.Skv)
+            if const_expr(with_v):
+                self.load_rows16(ctx, g.tV16_g[None, None, None, n], g.tV16_s[0], n * self.Tn, ctx.Skv)
         if t != 0:
             self.load_rows16(ctx, g.tK16_g[None, None, None, n], g.tK16_s[1], n * self.Tn, ctx.Skv)
-            self.load_rows16(ctx, g.tV16_g[None, None, None, n], g.tV16_s[1], n * self.Tn, ctx.Skv)
+            if const_expr(with_v):
+                self.load_rows16(ctx, g.tV16_g[None, None, None, n], g.tV16_s[1], n * self.Tn, ctx.Skv)
 
     # ---------------- one key tile ----------------
     @cute.jit
@@ -494,52 +504,58 @@ class ThriftPrefillKernel:
             m_use = Float32(0.0) if m_new == -Float32.inf else m_new
             ms = m_use * sl2
             alpha = ex2(m_old * sl2 - ms)
-            for c in cutlass.range_constexpr(ncols):
-                acc_S_mn[r, c] = ex2(acc_S_mn[r, c] * sl2 - ms)
-            p_row = acc_S_mn[r, None].load()
-            ctx.row_sum[r] = ctx.row_sum[r] * alpha + p_row.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
-            ctx.row_max[r] = m_new
-            if const_expr(phase == 1):
-                # ---- two-level P quantization (contract: SageAttention3 scheme) ----
-                # group g of 16 keys = columns 4g..4g+3 of this thread's mn row (n-atoms 2g, 2g+1),
-                # the other 12 keys live in the 3 other lanes of the quad.
-                gmax = []
-                for g in cutlass.range_constexpr(ncols // 4):
-                    v = cute.arch.fmax(cute.arch.fmax(acc_S_mn[r, 4 * g], acc_S_mn[r, 4 * g + 1]),
-                                       cute.arch.fmax(acc_S_mn[r, 4 * g + 2], acc_S_mn[r, 4 * g + 3]))
-                    gmax.append(self.quad_max(v))
-                rmax = gmax[0]
-                for g in cutlass.range_constexpr(1, ncols // 4):
-                    rmax = cute.arch.fmax(rmax, gmax[g])
-                valid = rmax > Float32(P_TILE_MIN)
-                s1 = rmax / Float32(P_SCALE_MAX)
-                inv_s1 = Float32(1.0) / s1 if valid else Float32(0.0)
-                ratio = alpha * ctx.row_c[r] * inv_s1 if valid else alpha
-                ctx.row_c[r] = s1 if valid else ctx.row_c[r]
-                for g in cutlass.range_constexpr(ncols // 4):
-                    sc = e4m3_rne((gmax[g] * inv_s1) / Float32(6.0))
-                    rs = Float32(1.0) / sc if sc > Float32(0.0) else Float32(0.0)
-                    for q in cutlass.range_constexpr(4):
-                        x = acc_S_mn[r, 4 * g + q] * inv_s1
-                        acc_S_mn[r, 4 * g + q] = e2m1_rne(x * rs) * sc
-                acc_O_mn[r, None] = acc_O_mn[r, None].load() * ratio
-            else:
+            if const_expr(phase == 0):  # max-only pass (see phase 2 in kernel())
+                ctx.row_sum[r] = ctx.row_sum[r] * alpha
+                ctx.row_max[r] = m_new
                 acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
+            else:
+                for c in cutlass.range_constexpr(ncols):
+                    acc_S_mn[r, c] = ex2(acc_S_mn[r, c] * sl2 - ms)
+                p_row = acc_S_mn[r, None].load()
+                ctx.row_sum[r] = ctx.row_sum[r] * alpha + p_row.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                ctx.row_max[r] = m_new
+                if const_expr(phase == 1):
+                    # ---- two-level P quantization (contract: SageAttention3 scheme) ----
+                    # group g of 16 keys = columns 4g..4g+3 of this thread's mn row (n-atoms 2g, 2g+1),
+                    # the other 12 keys live in the 3 other lanes of the quad.
+                    gmax = []
+                    for g in cutlass.range_constexpr(ncols // 4):
+                        v = cute.arch.fmax(cute.arch.fmax(acc_S_mn[r, 4 * g], acc_S_mn[r, 4 * g + 1]),
+                                           cute.arch.fmax(acc_S_mn[r, 4 * g + 2], acc_S_mn[r, 4 * g + 3]))
+                        gmax.append(self.quad_max(v))
+                    rmax = gmax[0]
+                    for g in cutlass.range_constexpr(1, ncols // 4):
+                        rmax = cute.arch.fmax(rmax, gmax[g])
+                    valid = rmax > Float32(P_TILE_MIN)
+                    s1 = rmax / Float32(P_SCALE_MAX)
+                    inv_s1 = Float32(1.0) / s1 if valid else Float32(0.0)
+                    ratio = alpha * ctx.row_c[r] * inv_s1 if valid else alpha
+                    ctx.row_c[r] = s1 if valid else ctx.row_c[r]
+                    for g in cutlass.range_constexpr(ncols // 4):
+                        sc = e4m3_rne((gmax[g] * inv_s1) / Float32(6.0))
+                        rs = Float32(1.0) / sc if sc > Float32(0.0) else Float32(0.0)
+                        for q in cutlass.range_constexpr(4):
+                            x = acc_S_mn[r, 4 * g + q] * inv_s1
+                            acc_S_mn[r, 4 * g + q] = e2m1_rne(x * rs) * sc
+                    acc_O_mn[r, None] = acc_O_mn[r, None].load() * ratio
+                else:
+                    acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
 
-        # P (16-bit) as the A operand: (4, MMA_M, MMA_N) -> ((4,2), MMA_M, MMA_N/2)
-        rP = cute.make_fragment_like(acc_S, self.dtype)
-        rP.store(acc_S.load().to(self.dtype))
-        lay = cute.logical_divide(rP.layout, (None, None, 2))
-        tOrP = cute.make_tensor(rP.iterator, cute.make_layout(
-            ((lay.shape[0], lay.shape[2][0]), lay.shape[1], lay.shape[2][1]),
-            stride=((lay.stride[0], lay.stride[2][0]), lay.stride[1], lay.stride[2][1])))
-        if const_expr(phase == 1):
-            self.gemm_rs(ctx, tOrP, ctx.ld_k, ctx.tOsVdec, ctx.tOrVt_kv)
-        else:
-            if stage == 0:
-                self.gemm_rs(ctx, tOrP, ctx.ld_vt, ctx.tOsV16[0], ctx.tOrVt_v)
-            if stage != 0:
-                self.gemm_rs(ctx, tOrP, ctx.ld_vt, ctx.tOsV16[1], ctx.tOrVt_v)
+        if const_expr(phase != 0):
+            # P (16-bit) as the A operand: (4, MMA_M, MMA_N) -> ((4,2), MMA_M, MMA_N/2)
+            rP = cute.make_fragment_like(acc_S, self.dtype)
+            rP.store(acc_S.load().to(self.dtype))
+            lay = cute.logical_divide(rP.layout, (None, None, 2))
+            tOrP = cute.make_tensor(rP.iterator, cute.make_layout(
+                ((lay.shape[0], lay.shape[2][0]), lay.shape[1], lay.shape[2][1]),
+                stride=((lay.stride[0], lay.stride[2][0]), lay.stride[1], lay.stride[2][1])))
+            if const_expr(phase == 1):
+                self.gemm_rs(ctx, tOrP, ctx.ld_k, ctx.tOsVdec, ctx.tOrVt_kv)
+            else:
+                if stage == 0:
+                    self.gemm_rs(ctx, tOrP, ctx.ld_vt, ctx.tOsV16[0], ctx.tOrVt_v)
+                if stage != 0:
+                    self.gemm_rs(ctx, tOrP, ctx.ld_vt, ctx.tOsV16[1], ctx.tOrVt_v)
 
     @cute.jit
     def gemm_ss(self, ctx, acc: cute.Tensor, tSsK: cute.Tensor):

@@ -15,12 +15,12 @@ aliased region on a 1024 B boundary):
                                         ks  Tn x D/16  E4M3 K scales
                                         vp  D x Tn/2   packed E2M1 V^T rows (keys contiguous, = Vp)
                                         vs  D x Tn/16  E4M3 V scales (groups of 16 keys)
-      phase 2 (FP16)  R + t*2*kv16, t < 2: FP16 stage t = K tile (Tn x D) then V tile (Tn x D)
+      phase 2 (FP16)  R + t*kv16, t < 2: FP16 K stage t (Tn x D);  R + 2*kv16 + t*kv16: FP16 V stage t
     region = max(2*kv16 + S*fp4_stage, 2*2*kv16)
 
-So the FP16 tiles of phase 2 overwrite the decoded tiles and the FP4 stages of phase 1 (stage 1 of
-phase 2 starts at R + 2*kv16, exactly where FP4 stage 0 lived); phase 2 starts only after every
-warp passed the CTA barrier that ends phase 1.  The SM120 block-scaled path reads the FP4 stages
+So the FP16 K stages of phase 2 overwrite the decoded tiles and the V stages overwrite the FP4 stages
+of phase 1 (V stage 0 starts at R + 2*kv16, exactly where FP4 stage 0 lived); phase 2 starts only
+after every warp passed the CTA barrier that ends phase 1.  The SM120 block-scaled path reads the FP4 stages
 directly and leaves kdec/vdec unused (the map is kept identical so the kernel body is shared).
 
 D=128, S=2: q16 = 16 KiB, kv16 = 16 KiB, fp4_stage = 9 KiB -> region = max(50, 64) KiB, total 80 KiB
@@ -107,10 +107,10 @@ class PrefillSmemMap:
         return self.region_off + 2 * self.kv16 + s * self.fp4_stage
 
     def fp16_k_off(self, t: int) -> int:
-        return self.region_off + t * 2 * self.kv16
+        return self.region_off + t * self.kv16
 
     def fp16_v_off(self, t: int) -> int:
-        return self.region_off + t * 2 * self.kv16 + self.kv16
+        return self.region_off + self.fp16_stages * self.kv16 + t * self.kv16
 
     @property
     def region_bytes(self) -> int:

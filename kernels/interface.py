@@ -1,0 +1,192 @@
+"""Public entry of the fused prefill: ``thrift_attention(q, k, v, ...)`` as a torch custom op.
+
+Pipeline per call (all on torch.cuda.current_stream()):
+  1. selection  = kernels.selection.select_blocks(q, k, ...)          (torch; shared with the reference)
+  2. one CuTe launch: Qp/Qs, Kp/Ks, Vp/Vs (+ K block means)           (quant/quant_kernel.py)
+  3. the selection as a bitmask [B, Hq, nqb, ceil(nkb/32)] int32 (torch scatter)
+  4. one CuTe launch: ThriftPrefillKernel                               (kernels/prefill.py)
+
+Compile cache: one entry per (arch, dtype, head_dim, causal, fmt, schedule, lse) for the prefill and per
+(arch, dtype, head_dim) for the quantizer; batch, lengths, head counts and the GQA ratio are runtime values.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels._validate import KERNEL_DTYPES, KERNEL_HEAD_DIMS, SELECTION_METHODS, check_bool, check_budget, \
+    check_choice, check_qkv, softmax_scale_or_default
+from kernels.schedules import PrefillSchedule, get_schedule
+
+MIN_ARCH = 90  # the SM90 decode path uses cvt.e4m3x2 (sm_89+) and mul.bf16x2 (sm_90+)
+_PREFILL_CACHE: dict = {}
+_QUANT_CACHE: dict = {}
+
+
+def _arch(device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _cute(t: torch.Tensor, dynamic_last: bool = False, div_last: int = 1):
+    """torch -> cute tensor: every mode dynamic except (unless dynamic_last) the contiguous last one."""
+    from cutlass.cute.runtime import from_dlpack
+
+    x = from_dlpack(t, assumed_align=16)
+    order = t.dim_order()
+    for i in range(t.ndim):
+        if i != t.ndim - 1:
+            x = x.mark_compact_shape_dynamic(mode=i, stride_order=order)
+        elif dynamic_last:
+            x = x.mark_compact_shape_dynamic(mode=i, stride_order=order, divisibility=div_last)
+    return x
+
+
+def _stream():
+    import cuda.bindings.driver as cuda
+
+    return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
+
+
+def _torch_to_cutlass(dt):
+    import cutlass
+
+    return {torch.float16: cutlass.Float16, torch.bfloat16: cutlass.BFloat16}[dt]
+
+
+def quantize_for_prefill(q, k, v):
+    """Run the CuTe quantizer: returns (Qp, Qs, Kp, Ks, Vp, Vs, Kmean) in the contract layouts (scales as uint8 bits)."""
+    import cutlass.cute as cute
+    from cutlass import Float32  # noqa: F401
+
+    from quant.quant_kernel import QuantKernel
+
+    B, Sq, Hq, D = q.shape
+    _, Skv, Hkv, _ = k.shape
+    skp = -(-Skv // 64) * 64
+    dev = q.device
+    u8 = torch.uint8
+    Qp = torch.empty((B, Sq, Hq, D // 2), dtype=u8, device=dev)
+    Qs = torch.empty((B, Sq, Hq, D // 16), dtype=u8, device=dev)
+    Kp = torch.empty((B, Skv, Hkv, D // 2), dtype=u8, device=dev)
+    Ks = torch.empty((B, Skv, Hkv, D // 16), dtype=u8, device=dev)
+    Vp = torch.empty((B, Hkv, D, skp // 2), dtype=u8, device=dev)
+    Vs = torch.empty((B, Hkv, D, skp // 16), dtype=u8, device=dev)
+    Km = torch.empty((B, skp // 64, Hkv, D), dtype=torch.float32, device=dev)
+    args = [_cute(q), _cute(k), _cute(v), _cute(Qp), _cute(Qs), _cute(Kp), _cute(Ks),
+            _cute(Vp, True, 32), _cute(Vs, True, 4), _cute(Km)]
+    key = (_arch(dev), q.dtype, D)
+    fn = _QUANT_CACHE.get(key)
+    if fn is None:
+        fn = _QUANT_CACHE[key] = cute.compile(QuantKernel(_torch_to_cutlass(q.dtype), D), *args, _stream())
+    fn(*args, _stream())
+    return Qp, Qs, Kp, Ks, Vp, Vs, Km
+
+
+def selection_bitmask(sel: torch.Tensor, n_kv_blocks: int) -> torch.Tensor:
+    """int32 [B, Hq, nqb, ceil(nkb/32)]: bit (j % 32) of word j // 32 set iff key block j is selected."""
+    B, Hq, nqb, kk = sel.shape
+    nw = max(1, -(-n_kv_blocks // 32))
+    words = torch.zeros((B, Hq, nqb, nw), dtype=torch.int64, device=sel.device)
+    if kk:
+        s = sel.long()
+        ok = s >= 0
+        sc = s.clamp(min=0)
+        bits = torch.where(ok, torch.ones_like(sc) << (sc % 32), torch.zeros_like(sc))
+        words.scatter_add_(3, sc // 32, bits)  # distinct bits per word: add == or
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
+    return words.to(torch.int32)
+
+
+def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSchedule, fmt: str, out=None, lse=None):
+    import math
+
+    import cutlass.cute as cute
+    from cutlass import Float32, Int32
+
+    from kernels.prefill import ThriftPrefillKernel
+
+    B, Sq, Hq, D = q.shape
+    _, Skv, Hkv, _ = k.shape
+    arch = _arch(q.device)
+    schedule.validate_for(D, arch)
+    nkb = -(-Skv // 64)
+    Qp, Qs, Kp, Ks, Vp, Vs, _ = quantize_for_prefill(q, k, v)
+    mask = selection_bitmask(sel, nkb)
+    if sel.shape[3] == 0:
+        sel = torch.full((B, Hq, sel.shape[2], 1), -1, dtype=torch.int32, device=q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    if lse is None:
+        lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    args = [_cute(q), _cute(k), _cute(v), _cute(Qp), _cute(Qs), _cute(Kp), _cute(Ks),
+            _cute(Vp, True, 32), _cute(Vs, True, 4), _cute(mask, True), _cute(sel.contiguous(), True),
+            _cute(out), _cute(lse, True)]
+    key = (arch, q.dtype, D, causal, fmt, schedule.key())
+    fn = _PREFILL_CACHE.get(key)
+    sl2 = Float32(scale * math.log2(math.e))
+    ratio = Int32(Hq // Hkv)
+    if fn is None:
+        kern = ThriftPrefillKernel(_torch_to_cutlass(q.dtype), D, causal, schedule, arch, fmt=fmt)
+        fn = _PREFILL_CACHE[key] = cute.compile(kern, *args, sl2, ratio, _stream())
+    fn(*args, sl2, ratio, _stream())
+    return out, lse
+
+
+@torch.library.custom_op("thrift::prefill", mutates_args=())
+def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float, causal: bool, selection: str,
+                fmt: str, softmax_scale: float, schedule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from kernels.selection import select_blocks
+
+    tm, tn, nw, st, ms = (int(x) for x in schedule.split(","))
+    sch = PrefillSchedule(tile_m=tm, tile_n=tn, num_warps=nw, stages=st, mask_split=bool(ms))
+    sel = select_blocks(q, k, budget=budget, causal=causal, method=selection)
+    return _run_prefill(q.contiguous(), k.contiguous(), v.contiguous(), sel, causal, softmax_scale, sch, fmt)
+
+
+@_prefill_op.register_fake
+def _prefill_fake(q, k, v, budget, causal, selection, fmt, softmax_scale, schedule):
+    B, Sq, Hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
+
+
+def _sched_str(s: PrefillSchedule) -> str:
+    """A schedule as a plain string (custom-op argument; json is not traceable by dynamo)."""
+    return f"{s.tile_m},{s.tile_n},{s.num_warps},{s.stages},{int(s.mask_split)}"
+
+
+def check_device(q: torch.Tensor, where: str = "thrift_attention") -> None:
+    """Raise a clear error for CPU tensors or GPUs without a kernel path."""
+    if q.device.type != "cuda":
+        raise ValueError(f"{where}: q, k, v must be CUDA tensors (the CuTe kernels need an NVIDIA GPU), got device {q.device}")
+    arch = _arch(q.device)
+    if arch < MIN_ARCH:
+        raise RuntimeError(
+            f"{where}: no kernel path for sm_{arch} ({torch.cuda.get_device_name(q.device)}); the fused prefill needs "
+            f"sm_90 (Hopper, FP4 decoded to 16 bit) or sm_120 (Blackwell GeForce/RTX PRO, block-scaled FP4 MMA)")
+
+
+def thrift_attention(q, k, v, *, budget=0.05, causal=True, selection="block_mean", fmt="nvfp4", softmax_scale=None,
+                     return_lse=False, schedule=None, selected=None):
+    """ThriftAttention prefill: FP4 attention with the top-`budget` 64x64 block pairs in fp16/bf16.
+
+    q [B, Sq, Hq, D], k/v [B, Skv, Hkv, D] (fp16/bf16, D in {64, 128}, Hq % Hkv == 0). Returns O (q's dtype) and,
+    with return_lse, LSE fp32 [B, Hq, Sq]. `selected` (optional, a select_blocks result) bypasses the selection
+    (used by tests to share a selection with the reference; not supported under torch.compile).
+    """
+    where = "thrift_attention"
+    B, Sq, Hq, D, Skv, Hkv = check_qkv(q, k, v, dtypes=KERNEL_DTYPES, head_dims=KERNEL_HEAD_DIMS, where=where)
+    f = check_budget(budget, where=where)
+    check_bool("causal", causal, where=where)
+    check_bool("return_lse", return_lse, where=where)
+    check_choice("selection", selection, SELECTION_METHODS, where=where)
+    if fmt != "nvfp4":
+        raise ValueError(f"{where}: fmt must be 'nvfp4' (the CuTe prefill kernel implements NVFP4 only), got {fmt!r}")
+    scale = softmax_scale_or_default(softmax_scale, D, where=where)
+    sch = get_schedule(schedule)
+    check_device(q, where)
+    if selected is not None:
+        out, lse = _run_prefill(q.contiguous(), k.contiguous(), v.contiguous(), selected.to(torch.int32).contiguous(),
+                                causal, scale, sch, fmt)
+    else:
+        out, lse = _prefill_op(q, k, v, f, causal, selection, fmt, scale, _sched_str(sch))
+    return (out, lse) if return_lse else out

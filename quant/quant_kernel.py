@@ -1,0 +1,189 @@
+"""One-launch CuTe DSL quantization of Q, K, V into the packed NVFP4 layouts of the prefill kernel,
+plus the fp32 K block means (selection), bit-identical to quant.nvfp4.
+
+Outputs (contract layouts, see layouts/prefill.py):
+    Qp [B,Sq,Hq,D/2] u8, Qs [B,Sq,Hq,D/16] u8 (E4M3 bits)      = nvfp4.quantize(q, dim=-1)
+    Kp [B,Skv,Hkv,D/2], Ks [B,Skv,Hkv,D/16]                      = nvfp4.quantize(k, dim=-1)
+    Vp [B,Hkv,D,Skv_pad/2], Vs [B,Hkv,D,Skv_pad/16] (Skv_pad = round_up(Skv, 64), zero padded)
+                                                                 = nvfp4.quantize(pad(v).permute(0,2,3,1), dim=-1)
+    Kmean [B, nkb, Hkv, D] fp32: mean of each 64-key block over its valid keys.
+
+Work split of the single 1-D launch (one thread per item, 128 threads per CTA):
+    items [0, nQ)            one 16-element Q group (b, s, h, g)
+    items [nQ, nQ+nK)        one 16-element K group
+    items [nQ+nK, +nV)       one (b, hkv, d, key block): the 4 V groups of 16 keys of that block at dim d
+                             (threads adjacent in d -> coalesced reads of V), and the K mean at (b, kb, hkv, d).
+Numerics (fp32): scale = E4M3_RNE(amax/6) with saturation at 448 (cvt.rn.satfinite), code = E2M1_RNE(x/scale)
+by true division, sign kept for values rounding to 0; scale 0 -> codes 0; a group with NaN/Inf gets scale
+0x7F (NaN) and codes 0.
+"""
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Uint8, Uint32, const_expr
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import T, dsl_user_op
+
+THREADS = 128
+BLOCK = 64
+
+
+def _asm(ret, args, text, cons):
+    return llvm.inline_asm(ret, args, text, cons, has_side_effects=False, is_align_stack=False,
+                           asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
+@dsl_user_op
+def _e4m3_byte(x, *, loc=None, ip=None):
+    """(E4M3 RNE satfinite code of x as u32, its fp32 value)."""
+    res = _asm(llvm.StructType.get_literal([T.i32(), T.f32()]), [Float32(x).ir_value(loc=loc, ip=ip)],
+               "{\n\t.reg .b16 e;\n\t.reg .b32 h2;\n\t.reg .f16 h;\n\t"
+               "cvt.rn.satfinite.e4m3x2.f32 e, $2, $2;\n\t"
+               "cvt.u32.u16 $0, e;\n\tand.b32 $0, $0, 255;\n\t"
+               "cvt.rn.f16x2.e4m3x2 h2, e;\n\tmov.b32 {h, _}, h2;\n\tcvt.f32.f16 $1, h;\n\t}",
+               "=r,=f,f")
+    return (Uint32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip)),
+            Float32(llvm.extractvalue(T.f32(), res, [1], loc=loc, ip=ip)))
+
+
+@dsl_user_op
+def _e2m1_code(y, *, loc=None, ip=None) -> Uint32:
+    """E2M1 code (0..15) of y: RNE on |y| (ties to even code), saturating at 6, sign bit kept."""
+    return Uint32(_asm(
+        T.i32(), [Float32(y).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .f32 a;\n\t.reg .pred p;\n\t.reg .b32 c, s;\n\t"
+        "abs.f32 a, $1;\n\tmov.b32 c, 0;\n\t"
+        "setp.gt.f32 p, a, 0f3E800000;\n\t@p add.u32 c, c, 1;\n\t"   # > 0.25
+        "setp.ge.f32 p, a, 0f3F400000;\n\t@p add.u32 c, c, 1;\n\t"   # >= 0.75
+        "setp.gt.f32 p, a, 0f3FA00000;\n\t@p add.u32 c, c, 1;\n\t"   # > 1.25
+        "setp.ge.f32 p, a, 0f3FE00000;\n\t@p add.u32 c, c, 1;\n\t"   # >= 1.75
+        "setp.gt.f32 p, a, 0f40200000;\n\t@p add.u32 c, c, 1;\n\t"   # > 2.5
+        "setp.ge.f32 p, a, 0f40600000;\n\t@p add.u32 c, c, 1;\n\t"   # >= 3.5
+        "setp.gt.f32 p, a, 0f40A00000;\n\t@p add.u32 c, c, 1;\n\t"   # > 5
+        "mov.b32 s, $1;\n\tshr.u32 s, s, 28;\n\tand.b32 s, s, 8;\n\tor.b32 $0, c, s;\n\t}",
+        "=r,f"))
+
+
+class QuantKernel:
+    """Static config: dtype (Float16/BFloat16) and head_dim."""
+
+    def __init__(self, dtype, head_dim: int):
+        self.dtype = dtype
+        self.D = head_dim
+
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQp: cute.Tensor, mQs: cute.Tensor,
+                 mKp: cute.Tensor, mKs: cute.Tensor, mVp: cute.Tensor, mVs: cute.Tensor, mKm: cute.Tensor,
+                 stream):
+        D = self.D
+        G = D // 16
+        nQ = mQ.shape[0] * mQ.shape[1] * mQ.shape[2] * G
+        nK = mK.shape[0] * mK.shape[1] * mK.shape[2] * G
+        nkb = cute.ceil_div(mK.shape[1], BLOCK)
+        nV = mK.shape[0] * mK.shape[2] * D * nkb
+        total = nQ + nK + nV
+        self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mKm, nQ, nK, nV).launch(
+            grid=(cute.ceil_div(total, THREADS), 1, 1), block=(THREADS, 1, 1), stream=stream)
+
+    @cute.jit
+    def quant16(self, vals: cute.Tensor, pk: cute.Tensor, sc: cute.Tensor):
+        """Quantize 16 fp32 values -> pk[0..7] packed bytes, sc[0] E4M3 scale byte."""
+        amax = Float32(0.0)
+        for i in cutlass.range_constexpr(16):
+            v = vals[i]
+            amax = cute.arch.fmax(amax, cute.arch.fmax(v, -v), nan=True)
+        finite = amax < Float32.inf  # False for NaN / Inf
+        code, s = _e4m3_byte(amax / Float32(6.0))
+        ok = finite & (s > Float32(0.0))
+        div = s if ok else Float32(1.0)
+        for i in cutlass.range_constexpr(8):
+            lo = _e2m1_code(vals[2 * i] / div)
+            hi = _e2m1_code(vals[2 * i + 1] / div)
+            pk[i] = Uint8(lo | (hi << Uint32(4))) if ok else Uint8(0)
+        sc[0] = Uint8(code) if finite else Uint8(0x7F)
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQp: cute.Tensor, mQs: cute.Tensor,
+               mKp: cute.Tensor, mKs: cute.Tensor, mVp: cute.Tensor, mVs: cute.Tensor, mKm: cute.Tensor,
+               nQ: Int32, nK: Int32, nV: Int32):
+        D = self.D
+        G = D // 16
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        item = bidx * THREADS + tidx
+        vals = cute.make_rmem_tensor((16,), Float32)
+        raw = cute.make_rmem_tensor((16,), self.dtype)
+        pk = cute.make_rmem_tensor((8,), Uint8)
+        sc = cute.make_rmem_tensor((1,), Uint8)
+        if item < nQ + nK:
+            isq = item < nQ
+            it = item if isq else item - nQ
+            S = mQ.shape[1] if isq else mK.shape[1]
+            H = mQ.shape[2] if isq else mK.shape[2]
+            g = it % G
+            r = it // G
+            h = r % H
+            r = r // H
+            s = r % S
+            b = r // S
+            if isq:
+                cute.autovec_copy(cute.local_tile(mQ[b, s, h, None], (16,), (g,)), raw)
+            if not isq:
+                cute.autovec_copy(cute.local_tile(mK[b, s, h, None], (16,), (g,)), raw)
+            vals.store(raw.load().to(Float32))
+            self.quant16(vals, pk, sc)
+            if isq:
+                cute.autovec_copy(pk, cute.local_tile(mQp[b, s, h, None], (8,), (g,)))
+                mQs[b, s, h, g] = sc[0]
+            if not isq:
+                cute.autovec_copy(pk, cute.local_tile(mKp[b, s, h, None], (8,), (g,)))
+                mKs[b, s, h, g] = sc[0]
+        if item >= nQ + nK and item < nQ + nK + nV:
+            it = item - nQ - nK
+            Skv = mK.shape[1]
+            Hkv = mK.shape[2]
+            nkb = cute.ceil_div(Skv, BLOCK)
+            d = it % D
+            r = it // D
+            kb = r % nkb
+            r = r // nkb
+            h = r % Hkv
+            b = r // Hkv
+            key0 = kb * BLOCK
+            n_valid = cutlass.min(Skv - key0, BLOCK)
+            ksum = Float32(0.0)
+            for grp in cutlass.range_constexpr(BLOCK // 16):
+                for i in cutlass.range_constexpr(16):
+                    key = key0 + grp * 16 + i
+                    vals[i] = Float32(0.0)
+                    if key < Skv:
+                        vals[i] = Float32(mV[b, key, h, d])
+                        ksum = ksum + Float32(mK[b, key, h, d])
+                self.quant16(vals, pk, sc)
+                for i in cutlass.range_constexpr(8):
+                    mVp[b, h, d, kb * (BLOCK // 2) + grp * 8 + i] = pk[i]
+                mVs[b, h, d, kb * (BLOCK // 16) + grp] = sc[0]
+            mKm[b, kb, h, d] = ksum / Float32(n_valid)
+
+
+def fake_args(dtype, head_dim: int):
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    D = head_dim
+    B, Sq, Skv, Hq, Hkv, nkb = (cute.sym_int() for _ in range(6))
+    skp2, skp16 = cute.sym_int(divisibility=32), cute.sym_int(divisibility=4)
+
+    def t(dt, shape, align=16):
+        return make_fake_compact_tensor(dt, shape, stride_order=tuple(range(len(shape) - 1, -1, -1)), assumed_align=align)
+
+    u8 = cutlass.Uint8
+    return (t(dtype, (B, Sq, Hq, D)), t(dtype, (B, Skv, Hkv, D)), t(dtype, (B, Skv, Hkv, D)),
+            t(u8, (B, Sq, Hq, D // 2)), t(u8, (B, Sq, Hq, D // 16)),
+            t(u8, (B, Skv, Hkv, D // 2)), t(u8, (B, Skv, Hkv, D // 16)),
+            t(u8, (B, Hkv, D, skp2)), t(u8, (B, Hkv, D, skp16)),
+            t(Float32, (B, nkb, Hkv, D)), make_fake_stream())
+
+
+def compile_quant(dtype, head_dim: int):
+    return cute.compile(QuantKernel(dtype, head_dim), *fake_args(dtype, head_dim))

@@ -1,0 +1,114 @@
+"""GPU tests of the fused prefill (kernels.thrift_attention) against kernels.reference.thrift_attention_ref.
+
+Same inputs and the same selection for both; outputs poisoned (NaN) before the kernel writes; relative L2 <= 2e-3.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+TOL = 2e-3
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _run(B, Sq, Skv, Hq, Hkv, D, dtype, causal, budget, seed, schedule=None, check_lse=True):
+    from kernels.interface import _run_prefill
+    from kernels.reference import thrift_attention_ref
+    from kernels.schedules import get_schedule
+    from kernels.selection import select_blocks
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, Sq, Hq, D, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dtype, generator=g)
+    sel = select_blocks(q, k, budget=budget, causal=causal)
+    scale = 1.0 / math.sqrt(D)
+    # poisoned outputs: anything the kernel fails to write stays NaN
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((B, Hq, Sq), float("nan"), device="cuda")
+    _run_prefill(q, k, v, sel.to(torch.int32).contiguous(), causal, scale, get_schedule(schedule), "nvfp4",
+                 out=out, lse=lse)
+    ref, ref_lse = thrift_attention_ref(q, k, v, causal=causal, selected=sel, return_lse=True)
+    assert not torch.isnan(out).any(), "NaN in output (unwritten or poisoned)"
+    assert not torch.isnan(lse).any(), "NaN in LSE (unwritten)"
+    err = _rel(out, ref)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(fin, torch.isfinite(lse)), "LSE -inf pattern differs"
+    lerr = (lse[fin] - ref_lse[fin]).abs().max().item() if fin.any() else 0.0
+    print(f"B={B} Sq={Sq} Skv={Skv} Hq={Hq} Hkv={Hkv} D={D} {dtype} causal={causal} budget={budget} "
+          f"seed={seed}: relL2={err:.2e} lse_maxabs={lerr:.2e}")
+    assert err <= TOL, f"relative L2 {err:.3e} > {TOL}"
+    if check_lse:
+        assert lerr <= 1e-3
+
+
+_CFGS = [(dt, D, c) for dt in (torch.float16, torch.bfloat16) for D in (64, 128) for c in (True, False)]
+_IDS = [f"{'fp16' if dt == torch.float16 else 'bf16'}_d{D}_{'causal' if c else 'full'}" for dt, D, c in _CFGS]
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.05, 0.25, 1.0])
+@pytest.mark.parametrize("cfg", _CFGS, ids=_IDS)
+def test_prefill_matches_reference(cfg, budget, rng_seed):
+    dtype, D, causal = cfg
+    # GQA 4:1, lengths not multiples of 64, Sq != Skv (bottom-right causal)
+    _run(2, 333, 517, 8, 2, D, dtype, causal, budget, rng_seed)
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.05])
+def test_prefill_long_32k(budget, rng_seed):
+    _run(1, 32768 + 17, 32768 + 17, 4, 1, 128, torch.bfloat16, True, budget, rng_seed)
+
+
+@pytest.mark.parametrize("schedule", ["m64_w4_s3", "m64_w4_s2_allmask"])
+def test_prefill_schedules(schedule, rng_seed):
+    _run(1, 200, 300, 4, 4, 128, torch.float16, True, 0.25, rng_seed, schedule=schedule)
+
+
+def test_prefill_mqa_fully_masked_rows(rng_seed):
+    # Sq > Skv causal: the first Sq - Skv rows see no key -> O = 0, LSE = -inf
+    _run(1, 300, 100, 4, 1, 64, torch.float16, True, 0.05, rng_seed)
+
+
+def test_public_entry_and_compile(rng_seed):
+    import kernels
+
+    torch.manual_seed(rng_seed)
+    q = torch.randn(1, 256, 4, 128, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 256, 2, 128, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, 256, 2, 128, device="cuda", dtype=torch.float16)
+    o, lse = kernels.thrift_attention(q, k, v, budget=0.05, return_lse=True)
+    from kernels.reference import thrift_attention_ref
+
+    ref = thrift_attention_ref(q, k, v, budget=0.05)
+    assert _rel(o, ref) <= TOL
+    f = torch.compile(lambda a, b, c: kernels.thrift_attention(a, b, c, budget=0.05), fullgraph=True)
+    assert _rel(f(q, k, v), ref) <= TOL
+
+
+def test_quant_kernel_bit_exact(rng_seed):
+    from kernels.interface import quantize_for_prefill
+    from kernels.selection import block_means
+    from quant import nvfp4
+
+    torch.manual_seed(rng_seed)
+    q = torch.randn(2, 100, 4, 128, device="cuda", dtype=torch.bfloat16) * 3
+    k = torch.randn(2, 130, 2, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 130, 2, 128, device="cuda", dtype=torch.bfloat16)
+    q[0, 0, 0, :16] = 0  # zero group
+    q[0, 1, 0, :16] = 1e-6  # underflowing group
+    Qp, Qs, Kp, Ks, Vp, Vs, Km = quantize_for_prefill(q, k, v)
+    rq = nvfp4.quantize(q, dim=-1)
+    rk = nvfp4.quantize(k, dim=-1)
+    vpad = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 192 - 130))
+    rv = nvfp4.quantize(vpad.permute(0, 2, 3, 1), dim=-1)
+    assert torch.equal(Qp, rq.packed) and torch.equal(Qs, rq.scales.view(torch.uint8))
+    assert torch.equal(Kp, rk.packed) and torch.equal(Ks, rk.scales.view(torch.uint8))
+    assert torch.equal(Vp, rv.packed) and torch.equal(Vs, rv.scales.view(torch.uint8))
+    assert torch.allclose(Km, block_means(k), rtol=1e-6, atol=1e-6)
