@@ -218,3 +218,57 @@ def rows_from(iterable: Iterable[dict]) -> List[dict]:
         d.update({k: v for k, v in r.items() if k not in d})
         out.append(d)
     return out
+
+
+def recompute_speedups(rows: List[dict], baseline: str = "fa2-sdpa") -> List[dict]:
+    """speedup_vs_fa2 = time of `baseline` on the same (mode, shape) / row time (after merging runs)."""
+    ref = {(r["mode"], r["shape"]): r["ms"] for r in rows
+           if r.get("variant") == baseline and r.get("status") == "ok" and r.get("ms")}
+    for r in rows:
+        t = ref.get((r.get("mode"), r.get("shape")))
+        r["speedup_vs_fa2"] = (t / r["ms"]) if (t and r.get("ms") and r.get("status") == "ok") else None
+    return rows
+
+
+def merge(paths: Sequence[str], out_dir: str, *, plots: bool = True) -> Dict[str, str]:
+    """Merge several results.json (e.g. baselines and thrift run in separate processes) into one report."""
+    rows: List[dict] = []
+    metas = []
+    for pth in paths:
+        if os.path.isdir(pth):
+            pth = os.path.join(pth, "results.json")
+        if not os.path.exists(pth):
+            print(f"[report] {pth} missing: skipped")
+            continue
+        with open(pth) as f:
+            data = json.load(f)
+        rows += data.get("rows", [])
+        metas.append(dict(data.get("meta", {}), source=pth))
+    if not rows:
+        raise ValueError(f"paths: no rows found in {list(paths)}")
+    order = {"prefill": 0, "decode": 1}
+    rows.sort(key=lambda r: (order.get(r.get("mode"), 2), r.get("sq") or 0, r.get("skv") or 0,
+                             r.get("family") != "baseline", r.get("variant") or ""))
+    rows = recompute_speedups(rows_from(rows))
+    return write_all(rows, out_dir, {"merged_from": metas}, plots=plots)
+
+
+def main(argv=None) -> int:
+    """`python -m harness.report merge A B ... --out DIR`: merge results and redraw table/CSV/plots."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m harness.report")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge results.json files (or folders) into one report")
+    m.add_argument("inputs", nargs="+")
+    m.add_argument("--out", required=True)
+    m.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    merge(args.inputs, args.out, plots=not args.no_plots)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

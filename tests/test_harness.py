@@ -162,6 +162,22 @@ def test_table_json_csv_roundtrip(tmp_path):
     assert float(got[1]["rel_l2"]) == pytest.approx(2e-2)
 
 
+def test_merge_recomputes_speedups(tmp_path):
+    rows = _rows()
+    base = [r for r in rows if r["family"] == "baseline"]
+    thr = [dict(r, speedup_vs_fa2=None) for r in rows if r["family"] == "thrift"]
+    report.write_json(str(tmp_path / "a.json"), base)
+    report.write_json(str(tmp_path / "b.json"), thr)
+    report.merge([str(tmp_path / "a.json"), str(tmp_path / "b.json")], str(tmp_path / "m"), plots=False)
+    merged = report.load_rows(str(tmp_path / "m" / "results.json"))
+    assert len(merged) == len(rows)
+    for r in merged:
+        if r["variant"] == "thrift-f0.05":
+            assert r["speedup_vs_fa2"] == pytest.approx(1.0 / 0.7)
+    with pytest.raises(ValueError, match="paths"):
+        report.merge([str(tmp_path / "nothing.json")], str(tmp_path / "x"), plots=False)
+
+
 def test_plots_written_or_reason(tmp_path):
     files = report.write_all(_rows(), str(tmp_path), plots=True, echo=False)
     try:

@@ -64,8 +64,13 @@ if [ -z "${MATCH+x}" ]; then
     *) MATCH= ;;
   esac
 fi
+# the full range path <variant>/<phase>/<shape>/ (the shape tag as harness.nvtx_ranges.shape_tag writes it);
+# SHORT=1 filters on "<variant>/<phase>/" only (any shape)
+IFS=, read -r B SQ SKV HQ HKV D <<< "$SHAPE"
+TAG="b${B}_sq${SQ}_skv${SKV}_h${HQ}_kv${HKV}_d${D}_${CAUSAL_TAG:-c}"
+if [ "${SHORT:-0}" = 1 ]; then NVTX_PATH="${VARIANT}/${PHASE}/"; else NVTX_PATH="${VARIANT}/${PHASE}/${TAG}/"; fi
 FILTER=()
-[ "${NVTX:-1}" = 1 ] && FILTER+=(--nvtx --nvtx-include "${VARIANT}/${PHASE}/")
+[ "${NVTX:-1}" = 1 ] && FILTER+=(--nvtx --nvtx-include "$NVTX_PATH")
 [ -n "$MATCH" ] && FILTER+=(-k "regex:${MATCH}")
 FILTER+=(-c 1)
 REP="$OUTDIR/${Q}_${VARIANT}_${MODE}"
