@@ -315,24 +315,33 @@ def collect(archs: Sequence[str] = DEFAULT_ARCHS, *, kernels: Optional[Sequence[
     return rows
 
 
+def short_entry(entry: str) -> str:
+    """Readable kernel name from the DSL's mangled entry, e.g. 'ThriftDecodeCombine' or 'demo_gemm_kernel'."""
+    m = re.match(r"kernel_cutlass_(?:kernel_)?(.*?)(?:_object_at_|_tensor|$)", entry or "")
+    name = m.group(1) if m else (entry or "")
+    name = re.sub(r"^kernels(?:prefill|decode|fp4_mma_sm120)?", "", name).lstrip("_")
+    return name[:40] or (entry or "")[:40]
+
+
 def _short_mma(name: str) -> str:
     return name.replace("mma.sync.aligned.", "").replace("wgmma.mma_async.sync.aligned.", "wgmma.")
 
 
 def format_rows(rows: Sequence[dict]) -> str:
     """Text table: one line per (arch, kernel, schedule, entry) plus its MMA mix."""
-    cols = ["arch", "kernel", "schedule", "thr", "regs", "spill st/ld", "stack", "smem KB (st+dyn)",
+    cols = ["arch", "kernel", "schedule", "entry", "thr", "regs", "spill st/ld", "stack", "smem KB (st+dyn)",
             "CTAs/SM (limiter)", "occ%", "status"]
     lines = []
     body = []
     for r in rows:
         if r.get("status") != "ok":
-            body.append([r.get("arch", ""), r.get("kernel", ""), r.get("schedule", ""), "", "", "", "", "", "", "",
+            body.append([r.get("arch", ""), r.get("kernel", ""), r.get("schedule", ""), "", "", "", "", "", "", "", "",
                          f"{r.get('status')}: {r.get('note', '')}"[:120]])
             continue
         st, dy = r.get("smem_static") or 0, r.get("smem_dynamic")
         smem = f"{(st + (dy or 0)) / 1024:.1f} ({st}+{dy if dy is not None else '?'})"
-        body.append([r["arch"], r["kernel"], r["schedule"], str(r.get("threads")), str(r.get("registers")),
+        body.append([r["arch"], r["kernel"], r["schedule"], short_entry(r.get("entry", "")), str(r.get("threads")),
+                     str(r.get("registers")),
                      f"{r.get('spill_stores')}/{r.get('spill_loads')}", str(r.get("stack_bytes")), smem,
                      f"{r.get('ctas_per_sm', '?')} ({r.get('limiter', '?')})", str(r.get("occupancy_pct", "?")),
                      "ok"])
@@ -343,7 +352,6 @@ def format_rows(rows: Sequence[dict]) -> str:
         lines.append("  ".join(x.ljust(w) for x, w in zip(b, widths)))
         if r.get("status") == "ok":
             mix = ", ".join(f"{_short_mma(k)} x{v}" for k, v in (r.get("mma_mix") or {}).items()) or "no MMA"
-            lines.append(f"    entry {r.get('entry', '')[:90]}")
             lines.append(f"    MMA: {mix}")
             if r.get("other_mix"):
                 lines.append("    other: " + ", ".join(f"{k} x{v}" for k, v in r["other_mix"].items()))
