@@ -31,7 +31,7 @@ from cutlass import Float32, Int32, Int64, Uint32, const_expr
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from .arch_paths import e2m1_rne, e4m3_rne, ex2, fp4x8_decode
+from .arch_paths import e2m1_rne, e4m3_rne, ex2
 from .kv_cache import tile_bytes
 
 LOG2E = math.log2(math.e)
@@ -135,6 +135,54 @@ def lg2(x, *, loc=None, ip=None) -> Float32:
                         loc=loc, ip=ip))
 
 
+@dsl_user_op
+def fp4x8_f16(w, s2, *, loc=None, ip=None):
+    """8 packed E2M1 codes (element i in nibble i of w) times a half2 scale s2 -> 4 f16x2 words (elements 2k,
+    2k+1 in word k). A leaner fp16-only variant of arch_paths.fp4x8_decode (19 instructions per word; the scale
+    is converted once per group by the caller): prmt table lookup of the magnitude's high byte, sign bits
+    merged with two more prmts, interleave with zero low bytes, then one exact f16x2 multiply per pair."""
+    text = (
+        "{\n\t.reg .b32 m, x, h0, h1, se, so, g0, g1;\n\t"
+        "and.b32 m, $4, 0x77777777;\n\t"
+        "prmt.b32 h0, 0x3E3C3800, 0x46444240, m;\n\t"
+        "shr.b32 x, m, 16;\n\t"
+        "prmt.b32 h1, 0x3E3C3800, 0x46444240, x;\n\t"
+        "shl.b32 se, $4, 4;\n\tand.b32 se, se, 0x80808080;\n\tand.b32 so, $4, 0x80808080;\n\t"
+        "prmt.b32 g0, se, so, 0x5140;\n\tprmt.b32 g1, se, so, 0x7362;\n\t"
+        "or.b32 h0, h0, g0;\n\tor.b32 h1, h1, g1;\n\t"
+        "prmt.b32 $0, h0, 0, 0x1404;\n\tprmt.b32 $1, h0, 0, 0x3424;\n\t"
+        "prmt.b32 $2, h1, 0, 0x1404;\n\tprmt.b32 $3, h1, 0, 0x3424;\n\t"
+        "mul.rn.f16x2 $0, $0, $5;\n\tmul.rn.f16x2 $1, $1, $5;\n\tmul.rn.f16x2 $2, $2, $5;\n\t"
+        "mul.rn.f16x2 $3, $3, $5;\n\t}"
+    )
+    res = _asm(llvm.StructType.get_literal([T.i32()] * 4),
+               [Uint32(w).ir_value(loc=loc, ip=ip), Uint32(s2).ir_value(loc=loc, ip=ip)],
+               text, "=r,=r,=r,=r,r,r", loc=loc, ip=ip)
+    return _words(res, 4, loc, ip)
+
+
+@dsl_user_op
+def e4m3_bcast_f16(word, i: int, *, loc=None, ip=None) -> Uint32:
+    """Byte i of `word` (an E4M3 code) as an f16x2 (s, s) (exact)."""
+    sel = 0x4400 | (i << 4) | i
+    return Uint32(_asm(T.i32(), [Uint32(word).ir_value(loc=loc, ip=ip)],
+                       "{\n\t.reg .b32 t;\n\t.reg .b16 h;\n\t"
+                       f"prmt.b32 t, $1, 0, {sel};\n\tcvt.u16.u32 h, t;\n\tcvt.rn.f16x2.e4m3x2 $0, h;\n\t}}",
+                       "=r,r", loc=loc, ip=ip))
+
+
+@dsl_user_op
+def unpack2(w, is_bf16: bool, *, loc=None, ip=None):
+    """A 16-bit pair (f16x2 or bf16x2) -> two fp32 (low element first)."""
+    if is_bf16:
+        text = "{\n\t.reg .b32 a, c;\n\tshl.b32 a, $2, 16;\n\tand.b32 c, $2, 0xffff0000;\n\tmov.b32 $0, a;\n\tmov.b32 $1, c;\n\t}"
+    else:
+        text = "{\n\t.reg .f16 l, h;\n\tmov.b32 {l, h}, $2;\n\tcvt.f32.f16 $0, l;\n\tcvt.f32.f16 $1, h;\n\t}"
+    res = _asm(llvm.StructType.get_literal([T.f32()] * 2), [Uint32(w).ir_value(loc=loc, ip=ip)], text, "=f,=f,r",
+               loc=loc, ip=ip)
+    return [Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(2)]
+
+
 def _bfly_max(x, off):
     return cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=off))
 
@@ -154,7 +202,7 @@ class ThriftDecodeSplitKV:
     """Split-KV decode kernel for one (head_dim, group size G, dtype) configuration.
 
     Tensors (contiguous): tiles uint8 [B, NBLK, Hkv, 72D]; k16, v16 [B, CAP, Hkv, D] (input dtype);
-    q4 fp16 [B, Hq, D] (dq(NVFP4(q)), exact in fp16); q16 [B, Hq, D] input dtype; flags uint8 [B, Hkv, NBLK]
+    q16 [B, Hq, D] input dtype (NVFP4-quantized in the kernel for the FP4 tiles); flags uint8 [B, Hkv, NBLK]
     (1 = read this block from the FP16 cache); lens int32 [B]; o_part fp32 [B, Hq, NS, D]; lse_part fp32
     [B, Hq, NS]. Scalars: scale_log2 = softmax_scale * log2(e); tiles_per_split.
     """
@@ -170,17 +218,17 @@ class ThriftDecodeSplitKV:
         self.path = fp4_math_path(arch)
 
     @cute.jit
-    def __call__(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor, mQ4: cute.Tensor,
+    def __call__(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor,
                  mQ16: cute.Tensor, mFlags: cute.Tensor, mLens: cute.Tensor, mOp: cute.Tensor, mLse: cute.Tensor,
                  scale_log2: Float32, tiles_per_split: Int32, stream):
         B = mLens.shape[0]
         hkv = mTiles.shape[2]
         nsplit = mLse.shape[2]
-        self.kernel(mTiles, mK16, mV16, mQ4, mQ16, mFlags, mLens, mOp, mLse, scale_log2, tiles_per_split).launch(
+        self.kernel(mTiles, mK16, mV16, mQ16, mFlags, mLens, mOp, mLse, scale_log2, tiles_per_split).launch(
             grid=(nsplit, hkv, B), block=(32, 1, 1), smem=2 * self.TB + 128, stream=stream)
 
     @cute.kernel
-    def kernel(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor, mQ4: cute.Tensor,
+    def kernel(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor,
                mQ16: cute.Tensor, mFlags: cute.Tensor, mLens: cute.Tensor, mOp: cute.Tensor, mLse: cute.Tensor,
                scale_log2: Float32, tiles_per_split: Int32):
         D, G, NG, TB, bf = self.D, self.G, self.NG, self.TB, self.is_bf16
@@ -193,7 +241,7 @@ class ThriftDecodeSplitKV:
         NBLK = mTiles.shape[1]
         CAP = mK16.shape[1]
         HKV = mTiles.shape[2]
-        HQ = mQ4.shape[1]
+        HQ = mQ16.shape[1]
         NS = mLse.shape[2]
         L = mLens[b]
 
@@ -203,19 +251,36 @@ class ThriftDecodeSplitKV:
         g_tiles = mTiles.iterator.toint()
         g_k16 = mK16.iterator.toint()
         g_v16 = mV16.iterator.toint()
-        g_q4 = mQ4.iterator.toint()
         g_q16 = mQ16.iterator.toint()
 
-        # ---- query fragments (B operand of S^T = K Q^T): head g = 8*ng + r, channels t*D/4 + 4*kc + 0..3
+        # ---- query fragments (B operand of S^T = K Q^T): head g = 8*ng + r, channels t*D/4 + 4*kc + 0..3.
+        # dq(NVFP4(q)) computed here: this lane's D/4 channels are whole 16-channel groups, so it quantizes them
+        # alone, with the codec's numerics (scale = E4M3_RNE(amax/6), code = E2M1_RNE(|x|/scale) by fp32 true
+        # division, sign kept); the values are exact in fp16.
         qf4 = cute.make_rmem_tensor((NG, NKC, 2), Uint32)
         for ng in cutlass.range_constexpr(NG):
             g = 8 * ng + r
-            hq = hk * G + g
+            off = (Int64(b) * HQ + hk * G + g) * D + t * (D // 4)
+            qw = []
+            for v in cutlass.range_constexpr(D // 32):
+                qw += ldg4_pred(g_q16 + off * 2 + 16 * v, Int32(g < G))
+            xs = []
+            for w in qw:
+                xs += unpack2(w, bf)
+            dq = [None] * (D // 4)
+            for grp in cutlass.range_constexpr(D // 64):
+                amax = Float32(0.0)
+                for i in cutlass.range_constexpr(16):
+                    amax = cute.arch.fmax(amax, abs(xs[16 * grp + i]))
+                sc = e4m3_rne(amax / Float32(6.0))
+                sc_div = cute.arch.fmax(sc, Float32(1e-30))  # scale 0 -> codes saturate, times sc = 0 -> zeros
+                for i in cutlass.range_constexpr(16):
+                    x = xs[16 * grp + i]
+                    val = e2m1_rne(abs(x) / sc_div) * sc
+                    dq[16 * grp + i] = -val if x < Float32(0.0) else val
             for kc in cutlass.range_constexpr(NKC):
-                off = (Int64(b) * HQ + hq) * D + t * (D // 4) + 4 * kc
-                w = ldg2_pred(g_q4 + off * 2, Int32(g < G))
-                qf4[ng, kc, 0] = w[0]
-                qf4[ng, kc, 1] = w[1]
+                qf4[ng, kc, 0] = pack2(dq[4 * kc], dq[4 * kc + 1], False)
+                qf4[ng, kc, 1] = pack2(dq[4 * kc + 2], dq[4 * kc + 3], False)
 
         # ---- running state per (ng, column e): head 8*ng + 2*t + e
         m_run = cute.make_rmem_tensor((NG, 2), Float32)
@@ -308,7 +373,10 @@ class ThriftDecodeSplitKV:
                 j = 2 * c + h
                 kw = lds(sb + (j * 32 + lane) * (D // 8), KW)
                 for w in cutlass.range_constexpr(KW):
-                    hs = fp4x8_decode(kw[w], _byte(ks, j * (D // 64) + w // 2), False)
+                    sbi = j * (D // 64) + w // 2  # scale byte of this word's group
+                    if const_expr(w % 2 == 0):
+                        s2 = e4m3_bcast_f16(ks[sbi // 4], sbi % 4)
+                    hs = fp4x8_f16(kw[w], s2)
                     for k in cutlass.range_constexpr(4):
                         a[2 * w + k // 2][h + 2 * (k % 2)] = hs[k]
             for ng in cutlass.range_constexpr(NG):
@@ -355,9 +423,10 @@ class ThriftDecodeSplitKV:
         vsw = lds(sb + VS_OFF + lane * (D // 8), D // 32)
         for dt in cutlass.range_constexpr(NKC):
             vw = lds(sb + V_OFF + (dt * 32 + lane) * 16, 4)
-            h0 = list(fp4x8_decode(vw[0], _byte(vsw, 2 * dt), False)) + list(fp4x8_decode(vw[1], _byte(vsw, 2 * dt), False))
-            h1 = list(fp4x8_decode(vw[2], _byte(vsw, 2 * dt + 1), False)) + list(
-                fp4x8_decode(vw[3], _byte(vsw, 2 * dt + 1), False))
+            s0 = e4m3_bcast_f16(vsw[(2 * dt) // 4], (2 * dt) % 4)
+            s1 = e4m3_bcast_f16(vsw[(2 * dt + 1) // 4], (2 * dt + 1) % 4)
+            h0 = fp4x8_f16(vw[0], s0) + fp4x8_f16(vw[1], s0)
+            h1 = fp4x8_f16(vw[2], s1) + fp4x8_f16(vw[3], s1)
             for ng in cutlass.range_constexpr(NG):
                 acc = [Float32(0.0)] * 4
                 for c in cutlass.range_constexpr(4):
@@ -456,39 +525,73 @@ class ThriftDecodeSplitKV:
 
 class ThriftDecodeCombine:
     """Merge the splits: O = sum_s w_s O_s / sum_s w_s with w_s = exp(lse_s - max lse); LSE = max + log(sum w).
-    One CTA of D threads per (query head, sequence); splits with lse = -inf contribute nothing."""
+    One CTA of 512 threads per (query head, sequence): the LSE max is a block reduction; then R = 512/D rows of
+    threads each sum every R-th split (coalesced over d, several loads in flight), and a shared-memory pass adds
+    the R partial sums. Splits with lse = -inf (no tiles) contribute nothing."""
+
+    NT = 512
 
     def __init__(self, head_dim: int, is_bf16: bool):
         self.D, self.is_bf16 = head_dim, bool(is_bf16)
 
     @cute.jit
     def __call__(self, mOp: cute.Tensor, mLse: cute.Tensor, mO: cute.Tensor, mLseOut: cute.Tensor, stream):
-        self.kernel(mOp, mLse, mO, mLseOut).launch(grid=(mOp.shape[1], mOp.shape[0], 1), block=(self.D, 1, 1),
-                                                   stream=stream)
+        R = self.NT // self.D
+        smem_bytes = 4 * (self.NT // 32 + R * self.D + R) + 3 * 128
+        self.kernel(mOp, mLse, mO, mLseOut).launch(grid=(mOp.shape[1], mOp.shape[0], 1), block=(self.NT, 1, 1),
+                                                   smem=smem_bytes, stream=stream)
 
     @cute.kernel
     def kernel(self, mOp: cute.Tensor, mLse: cute.Tensor, mO: cute.Tensor, mLseOut: cute.Tensor):
-        d, _, _ = cute.arch.thread_idx()
+        D, NT = self.D, self.NT
+        R, NW = NT // D, NT // 32
+        tid, _, _ = cute.arch.thread_idx()
         hq, b, _ = cute.arch.block_idx()
+        lane = tid % 32
+        warp = tid // 32
         NS = mLse.shape[2]
+        smem = cutlass.utils.SmemAllocator()
+        s_red = smem.allocate_tensor(Float32, cute.make_layout(NW), byte_alignment=16)
+        s_acc = smem.allocate_tensor(Float32, cute.make_layout(R * D), byte_alignment=16)
+        s_w = smem.allocate_tensor(Float32, cute.make_layout(R), byte_alignment=16)
         mx = -Float32.inf
-        for s in cutlass.range(NS, unroll=1):
+        for s in cutlass.range(tid, NS, NT, unroll=1):
             mx = cute.arch.fmax(mx, mLse[b, hq, s])
+        for off in (16, 8, 4, 2, 1):
+            mx = _bfly_max(mx, off)
+        if lane == 0:
+            s_red[warp] = mx
+        cute.arch.sync_threads()
+        mx = s_red[0]
+        for i in cutlass.range_constexpr(1, NW):
+            mx = cute.arch.fmax(mx, s_red[i])
+        rr = tid // D
+        d = tid % D
         acc = Float32(0.0)
         wsum = Float32(0.0)
         if mx > -Float32.inf:
-            for s in cutlass.range(NS, unroll=4):
+            for s in cutlass.range(rr, NS, R, unroll=4):
                 w = ex2((mLse[b, hq, s] - mx) * Float32(LOG2E))
                 wsum = wsum + w
                 acc = acc + w * mOp[b, hq, s, d]
-        out = Float32(0.0)
-        lse = -Float32.inf
-        if wsum > Float32(0.0):
-            out = acc / wsum
-            lse = mx + lg2(wsum) * Float32(LN2)
-        mO[b, 0, hq, d] = out.to(mO.element_type)
+        s_acc[tid] = acc
         if d == 0:
-            mLseOut[b, hq] = lse
+            s_w[rr] = wsum
+        cute.arch.sync_threads()
+        if rr == 0:
+            tot = Float32(0.0)
+            wt = Float32(0.0)
+            for i in cutlass.range_constexpr(R):
+                tot = tot + s_acc[i * D + d]
+                wt = wt + s_w[i]
+            out = Float32(0.0)
+            lse = -Float32.inf
+            if wt > Float32(0.0):
+                out = tot / wt
+                lse = mx + lg2(wt) * Float32(LN2)
+            mO[b, 0, hq, d] = out.to(mO.element_type)
+            if d == 0:
+                mLseOut[b, hq] = lse
 
 
 # ------------------------------------------------------------------------------------------------ compile
@@ -505,9 +608,9 @@ def fake_args(head_dim: int, num_kv_heads: int, group: int, dtype_name: str):
                                         assumed_align=align)
 
     dec = (f(cutlass.Uint8, (B, NB, H, tile_bytes(D))), f(dt, (B, CAP, H, D)), f(dt, (B, CAP, H, D)),
-           f(cutlass.Float16, (B, HQ, D)), f(dt, (B, HQ, D)), f(cutlass.Uint8, (B, H, NB), 1),
+           f(dt, (B, HQ, D)), f(cutlass.Uint8, (B, H, NB), 1),
            f(cutlass.Int32, (B,), 4), f(cutlass.Float32, (B, HQ, NS, D)), f(cutlass.Float32, (B, HQ, NS), 4))
-    comb = (dec[7], dec[8], f(dt, (B, 1, HQ, D)), f(cutlass.Float32, (B, HQ), 4))
+    comb = (dec[6], dec[7], f(dt, (B, 1, HQ, D)), f(cutlass.Float32, (B, HQ), 4))
     return dec, comb
 
 

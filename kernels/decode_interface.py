@@ -62,11 +62,11 @@ def plan_splits(max_tiles: int, batch: int, num_kv_heads: int, num_sms: int, sch
 
 
 @torch.library.custom_op("thrift::decode_fwd", mutates_args=())
-def decode_fwd(q4: torch.Tensor, q16: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: torch.Tensor,
+def decode_fwd(q16: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: torch.Tensor,
                flags: torch.Tensor, lens: torch.Tensor, softmax_scale: float, num_splits: int,
                tiles_per_split: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-KV decode + LSE combine. q4 fp16 / q16 [B, Hq, D]; tiles/k16/v16/flags/lens from the cache.
-    Returns O [B, 1, Hq, D] (q16's dtype) and LSE fp32 [B, Hq]."""
+    """Split-KV decode + LSE combine. q16 [B, Hq, D] (NVFP4-quantized inside the kernel for the FP4 tiles);
+    tiles/k16/v16/flags/lens from the cache. Returns O [B, 1, Hq, D] (q16's dtype) and LSE fp32 [B, Hq]."""
     B, HQ, D = q16.shape
     hkv = tiles.shape[2]
     dec, comb = _get_kernels(D, hkv, HQ // hkv, q16.dtype, _arch(q16.device))
@@ -74,13 +74,13 @@ def decode_fwd(q4: torch.Tensor, q16: torch.Tensor, tiles: torch.Tensor, k16: to
     lse_part = torch.empty((B, HQ, num_splits), dtype=torch.float32, device=q16.device)
     out = torch.empty((B, 1, HQ, D), dtype=q16.dtype, device=q16.device)
     lse = torch.empty((B, HQ), dtype=torch.float32, device=q16.device)
-    dec(tiles, k16, v16, q4, q16, flags, lens, o_part, lse_part, softmax_scale * math.log2(math.e), tiles_per_split)
+    dec(tiles, k16, v16, q16, flags, lens, o_part, lse_part, softmax_scale * math.log2(math.e), tiles_per_split)
     comb(o_part, lse_part, out, lse)
     return out, lse
 
 
 @decode_fwd.register_fake
-def _(q4, q16, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split):
+def _(q16, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split):
     B, HQ, D = q16.shape
     return q16.new_empty((B, 1, HQ, D)), q16.new_empty((B, HQ), dtype=torch.float32)
 
@@ -122,11 +122,14 @@ def select_decode_blocks(q, cache: ThriftKVCache, budget: float = 0.05, selectio
     nmax = max(n_full)
     qg = q[:, 0].float().reshape(B, H, G, D)
     scores = torch.einsum("bhgd,bjhd->bhgj", qg, cache.kmean[:, :nmax]).amax(dim=2)  # [B, H, nmax]
-    lens_full = torch.tensor(n_full, device=q.device)
-    scores.masked_fill_(torch.arange(nmax, device=q.device)[None, None, :] >= lens_full[:, None, None],
-                        float("-inf"))
+    # per-sequence n_full and k on the device without host->device copies (the cache keeps the lengths there);
+    # k = clamp(floor(f*n + 0.5), 1, n) in float64, exactly topk_for_budget(n, f, causal=False)
+    n_dev = cache.lengths_tensor(q.device).long() // BLOCK
+    k_dev = torch.where(n_dev > 0, torch.minimum(torch.floor(n_dev.double() * f + 0.5).long().clamp(min=1), n_dev),
+                        torch.zeros_like(n_dev))
+    scores.masked_fill_(torch.arange(nmax, device=q.device)[None, None, :] >= n_dev[:, None, None], float("-inf"))
     idx = torch.topk(scores, kmax, dim=-1).indices  # [B, H, kmax]
-    keep = torch.arange(kmax, device=q.device)[None, None, :] < torch.tensor(ks, device=q.device)[:, None, None]
+    keep = torch.arange(kmax, device=q.device)[None, None, :] < k_dev[:, None, None]
     flags.scatter_(-1, idx, keep.to(torch.uint8).expand(B, H, kmax).contiguous())
     return flags
 
@@ -187,14 +190,11 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1], where=where)
     if flags is None:
         flags = select_decode_blocks(q, cache, budget, selection)
-    from quant import nvfp4
-
     B, H = cache.batch, cache.num_kv_heads
     q16 = q[:, 0].contiguous()
-    q4 = nvfp4.fake_quantize(q16, dim=-1).to(torch.float16)  # exact: E2M1 x E4M3 values fit fp16
     max_tiles = max(1, -(-cache.max_length // BLOCK))
     ns, tps = plan_splits(max_tiles, B, H, torch.cuda.get_device_properties(q.device).multi_processor_count,
                           schedule)
-    out, lse = decode_fwd(q4, q16, cache.tiles, cache.k16, cache.v16, flags, cache.lengths_tensor(q.device),
+    out, lse = decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, cache.lengths_tensor(q.device),
                           float(scale), ns, tps)
     return (out, lse) if return_lse else out
