@@ -128,6 +128,7 @@ class Sm90DecodePath:
     name = "sm90_decode"
     needs_decode = True
     block_scaled = False
+    tile = None
 
     def __init__(self, arch: int):
         self.arch = arch
@@ -163,23 +164,33 @@ class Sm90DecodePath:
                 cute.autovec_copy(frag, tD[None, m, k])
 
 
-def make_arch_path(arch: int):
+def make_arch_path(arch: int, head_dim: int = 128):
     """The arch path for sm_<arch> (arch = 10*major + minor).  ValueError below sm_80."""
     if arch < 80:
         raise ValueError(f"ThriftAttention prefill needs sm_80 or newer; got sm_{arch}")
     if arch in (120, 121):
-        try:
-            return Sm120BlockScaledPath(arch)
-        except Exception:  # helper block not usable -> decode path (still exact, slower)
-            return Sm90DecodePath(arch)
+        return Sm120BlockScaledPath(arch, head_dim)
     return Sm90DecodePath(arch)
 
 
 class Sm120BlockScaledPath(Sm90DecodePath):
-    """sm_120a: MmaMXF4NVF4Op for FP4 tiles (integration pending -- falls back to decoding)."""
+    """sm_120a/121a: FP4 tiles stay packed in shared memory; QK^T and P'V' run on MmaMXF4NVF4Op (16x8x64,
+    E4M3 scale per 16) through the helper ``kernels.fp4_mma_sm120.Sm120Fp4AttnTile``:
+        qf  = tile.load_q(sQ_fp4, sQs, tidx)            once per CTA (Q A-fragments + scale registers)
+        S   = tile.qk(qf, sK_fp4, sKs, tidx)            per FP4 key tile, m16n8 C layout, natural key order
+        pf  = tile.quantize_p_natural(P~, tidx)         two-level P -> FP4 A fragment + scales (contract numerics)
+        tile.pv(acc_O, pf, sV_fp4, sVs, tidx)           acc_O += P'V' (s1 folded by the kernel into its rescale)
+    The FP4 stages use the helper's swizzled byte layouts (Swizzle<B,4,3> rows; stage offsets are multiples of
+    1024 B so the swizzle commutes with the stage index).  K stays in natural key order (contract layout), so
+    the quad-transposing ``quantize_p_natural`` is used, not the permuted-K variant.
+    """
 
     name = "sm120_block_scaled"
+    needs_decode = False
+    block_scaled = True
 
-    def __init__(self, arch: int):
-        super().__init__(arch)
-        raise NotImplementedError("sm120 block-scaled path not wired yet")
+    def __init__(self, arch: int, head_dim: int):
+        Sm90DecodePath.__init__(self, arch)
+        from kernels.fp4_mma_sm120 import Sm120Fp4AttnTile
+
+        self.tile = Sm120Fp4AttnTile(head_dim, "nvfp4")

@@ -45,6 +45,8 @@ from cutlass.cute.nvgpu import cpasync, warp
 from kernels.arch_paths import e2m1_rne, e4m3_rne, ex2, lg2, make_arch_path
 from kernels.schedules import PrefillSchedule
 from layouts.prefill import PrefillSmemMap, smem_tile_layout_16b
+from layouts.sm120_fp4 import swizzle_bits as sm120_swizzle_bits
+from kernels.fp4_mma_sm120 import QFragments
 
 LOG2E = math.log2(math.e)
 P_SCALE_MAX = 448.0 * 6.0  # two-level P: s1 = rowmax / (448*6)
@@ -77,7 +79,7 @@ class ThriftPrefillKernel:
         self.S = schedule.stages
         self.nthr = schedule.num_threads
         self.smap = PrefillSmemMap(head_dim, self.Tm, self.Tn, self.S)
-        self.path = make_arch_path(arch)
+        self.path = make_arch_path(arch, head_dim)
 
     # ------------------------------------------------------------------------------------------
     # host side
@@ -191,8 +193,26 @@ class ThriftPrefillKernel:
         st = sm.fp4_stage
         fp4_base = sm.region_off + 2 * sm.kv16
         sKp = cute.make_tensor(pu8(fp4_base + sm.kp_off), cute.make_layout((Tn, D // 2, S), stride=(D // 2, 1, st)))
+        sKf = None
+        sVf = None
+        if const_expr(self.path.block_scaled):
+            # SM120: the helper's swizzled byte rows (Swizzle<B,4,3>) + FP4 views (Swizzle<B,5,3>, nibbles);
+            # stage offsets are multiples of 1024 B, untouched by the swizzle
+            bk = sm120_swizzle_bits(D // 2)
+            bv = sm120_swizzle_bits(Tn // 2)
+            f4 = cutlass.Float4E2M1FN
+            sKp = cute.make_tensor(pu8(fp4_base + sm.kp_off), cute.make_composed_layout(
+                cute.make_swizzle(bk, 4, 3), 0, cute.make_layout((Tn, D // 2, S), stride=(D // 2, 1, st))))
+            sKf = cute.make_tensor(cute.recast_ptr(base + fp4_base + sm.kp_off, dtype=f4), cute.make_composed_layout(
+                cute.make_swizzle(bk, 5, 3), 0, cute.make_layout((Tn, D, S), stride=(D, 1, 2 * st))))
+            sVf = cute.make_tensor(cute.recast_ptr(base + fp4_base + sm.vp_off, dtype=f4), cute.make_composed_layout(
+                cute.make_swizzle(bv, 5, 3), 0, cute.make_layout((D, Tn, S), stride=(Tn, 1, 2 * st))))
         sKs = cute.make_tensor(pu8(fp4_base + sm.ks_off), cute.make_layout((Tn, D // 16, S), stride=(D // 16, 1, st)))
         sVp = cute.make_tensor(pu8(fp4_base + sm.vp_off), cute.make_layout((D, Tn // 2, S), stride=(Tn // 2, 1, st)))
+        if const_expr(self.path.block_scaled):
+            sVp = cute.make_tensor(pu8(fp4_base + sm.vp_off), cute.make_composed_layout(
+                cute.make_swizzle(sm120_swizzle_bits(Tn // 2), 4, 3), 0,
+                cute.make_layout((D, Tn // 2, S), stride=(Tn // 2, 1, st))))
         sVs = cute.make_tensor(pu8(fp4_base + sm.vs_off), cute.make_layout((D, Tn // 16, S), stride=(Tn // 16, 1, st)))
         sKp32 = cute.make_tensor(cute.recast_ptr(base + fp4_base + sm.kp_off, dtype=Uint32),
                                  cute.make_layout((Tn, D // 8, S), stride=(D // 8, 1, st // 4)))
@@ -242,6 +262,43 @@ class ThriftPrefillKernel:
         mask_row = mMask[b, hq, m_block, None]
         sel_row = mSel[b, hq, m_block, None]
 
+        # SM120: packed FP4 Q (+ scales) -> smem (in the sQ area) -> A fragments in registers, once per CTA
+        qf_frag = None
+        qf_sf = None
+        if const_expr(self.path.block_scaled):
+            tile = self.path.tile
+            qs_off = (Tm * D // 2 + 127) // 128 * 128
+            sQb = cute.make_tensor(pu8(0), cute.make_composed_layout(
+                cute.make_swizzle(sm120_swizzle_bits(D // 2), 4, 3), 0, cute.make_layout((Tm, D // 2), stride=(D // 2, 1))))
+            sQf = cute.make_tensor(cute.recast_ptr(base, dtype=cutlass.Float4E2M1FN), cute.make_composed_layout(
+                cute.make_swizzle(sm120_swizzle_bits(D // 2), 5, 3), 0, cute.make_layout((Tm, D), stride=(D, 1))))
+            sQs = cute.make_tensor(pu8(qs_off), cute.make_layout((Tm, D // 16), stride=(D // 16, 1)))
+            thr_q = copy_kp.get_slice(tidx)
+            tQg = thr_q.partition_S(cute.local_tile(mQp[b, None, hq, None], (Tm, D // 2), (m_block, 0)))
+            tQs = thr_q.partition_D(sQb)
+            tQc = thr_q.partition_S(cute.make_identity_tensor((Tm, D // 2)))
+            for m in cutlass.range_constexpr(cute.size(tQs, mode=[1])):
+                okq = m_block * Tm + tQc[0, m, 0][0] < Sq
+                if okq:
+                    cute.copy(copy_kp, tQg[None, m, None], tQs[None, m, None])
+                if not okq:
+                    tQs[None, m, None].fill(0)
+            if tidx < Tm:
+                thr_qs = copy_ks.get_slice(tidx)
+                tQsg = thr_qs.partition_S(cute.local_tile(mQs[b, None, hq, None], (Tm, D // 16), (m_block, 0)))
+                tQss = thr_qs.partition_D(sQs)
+                oks = m_block * Tm + tidx < Sq
+                if oks:
+                    cute.copy(copy_ks, tQsg, tQss)
+                if not oks:
+                    tQss.fill(0)
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(0)
+            cute.arch.barrier()
+            qf = tile.load_q(sQf, sQs, tidx)
+            qf_frag = qf.frag  # tensors only in ctx (the tracer can carry tensors, not helper objects)
+            qf_sf = qf.sf
+
         # ---------------- gmem -> smem partitions (all at top level; indexed by tile inside) ----------------
         thr_kp = copy_kp.get_slice(tidx)
         thr_ks = copy_ks.get_slice(tidx)
@@ -274,6 +331,7 @@ class ThriftPrefillKernel:
                 g=mkg(), tidx=tidx, b=b, hq=hq, hkv=hkv, m_block=m_block, Sq=Sq, Skv=Skv, nkb=nkb,
                 n_block_max=n_block_max, sl2=softmax_scale_log2, mask_row=mask_row,
                 mK=mK, mV=mV, mKp=mKp, mKs=mKs, mVp=mVp, mVs=mVs, mcS=mcS,
+                sKf=sKf, sVf=sVf, qf_frag=qf_frag, qf_sf=qf_sf,
                 sKp=sKp, sKs=sKs, sVp=sVp, sVs=sVs, sKp32=sKp32, sVp32=sVp32, sKdec=sKdec, sVdec=sVdec,
                 sK16=sK16, sV16=sV16, copy_kv16=copy_kv16, copy_kp=copy_kp, copy_ks=copy_ks,
                 copy_vp=copy_vp, copy_vs=copy_vs, copy_rows16=copy_rows16, copy_vt16=copy_vt16,
@@ -287,9 +345,11 @@ class ThriftPrefillKernel:
 
         # ======================= phase 1: FP4 over the unselected tiles =======================
         # decoded FP4 Q -> sQ (exact 16-bit values of dq(Q))
-        gQp32 = cute.local_tile(cute.recast_tensor(mQp[b, None, hq, None], Uint32), (Tm, D // 8), (m_block, 0))
-        gQs = cute.local_tile(mQs[b, None, hq, None], (Tm, D // 16), (m_block, 0))
-        self.path.decode_rows(sQ, copy_rows16, tidx, gQp32, gQs, Sq - m_block * Tm, self.is_bf16)
+        if const_expr(not self.path.block_scaled):
+            # decoded FP4 Q -> sQ (exact 16-bit values of dq(Q))
+            gQp32 = cute.local_tile(cute.recast_tensor(mQp[b, None, hq, None], Uint32), (Tm, D // 8), (m_block, 0))
+            gQs = cute.local_tile(mQs[b, None, hq, None], (Tm, D // 16), (m_block, 0))
+            self.path.decode_rows(sQ, copy_rows16, tidx, gQp32, gQs, Sq - m_block * Tm, self.is_bf16)
         n_cur = self.next_unselected(mask_row, n_block_max)
         n_issue = n_cur
         for s in cutlass.range_constexpr(S - 1):
@@ -462,7 +522,7 @@ class ThriftPrefillKernel:
     def step(self, ctx, n: Int32, stage: Int32, phase: cutlass.Constexpr, masked: cutlass.Constexpr):
         """One key tile: S = QK^T, mask, online softmax, (phase 1: two-level P quantization), O += PV."""
         Tm, Tn = self.Tm, self.Tn
-        if const_expr(phase == 1):
+        if const_expr(phase == 1 and self.path.needs_decode):
             # SM90 path: decode this FP4 stage into the 16-bit kdec / vdec tiles
             self.path.decode_rows(ctx.sKdec, ctx.copy_rows16, ctx.tidx, ctx.sKp32[None, None, stage],
                                   ctx.sKs[None, None, stage], ctx.Skv - n * Tn, self.is_bf16)
@@ -472,7 +532,9 @@ class ThriftPrefillKernel:
 
         acc_S = cute.make_rmem_tensor(ctx.thr_mma.partition_shape_C((Tm, Tn)), Float32)
         acc_S.fill(0.0)
-        if const_expr(phase == 1):
+        if const_expr(phase == 1 and self.path.block_scaled):
+            acc_S = self.path.tile.qk(QFragments(ctx.qf_frag, ctx.qf_sf), ctx.sKf[None, None, stage], ctx.sKs[None, None, stage], ctx.tidx)
+        elif const_expr(phase == 1):
             self.gemm_ss(ctx, acc_S, ctx.tSsKdec)
         else:
             if stage == 0:
@@ -531,7 +593,11 @@ class ThriftPrefillKernel:
                     inv_s1 = Float32(1.0) / s1 if valid else Float32(0.0)
                     ratio = alpha * ctx.row_c[r] * inv_s1 if valid else alpha
                     ctx.row_c[r] = s1 if valid else ctx.row_c[r]
-                    for g in cutlass.range_constexpr(ncols // 4):
+                    if const_expr(self.path.block_scaled):
+                        # the helper quantizes P~ itself (same s1); rows below the threshold contribute 0
+                        for c in cutlass.range_constexpr(ncols):
+                            acc_S_mn[r, c] = acc_S_mn[r, c] if valid else Float32(0.0)
+                    for g in cutlass.range_constexpr(0 if self.path.block_scaled else ncols // 4):
                         sc = e4m3_rne((gmax[g] * inv_s1) / Float32(6.0))
                         rs = Float32(1.0) / sc if sc > Float32(0.0) else Float32(0.0)
                         for q in cutlass.range_constexpr(4):
@@ -541,7 +607,10 @@ class ThriftPrefillKernel:
                 else:
                     acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
 
-        if const_expr(phase != 0):
+        if const_expr(phase == 1 and self.path.block_scaled):
+            pf = self.path.tile.quantize_p_natural(acc_S, ctx.tidx)
+            self.path.tile.pv(ctx.acc_O, pf, ctx.sVf[None, None, stage], ctx.sVs[None, None, stage], ctx.tidx)
+        elif const_expr(phase != 0):
             # P (16-bit) as the A operand: (4, MMA_M, MMA_N) -> ((4,2), MMA_M, MMA_N/2)
             rP = cute.make_fragment_like(acc_S, self.dtype)
             rP.store(acc_S.load().to(self.dtype))
