@@ -134,6 +134,20 @@ def _decode_targets(arch: str) -> Tuple[List[CompileTarget], List[SkippedTarget]
     return out, []
 
 
+def _quant_targets(arch: str) -> Tuple[List[CompileTarget], List[SkippedTarget]]:
+    """quant/quant_kernel.py compile_quant(dtype, head_dim): the Q/K/V -> packed FP4 pass ahead of the prefill."""
+    try:
+        qk = importlib.import_module("quant.quant_kernel")
+    except Exception as e:
+        return [], [SkippedTarget("quant", "-", f"quant.quant_kernel not importable: {e!r}"[:200])]
+    if not hasattr(qk, "compile_quant"):
+        return [], [SkippedTarget("quant", "-", "quant.quant_kernel has no compile_quant")]
+    import cutlass
+
+    return [CompileTarget("quant", "d128_bf16", lambda: qk.compile_quant(cutlass.BFloat16, 128),
+                          "quant/quant_kernel.py compile_quant")], []
+
+
 def discover(arch: str, include_demo: bool = True) -> Tuple[List[CompileTarget], List[SkippedTarget]]:
     """Every compile target for ``arch`` ('sm_120a', 'sm_90a', ...) and the ones skipped, with reasons."""
     targets: List[CompileTarget] = []
@@ -141,6 +155,9 @@ def discover(arch: str, include_demo: bool = True) -> Tuple[List[CompileTarget],
     if include_demo:
         targets += _demo_targets(arch)
     t, s = _fp4_tile_targets(arch)
+    targets += t
+    skipped += s
+    t, s = _quant_targets(arch)
     targets += t
     skipped += s
     for mod_name in ("kernels.prefill", "kernels.decode"):

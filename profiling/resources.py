@@ -293,7 +293,9 @@ def collect(archs: Sequence[str] = DEFAULT_ARCHS, *, kernels: Optional[Sequence[
         dump = os.path.join(keep_dir, arch) if keep_dir else tempfile.mkdtemp(prefix=f"resources_{arch}_")
         os.makedirs(dump, exist_ok=True)  # the DSL writes nothing unless the dump dir already exists
         out_json = os.path.join(dump, "rows.json")
+        # file caching off: a compiled object restored from the DSL's disk cache may carry no PTX / host IR
         env = dict(os.environ, CUTE_DSL_ARCH=arch, CUTE_DSL_KEEP="ptx,cubin", CUTE_DSL_DUMP_DIR=dump,
+                   CUTE_DSL_DISABLE_FILE_CACHING="1",
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         cmd = [sys.executable, "-m", "profiling.resources", "--_worker", "--arch", arch, "--_json-out", out_json]
         if kernels:
@@ -319,7 +321,7 @@ def short_entry(entry: str) -> str:
     """Readable kernel name from the DSL's mangled entry, e.g. 'ThriftDecodeCombine' or 'demo_gemm_kernel'."""
     m = re.match(r"kernel_cutlass_(?:kernel_)?(.*?)(?:_object_at_|_tensor|$)", entry or "")
     name = m.group(1) if m else (entry or "")
-    name = re.sub(r"^kernels(?:prefill|decode|fp4_mma_sm120)?", "", name).lstrip("_")
+    name = re.sub(r"^(?:kernels(?:prefill|decode|fp4_mma_sm120)?|quantquant_kernel)", "", name).lstrip("_")
     return name[:40] or (entry or "")[:40]
 
 
