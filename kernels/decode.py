@@ -253,7 +253,31 @@ class ThriftDecodeSplitKV:
         g_v16 = mV16.iterator.toint()
         g_q16 = mQ16.iterator.toint()
 
-        # ---- query fragments (B operand of S^T = K Q^T): head g = 8*ng + r, channels t*D/4 + 4*kc + 0..3.
+        # ---- running state per (ng, column e): head 8*ng + 2*t + e
+        m_run = cute.make_rmem_tensor((NG, 2), Float32)
+        l_run = cute.make_rmem_tensor((NG, 2), Float32)
+        acc_o = cute.make_rmem_tensor((NKC, NG, 4), Float32)
+        for ng in cutlass.range_constexpr(NG):
+            for e in cutlass.range_constexpr(2):
+                m_run[ng, e] = -Float32.inf
+                l_run[ng, e] = Float32(0.0)
+            for dt in cutlass.range_constexpr(NKC):
+                for i in cutlass.range_constexpr(4):
+                    acc_o[dt, ng, i] = Float32(0.0)
+
+        n_tiles = (L + 63) // 64
+        t_begin = split * tiles_per_split
+        t_end = cutlass.min(t_begin + tiles_per_split, n_tiles)
+        n_it = cutlass.max(t_end - t_begin, 0)
+        tile_base = (Int64(b) * NBLK * HKV + hk) * TB  # + blk * HKV * TB
+
+        # prologue: tile t_begin (if FP4) -> stage 0
+        if n_it > 0:
+            if self._is_fp4(mFlags, b, hk, t_begin, L):
+                self._issue_tile(g_tiles + tile_base + Int64(t_begin) * HKV * TB, sbase, lane)
+        cute.arch.cp_async_commit_group()
+
+        # ---- (while the first tile is in flight) query fragments (B operand of S^T = K Q^T): head g = 8*ng + r, channels t*D/4 + 4*kc + 0..3.
         # dq(NVFP4(q)) computed here: this lane's D/4 channels are whole 16-channel groups, so it quantizes them
         # alone, with the codec's numerics (scale = E4M3_RNE(amax/6), code = E2M1_RNE(|x|/scale) by fp32 true
         # division, sign kept); the values are exact in fp16.
@@ -281,30 +305,6 @@ class ThriftDecodeSplitKV:
             for kc in cutlass.range_constexpr(NKC):
                 qf4[ng, kc, 0] = pack2(dq[4 * kc], dq[4 * kc + 1], False)
                 qf4[ng, kc, 1] = pack2(dq[4 * kc + 2], dq[4 * kc + 3], False)
-
-        # ---- running state per (ng, column e): head 8*ng + 2*t + e
-        m_run = cute.make_rmem_tensor((NG, 2), Float32)
-        l_run = cute.make_rmem_tensor((NG, 2), Float32)
-        acc_o = cute.make_rmem_tensor((NKC, NG, 4), Float32)
-        for ng in cutlass.range_constexpr(NG):
-            for e in cutlass.range_constexpr(2):
-                m_run[ng, e] = -Float32.inf
-                l_run[ng, e] = Float32(0.0)
-            for dt in cutlass.range_constexpr(NKC):
-                for i in cutlass.range_constexpr(4):
-                    acc_o[dt, ng, i] = Float32(0.0)
-
-        n_tiles = (L + 63) // 64
-        t_begin = split * tiles_per_split
-        t_end = cutlass.min(t_begin + tiles_per_split, n_tiles)
-        n_it = cutlass.max(t_end - t_begin, 0)
-        tile_base = (Int64(b) * NBLK * HKV + hk) * TB  # + blk * HKV * TB
-
-        # prologue: tile t_begin (if FP4) -> stage 0
-        if n_it > 0:
-            if self._is_fp4(mFlags, b, hk, t_begin, L):
-                self._issue_tile(g_tiles + tile_base + Int64(t_begin) * HKV * TB, sbase, lane)
-        cute.arch.cp_async_commit_group()
 
         for it in cutlass.range(n_it, unroll=1):
             tile = t_begin + it
@@ -451,9 +451,10 @@ class ThriftDecodeSplitKV:
             for kc in cutlass.range_constexpr(NKC):
                 off = (Int64(b) * HQ + hk * G + g) * D + t * (D // 4) + 4 * kc
                 qf[ng][kc] = ldg2_pred(g_q16 + off * 2, Int32(g < G))
-        # ---- S^T: m-tile c rows r, r+8 = keys 16c + r (+8); lane t holds channels t*D/4 .. +D/4
-        s_acc = [[None] * NG for _ in range(4)]
-        for c in cutlass.range_constexpr(4):
+        # ---- S^T: m-tile c rows r, r+8 = keys 16c + r (+8); lane t holds channels t*D/4 .. +D/4.
+        # Loads are issued one m-tile ahead of the MMAs (the asm keeps program order), so at most ~2 round trips
+        # to memory are exposed per FP16 tile instead of one per m-tile.
+        def load_k(c):
             kw = [None, None]
             for h in cutlass.range_constexpr(2):
                 key = 16 * c + r + 8 * h
@@ -462,12 +463,32 @@ class ThriftDecodeSplitKV:
                 for v in cutlass.range_constexpr(D // 32):  # D/4 channels = D/2 bytes
                     ws += ldg4_pred(addr + 16 * v, Int32(key < valid))
                 kw[h] = ws
+            return kw
+
+        def load_v(c):
+            wv = []
+            for q in cutlass.range_constexpr(4):
+                key = 16 * c + 2 * t + (q % 2) + 8 * (q // 2)
+                addr = g_v16 + ((row0 + key) * HKV + hk) * (D * 2) + r * (D // 4)
+                ws = []
+                for v in cutlass.range_constexpr(D // 64):
+                    ws += ldg4_pred(addr + 16 * v, Int32(key < valid))
+                wv.append(ws)
+            return wv
+
+        s_acc = [[None] * NG for _ in range(4)]
+        kw_next = load_k(0)
+        for c in cutlass.range_constexpr(4):
+            kw = kw_next
+            if const_expr(c < 3):
+                kw_next = load_k(c + 1)
             for ng in cutlass.range_constexpr(NG):
                 acc = [Float32(0.0)] * 4
                 for kc in cutlass.range_constexpr(NKC):
                     a = [kw[0][2 * kc], kw[1][2 * kc], kw[0][2 * kc + 1], kw[1][2 * kc + 1]]
                     acc = mma16816(a, qf[ng][kc], acc, bf)
                 s_acc[c][ng] = acc
+        wv_next = load_v(0)  # in flight during the softmax
         pb = [[None] * NG for _ in range(4)]
         for ng in cutlass.range_constexpr(NG):
             pv = [[[None] * 2 for _ in range(2)] for _ in range(4)]
@@ -505,14 +526,9 @@ class ThriftDecodeSplitKV:
         # ---- O^T += V^T P~^T: chunk c slots (2t, 2t+1 | 2t+8, 2t+9) = keys 16c + 2t + {0, 1} (| + 8);
         # lane r's V^T rows are channels (D/8)*r + 2*dt + hh: D/8 contiguous channels of each key row
         for c in cutlass.range_constexpr(4):
-            wv = []
-            for q in cutlass.range_constexpr(4):
-                key = 16 * c + 2 * t + (q % 2) + 8 * (q // 2)
-                addr = g_v16 + ((row0 + key) * HKV + hk) * (D * 2) + r * (D // 4)
-                ws = []
-                for v in cutlass.range_constexpr(D // 64):
-                    ws += ldg4_pred(addr + 16 * v, Int32(key < valid))
-                wv.append(ws)
+            wv = wv_next
+            if const_expr(c < 3):
+                wv_next = load_v(c + 1)
             for dt in cutlass.range_constexpr(NKC):
                 a = [prmt(wv[0][dt], wv[1][dt], 0x5410), prmt(wv[0][dt], wv[1][dt], 0x7632),
                      prmt(wv[2][dt], wv[3][dt], 0x5410), prmt(wv[2][dt], wv[3][dt], 0x7632)]

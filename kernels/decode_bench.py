@@ -109,6 +109,10 @@ def main(argv=None):
                 fe = lambda: thrift_decode(q, cache, budget=bud)  # noqa: E731
                 tk = _bench(fk)
                 te = _bench(fe)
+                if bud == 0.05:  # where the time goes: split-KV kernel alone, combine alone
+                    row["b0.05_decode_only_ms"] = _bench(lambda: kd(cache.tiles, cache.k16, cache.v16, q16, flags, lens,
+                                                                    o_part, lse_part, scale * math.log2(math.e), tps))
+                    row["b0.05_combine_only_ms"] = _bench(lambda: kc(o_part, lse_part, o_out, l_out))
                 row[f"b{bud}_kernel_ms"] = tk
                 row[f"b{bud}_op_ms"] = _bench(fo)
                 row[f"b{bud}_e2e_ms"] = te
