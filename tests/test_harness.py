@@ -274,6 +274,25 @@ def test_nvtx_labels_and_noop_ranges():
     assert nvtx_ranges.backend_name() in ("nvtx", "torch.cuda.nvtx", "none")
 
 
+def test_nvtx_nesting_matches_ncu_paths(monkeypatch):
+    """variant > phase > shape are separate nested push/pop ranges (what ncu's "A/B/C/" filter matches)."""
+    events = []
+    monkeypatch.setattr(nvtx_ranges, "_backend", ("test", lambda n: events.append(("push", n)),
+                                                  lambda: events.append(("pop",))))
+    with nvtx_ranges.variant_scope("thrift-f0.05", shape="b1_sq64"):
+        with nvtx_ranges.phase("quantize"):
+            events.append(("kernel",))
+        with nvtx_ranges.phase("attention"):
+            events.append(("kernel",))
+    assert events == [("push", "thrift-f0.05"), ("push", "quantize"), ("push", "b1_sq64"), ("kernel",), ("pop",),
+                      ("pop",), ("push", "attention"), ("push", "b1_sq64"), ("kernel",), ("pop",), ("pop",),
+                      ("pop",)]
+    events.clear()
+    with nvtx_ranges.phase("select"):  # no scope: the default variant is pushed too
+        pass
+    assert [e[1] for e in events if e[0] == "push"] == ["thrift", "select"]
+
+
 def test_heatmap_tiny(tmp_path):
     from harness.__main__ import main
 
