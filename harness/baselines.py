@@ -323,37 +323,41 @@ def _accepts(fn, name: str) -> bool:
     return name in sig.parameters or any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
 
 
-def _thrift_variants(budgets: Sequence[float]) -> Tuple[List[Variant], List[Skipped]]:
-    """thrift prefill at each budget (budget 0 is the fp4-only mode, SageAttention3 numerics)."""
+def _thrift_variants(budgets: Sequence[float], schedules: Sequence[Optional[str]] = (None,)
+                     ) -> Tuple[List[Variant], List[Skipped]]:
+    """thrift prefill at each budget (budget 0 is the fp4-only mode, SageAttention3 numerics) and each tile
+    schedule (None = the kernel's default; names from kernels.schedules.SCHEDULES, appended as '@name')."""
     out: List[Variant] = []
     skipped: List[Skipped] = []
     why = _cuda_reason()
     mod, err = _import("kernels")
     fn = getattr(mod, "thrift_attention", None) if mod is not None else None
+    names = [_thrift_name(b) + (f"@{sc}" if sc else "") for sc in schedules for b in budgets]
     if fn is None:
         reason = err or "kernels.thrift_attention not exported yet (prefill kernel not landed)"
-        for bud in budgets:
-            skipped.append(Skipped(_thrift_name(bud), reason, ("prefill",)))
-        return out, skipped
+        return out, [Skipped(n, reason, ("prefill",)) for n in names]
     if why:
+        return out, [Skipped(n, why, ("prefill",)) for n in names]
+
+    for sched in schedules:
         for bud in budgets:
-            skipped.append(Skipped(_thrift_name(bud), why, ("prefill",)))
-        return out, skipped
+            def prepare(p: Problem, qkv, _bud=bud, _sched=sched):
+                q, k, v = qkv
+                kwargs = {"budget": _bud, "causal": p.causal}
+                if _sched is not None:
+                    kwargs["schedule"] = _sched
+                kwargs = {k_: v_ for k_, v_ in kwargs.items() if _accepts(fn, k_)}
 
-    for bud in budgets:
-        def prepare(p: Problem, qkv, _bud=bud):
-            q, k, v = qkv
-            kwargs = {"budget": _bud, "causal": p.causal}
-            kwargs = {k_: v_ for k_, v_ in kwargs.items() if _accepts(fn, k_)}
+                def run():
+                    return _first(fn(q, k, v, **kwargs))
 
-            def run():
-                return _first(fn(q, k, v, **kwargs))
+                run()
+                return run
 
-            run()
-            return run
-
-        out.append(Variant(_thrift_name(bud), "thrift", ("prefill",), prepare, budget=float(bud),
-                           note="fp4-only (SageAttention3 numerics)" if bud == 0 else f"top blocks at budget {bud}"))
+            name = _thrift_name(bud) + (f"@{sched}" if sched else "")
+            note = "fp4-only (SageAttention3 numerics)" if bud == 0 else f"top blocks at budget {bud}"
+            out.append(Variant(name, "thrift", ("prefill",), prepare, budget=float(bud),
+                               note=note + (f", schedule {sched}" if sched else "")))
     return out, skipped
 
 
@@ -459,12 +463,13 @@ def _cpu_variants(budgets: Sequence[float]) -> Tuple[List[Variant], List[Skipped
 
 
 def discover(*, budgets: Sequence[float] = (0.0, 0.05), modes: Sequence[str] = ("prefill", "decode"),
-             include: Optional[Sequence[str]] = None, verbose: bool = True,
-             device: str = "cuda") -> Tuple[List[Variant], List[Skipped]]:
+             include: Optional[Sequence[str]] = None, verbose: bool = True, device: str = "cuda",
+             schedules: Optional[Sequence[str]] = None) -> Tuple[List[Variant], List[Skipped]]:
     """Every variant usable here, and (name, reason) for every one that is not.
 
     include: optional list of name prefixes to keep (e.g. ["fa2", "thrift"]); others are dropped silently.
     device: 'cuda' (the benchmark) or 'cpu' (pipeline check: SDPA math + thrift reference only).
+    schedules: prefill tile schedules to run the thrift variants with (default: the kernel's default only).
     """
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
@@ -490,7 +495,7 @@ def discover(*, budgets: Sequence[float] = (0.0, 0.05), modes: Sequence[str] = (
     add("sage3", _sage3_variant(), ("prefill",))
     add("sage", _sage_variant())
     if "prefill" in modes:
-        v, s = _thrift_variants(budgets)
+        v, s = _thrift_variants(budgets, tuple(schedules) if schedules else (None,))
         variants += v
         skipped += s
     if "decode" in modes:

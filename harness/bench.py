@@ -21,7 +21,8 @@ time Pareto across budgets) in ``results/<UTC timestamp>/`` (or --out).
 
 Shapes: ``--prefill B,Sq,Skv,Hq,Hkv,D`` / ``--decode B,Sq,Skv,Hq,Hkv,D`` (repeatable), or ``--seqlens`` with
 ``--batch/--heads/--kv-heads/--head-dim``, or ``--config file.json`` with keys prefill, decode (lists of
-[B, Sq, Skv, Hq, Hkv, D]), budgets, variants, dtype, causal. Without a GPU, ``--dry-run`` prints the plan and the
+[B, Sq, Skv, Hq, Hkv, D]), budgets, variants, schedules, dtype, causal. ``--schedules m64_w4_s2,m64_w4_s3`` runs
+the thrift prefill variants once per tile schedule. Without a GPU, ``--dry-run`` prints the plan and the
 discovery result (every skipped variant with its reason) and writes the report with 'skip' rows.
 """
 from __future__ import annotations
@@ -92,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="thrift FP16 budgets; 0 = fp4-only (default %(default)s)")
     g.add_argument("--variants", type=lambda s: [x for x in s.split(",") if x],
                    help="comma-separated name prefixes to keep, e.g. fa2,fa4,thrift-f0.05 (default: all)")
+    g.add_argument("--schedules", type=lambda s: [x for x in s.split(",") if x],
+                   help="thrift prefill tile schedules (names in kernels.schedules.SCHEDULES), each a variant "
+                        "'<name>@<schedule>'; default: the kernel's default schedule")
     g.add_argument("--list", action="store_true", help="print discovered/skipped variants and exit")
     g = p.add_argument_group("measurement")
     g.add_argument("--timer", choices=("events", "do_bench"), default="events",
@@ -130,7 +134,7 @@ def build_problems(args) -> List[bl.Problem]:
             cfg = json.load(f)
         if not isinstance(cfg, dict):
             raise ValueError(f"--config: expected a JSON object, got {type(cfg).__name__}")
-        for key in ("budgets", "variants", "dtype", "causal"):
+        for key in ("budgets", "variants", "schedules", "dtype", "causal"):
             if key in cfg:
                 setattr(args, key, cfg[key])
     dtype, causal = args.dtype, bool(args.causal)
@@ -266,7 +270,8 @@ def run(args) -> int:
         print("[bench] no shapes selected", file=sys.stderr)
         return 2
     modes = sorted({p.mode for p in problems})
-    variants, skipped = bl.discover(budgets=args.budgets, modes=modes, include=args.variants, device=args.device)
+    variants, skipped = bl.discover(budgets=args.budgets, modes=modes, include=args.variants, device=args.device,
+                                    schedules=getattr(args, "schedules", None))
     print(f"[bench] {len(problems)} shapes x {len(variants)} variants: "
           + ", ".join(v.name for v in variants))
     if args.list:
