@@ -14,7 +14,9 @@ heaviest-first.  Per CTA:
   Phase 2 (FP16): only if the CTA has selected tiles: the real fp16/bf16 Q is loaded now (over the
       decoded FP4 Q), then the selected key tiles in fp16/bf16 through a 2-stage cp.async ring that
       aliases the phase-1 buffers (see layouts/prefill.py for the byte map); the same m / l / acc
-      registers continue (acc converted to true units once: acc *= c).
+      registers continue (acc converted to true units once: acc *= c).  For bf16 a first pass over the
+      selected tiles computes S16 only to finish the row max, so P~ is rounded to bf16 against the final
+      max like the reference (running-max rounding alone differs by ~2e-3 relative in bf16).
   Finalize: O = acc*c/l in the input dtype (through smem, coalesced stores), LSE = m*scale + ln l.
 
 Fully masked rows give O = 0 and LSE = -inf.  Keys past Skv inside a tile are masked (-inf), and the
@@ -397,12 +399,14 @@ class ThriftPrefillKernel:
                 acc_mn[r, None] = acc_mn[r, None].load() * row_c[r]
                 row_c[r] = 1.0
             cute.arch.barrier()  # every warp is done with sQ / the phase-1 buffers
-            # Two passes over the selected tiles: pass 0 computes S16 = QK^T only to finish the row max, so
-            # pass 2 rounds P~ = exp(S - m) to 16 bits relative to the FINAL row max, exactly like the
+            # bf16: two passes over the selected tiles: pass 0 computes S16 = QK^T only to finish the row max,
+            # so pass 2 rounds P~ = exp(S - m) to bf16 relative to the FINAL row max, exactly like the
             # reference (a running max would round P~ differently: ~2e-3 relative noise in bf16).
-            for kind in (0, 2):
+            # (fp16 rounds P~ 8x finer than bf16: there the running max is within tolerance and pass 0 is skipped)
+            passes = (0, 2) if self.is_bf16 else (2,)
+            for kind in passes:
                 ctx = ctx_pass[kind]
-                if const_expr(kind == 0):
+                if const_expr(kind == passes[0]):
                     # real 16-bit Q over the decoded one (same cp.async group as the first K tile)
                     self.load_rows16(ctx, ctx.g.tQ16_g, ctx.g.tQ16_s, m_block * Tm, Sq)
                 n0 = self.sel_at(sel_row, 0, n_block_max)
@@ -581,25 +585,31 @@ class ThriftPrefillKernel:
                     # group g of 16 keys = columns 4g..4g+3 of this thread's mn row (n-atoms 2g, 2g+1),
                     # the other 12 keys live in the 3 other lanes of the quad.
                     gmax = []
-                    for g in cutlass.range_constexpr(ncols // 4):
-                        v = cute.arch.fmax(cute.arch.fmax(acc_S_mn[r, 4 * g], acc_S_mn[r, 4 * g + 1]),
-                                           cute.arch.fmax(acc_S_mn[r, 4 * g + 2], acc_S_mn[r, 4 * g + 3]))
-                        gmax.append(self.quad_max(v))
-                    rmax = gmax[0]
-                    for g in cutlass.range_constexpr(1, ncols // 4):
-                        rmax = cute.arch.fmax(rmax, gmax[g])
+                    if const_expr(self.path.block_scaled):
+                        # only the row max is needed here (the helper does the per-16 amax itself)
+                        rmax = self.quad_max(p_row.reduce(cute.ReductionOp.MAX, Float32(0.0), 0))
+                    else:
+                        for g in cutlass.range_constexpr(ncols // 4):
+                            v = cute.arch.fmax(cute.arch.fmax(acc_S_mn[r, 4 * g], acc_S_mn[r, 4 * g + 1]),
+                                               cute.arch.fmax(acc_S_mn[r, 4 * g + 2], acc_S_mn[r, 4 * g + 3]))
+                            gmax.append(self.quad_max(v))
+                        rmax = gmax[0]
+                        for g in cutlass.range_constexpr(1, ncols // 4):
+                            rmax = cute.arch.fmax(rmax, gmax[g])
                     valid = rmax > Float32(P_TILE_MIN)
-                    s1 = rmax / Float32(P_SCALE_MAX)
-                    inv_s1 = Float32(1.0) / s1 if valid else Float32(0.0)
+                    s1 = rmax * Float32(1.0 / P_SCALE_MAX)
+                    # reciprocal multiplies instead of the reference's true divisions: <= 1-2 ulp apart, which
+                    # can flip an E4M3/E2M1 rounding only within that distance of a tie (negligible)
+                    inv_s1 = cute.arch.rcp_approx(s1) if valid else Float32(0.0)
                     ratio = alpha * ctx.row_c[r] * inv_s1 if valid else alpha
                     ctx.row_c[r] = s1 if valid else ctx.row_c[r]
                     if const_expr(self.path.block_scaled):
                         # the helper quantizes P~ itself (same s1); rows below the threshold contribute 0
-                        for c in cutlass.range_constexpr(ncols):
-                            acc_S_mn[r, c] = acc_S_mn[r, c] if valid else Float32(0.0)
+                        keep = Float32(1.0) if valid else Float32(0.0)
+                        acc_S_mn[r, None] = acc_S_mn[r, None].load() * keep
                     for g in cutlass.range_constexpr(0 if self.path.block_scaled else ncols // 4):
-                        sc = e4m3_rne((gmax[g] * inv_s1) / Float32(6.0))
-                        rs = Float32(1.0) / sc if sc > Float32(0.0) else Float32(0.0)
+                        sc = e4m3_rne((gmax[g] * inv_s1) * Float32(1.0 / 6.0))
+                        rs = cute.arch.rcp_approx(sc) if sc > Float32(0.0) else Float32(0.0)
                         for q in cutlass.range_constexpr(4):
                             x = acc_S_mn[r, 4 * g + q] * inv_s1
                             acc_S_mn[r, 4 * g + q] = e2m1_rne(x * rs) * sc
