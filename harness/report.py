@@ -132,25 +132,34 @@ def plot_speed_vs_seqlen(rows: Sequence[dict], path: str) -> Optional[str]:
     return None
 
 
-def plot_pareto(rows: Sequence[dict], path: str, max_panels: int = 4) -> Optional[str]:
-    """Error (relative L2 vs fp32) against time per shape: thrift budgets as a line, baselines as markers."""
+def plot_pareto(rows: Sequence[dict], path: str, max_per_mode: int = 4) -> Optional[str]:
+    """Error (relative L2 vs fp32) against time per shape: thrift budgets as a line, baselines as markers.
+    One row of panels per mode (prefill, decode), the largest shapes first."""
     plt, why = _pyplot()
     if plt is None:
         return why
     ok = [r for r in rows if r.get("status") == "ok" and r.get("ms") and r.get("rel_l2") is not None]
-    shapes = []
-    for r in ok:
-        key = (r["mode"], r["shape"])
-        if key not in shapes:
-            shapes.append(key)
-    # keep shapes that have thrift rows first, then the largest ones
-    shapes.sort(key=lambda k: (not any(r["variant"].startswith("thrift") for r in ok if (r["mode"], r["shape"]) == k),
-                               -max(r["sq"] * r["skv"] for r in ok if (r["mode"], r["shape"]) == k)))
-    shapes = shapes[:max_panels]
-    if not shapes:
+    per_mode = []
+    for mode in ("prefill", "decode"):
+        shapes = []
+        for r in ok:
+            if r["mode"] == mode and r["shape"] not in shapes:
+                shapes.append(r["shape"])
+        shapes.sort(key=lambda sh: -max(r["sq"] * r["skv"] for r in ok if (r["mode"], r["shape"]) == (mode, sh)))
+        if shapes:
+            per_mode.append([(mode, sh) for sh in shapes[:max_per_mode]])
+    if not per_mode:
         return "no rows with both time and error"
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.8), squeeze=False)
-    for ax, (mode, shape) in zip(axes[0], shapes):
+    ncol = max(len(x) for x in per_mode)
+    fig, axes = plt.subplots(len(per_mode), ncol, figsize=(5.5 * ncol, 4.5 * len(per_mode)), squeeze=False)
+    panels = []
+    for ri, row_shapes in enumerate(per_mode):
+        for ci in range(ncol):
+            if ci < len(row_shapes):
+                panels.append((axes[ri][ci], row_shapes[ci]))
+            else:
+                axes[ri][ci].axis("off")
+    for ax, (mode, shape) in panels:
         sub = [r for r in ok if (r["mode"], r["shape"]) == (mode, shape)]
         groups: Dict[str, list] = {}
         for r in sub:
