@@ -37,6 +37,7 @@ from .kv_cache import tile_bytes
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 P_SCALE = 448.0 * 6.0  # two-level P: x = P~ / s1, s1 = rowmax / (448 * 6)
+DEFAULT_PREFETCH = 2  # L2 prefetch distance in tiles (tile it+2 -> L2 while tile it+1 -> smem, tile it computed)
 
 
 def fp4_math_path(arch: int) -> str:
@@ -62,6 +63,22 @@ def cp_async16(saddr, gaddr, *, loc=None, ip=None):
     """16-byte cp.async global -> shared (L2 only, .cg)."""
     _asm(None, [Int32(saddr).ir_value(loc=loc, ip=ip), Int64(gaddr).ir_value(loc=loc, ip=ip)],
          "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", side=True, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def prefetch_l2_bulk(gaddr, nbytes: int, *, loc=None, ip=None):
+    """Prefetch nbytes (multiple of 16, 16-byte aligned) of global memory into L2 (sm_90+, fire and forget:
+    no register, shared memory or barrier is tied up while the bytes travel)."""
+    _asm(None, [Int64(gaddr).ir_value(loc=loc, ip=ip)], f"cp.async.bulk.prefetch.L2.global [$0], {nbytes};", "l",
+         side=True, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def prefetch_l2_bulk_pred(gaddr, nbytes: int, pred, *, loc=None, ip=None):
+    """prefetch_l2_bulk if pred != 0."""
+    _asm(None, [Int64(gaddr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)],
+         "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $1, 0;\n\t"
+         f"@p cp.async.bulk.prefetch.L2.global [$0], {nbytes};\n\t}}", "l,r", side=True, loc=loc, ip=ip)
 
 
 @dsl_user_op
@@ -222,7 +239,9 @@ class ThriftDecodeSplitKV:
     [B, Hq, NS]. Scalars: scale_log2 = softmax_scale * log2(e); tiles_per_split.
     """
 
-    def __init__(self, head_dim: int, group: int, is_bf16: bool, arch: int = 90):
+    def __init__(self, head_dim: int, group: int, is_bf16: bool, arch: int = 90, prefetch: int = DEFAULT_PREFETCH):
+        if not 0 <= prefetch <= 8:
+            raise ValueError(f"prefetch (L2 prefetch distance in tiles, 0 = off) must be in [0, 8], got {prefetch}")
         if head_dim not in (64, 128):
             raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
         if not 1 <= group <= 16:
@@ -231,6 +250,8 @@ class ThriftDecodeSplitKV:
         self.NG = (group + 7) // 8  # n8 tiles of query heads
         self.TB = tile_bytes(head_dim)
         self.path = fp4_math_path(arch)
+        # bulk L2 prefetch is sm_90+; distance 1 would duplicate the cp.async of the next tile -> off
+        self.PF = prefetch if (arch >= 90 and prefetch >= 2) else 0
 
     @cute.jit
     def __call__(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor,
@@ -286,11 +307,22 @@ class ThriftDecodeSplitKV:
         n_it = cutlass.max(t_end - t_begin, 0)
         tile_base = (Int64(b) * NBLK * HKV + hk) * TB  # + blk * HKV * TB
 
-        # prologue: tile t_begin (if FP4) -> stage 0
+        # Which of the CTA's tiles are FP4, as a 64-bit window of warp ballots (bit i: tile t_begin + 32*w + i,
+        # w = it // 32): two flag loads per 32 tiles instead of a dependent global load before every cp.async.
+        fm = (Int64(self._fp4_ballot(mFlags, b, hk, t_begin, t_end, L, lane)) & Int64(0xFFFFFFFF)) | (
+            Int64(self._fp4_ballot(mFlags, b, hk, t_begin + 32, t_end, L, lane)) << 32)
+
+        # prologue: tile t_begin (if FP4) -> stage 0 by cp.async; tiles 1 .. PF-1 -> L2 (bulk prefetch)
         if n_it > 0:
-            if self._is_fp4(mFlags, b, hk, t_begin, L):
+            if (fm & Int64(1)) != Int64(0):
                 self._issue_tile(g_tiles + tile_base + Int64(t_begin) * HKV * TB, sbase, lane)
+            else:
+                self._prefetch_f16(g_k16, g_v16, b, hk, t_begin, L, CAP, HKV, lane)
         cute.arch.cp_async_commit_group()
+        for k in cutlass.range_constexpr(1, self.PF):
+            if k < n_it:
+                self._prefetch_tile(fm, k, g_tiles + tile_base + Int64(t_begin + k) * HKV * TB, g_k16, g_v16, b, hk,
+                                    t_begin + k, L, CAP, HKV, lane)
 
         # ---- (while the first tile is in flight) query fragments (B operand of S^T = K Q^T): head g = 8*ng + r, channels t*D/4 + 4*kc + 0..3.
         # dq(NVFP4(q)) computed here: this lane's D/4 channels are whole 16-channel groups, so it quantizes them
@@ -323,14 +355,22 @@ class ThriftDecodeSplitKV:
 
         for it in cutlass.range(n_it, unroll=1):
             tile = t_begin + it
+            rel = it % 32
+            if rel == 0 and it > 0:  # slide the flag window by 32 tiles
+                fm = ((fm >> 32) & Int64(0xFFFFFFFF)) | (
+                    Int64(self._fp4_ballot(mFlags, b, hk, tile + 32, t_end, L, lane)) << 32)
+            if const_expr(self.PF >= 2):  # tile it+PF -> L2, so the cp.async of the next tile finds it there
+                if it + self.PF < n_it:
+                    self._prefetch_tile(fm, rel + self.PF, g_tiles + tile_base + Int64(tile + self.PF) * HKV * TB,
+                                        g_k16, g_v16, b, hk, tile + self.PF, L, CAP, HKV, lane)
             if it + 1 < n_it:
-                if self._is_fp4(mFlags, b, hk, tile + 1, L):
+                if ((fm >> (rel + 1)) & Int64(1)) != Int64(0):
                     self._issue_tile(g_tiles + tile_base + Int64(tile + 1) * HKV * TB,
                                      sbase + ((it + 1) % 2) * TB, lane)
             cute.arch.cp_async_commit_group()
             cute.arch.cp_async_wait_group(1)
             cute.arch.sync_warp()
-            if self._is_fp4(mFlags, b, hk, tile, L):
+            if ((fm >> rel) & Int64(1)) != Int64(0):
                 self._fp4_tile(sbase + (it % 2) * TB, lane, qf4, m_run, l_run, acc_o, scale_log2)
             else:
                 self._f16_tile(g_k16, g_v16, g_q16, b, hk, tile, L, CAP, HKV, HQ, lane, m_run, l_run, acc_o,
@@ -362,9 +402,38 @@ class ThriftDecodeSplitKV:
 
     # ------------------------------------------------------------------------------------------ pieces
     @cute.jit
-    def _is_fp4(self, mFlags, b, hk, tile, L):
-        """Tile is read as FP4: not selected and complete (the partial last block is always FP16)."""
-        return (mFlags[b, hk, tile] == 0) & (tile * 64 + 64 <= L)
+    def _fp4_ballot(self, mFlags, b, hk, base, t_end, L, lane):
+        """Warp ballot: bit i set iff tile base + i (< t_end) is read as FP4 -- not selected and complete (the
+        partial last block is always FP16). Each lane loads one flag."""
+        tile = base + lane
+        is4 = Int32(0)
+        if tile < t_end:
+            if (mFlags[b, hk, tile] == 0) & (tile * 64 + 64 <= L):
+                is4 = Int32(1)
+        return cute.arch.vote_ballot_sync(is4 != 0)
+
+    @cute.jit
+    def _prefetch_tile(self, fm, bit, gaddr, g_k16, g_v16, b, hk, tile, L, CAP, HKV, lane):
+        """L2 prefetch of a tile ahead of its use: FP4 -> its 72*D contiguous bytes (one instruction, lane 0);
+        FP16 -> its K and V rows (this head's D*2 bytes of each token)."""
+        if ((fm >> bit) & Int64(1)) != Int64(0):
+            if lane == 0:
+                prefetch_l2_bulk(gaddr, self.TB)
+        else:
+            self._prefetch_f16(g_k16, g_v16, b, hk, tile, L, CAP, HKV, lane)
+
+    @cute.jit
+    def _prefetch_f16(self, g_k16, g_v16, b, hk, tile, L, CAP, HKV, lane):
+        """L2 prefetch of the K and V rows of an FP16 tile (keys < L): lane i takes keys 2i, 2i+1. The
+        synchronous 16-byte loads of _f16_tile then wait on L2, not DRAM. No-op without bulk prefetch."""
+        if const_expr(self.PF >= 2):
+            RB = self.D * 2
+            for h in cutlass.range_constexpr(2):
+                key = tile * 64 + 2 * lane + h
+                off = ((Int64(b) * CAP + key) * HKV + hk) * RB
+                ok = Int32(key < L)
+                prefetch_l2_bulk_pred(g_k16 + off, RB, ok)
+                prefetch_l2_bulk_pred(g_v16 + off, RB, ok)
 
     @cute.jit
     def _issue_tile(self, gaddr, saddr, lane):
@@ -556,35 +625,37 @@ class ThriftDecodeSplitKV:
 
 class ThriftDecodeCombine:
     """Merge the splits: O = sum_s w_s O_s / sum_s w_s with w_s = exp(lse_s - max lse); LSE = max + log(sum w).
-    One CTA of 512 threads per (query head, sequence): the LSE max is a block reduction; then R = 512/D rows of
-    threads each sum every R-th split (coalesced over d, several loads in flight), and a shared-memory pass adds
-    the R partial sums. Splits with lse = -inf (no tiles) contribute nothing."""
+    One CTA of 256 threads per (query head, sequence, 32-channel slice of D) -- B*Hq*D/32 CTAs, so B=1 still
+    spreads over 128 CTAs (D=128): the LSE max is a block reduction over the NS split LSEs; warp w then sums
+    splits w, w+8, ... of its slice (lane = channel: 128-byte coalesced rows, 4 loads in flight), and warp 0 adds
+    the 8 partial sums. Splits with lse = -inf (no tiles) contribute nothing."""
 
-    NT = 512
+    NT = 256
+    DC = 32  # channels per CTA
 
     def __init__(self, head_dim: int, is_bf16: bool):
         self.D, self.is_bf16 = head_dim, bool(is_bf16)
 
     @cute.jit
     def __call__(self, mOp: cute.Tensor, mLse: cute.Tensor, mO: cute.Tensor, mLseOut: cute.Tensor, stream):
-        R = self.NT // self.D
-        smem_bytes = 4 * (self.NT // 32 + R * self.D + R) + 3 * 128
-        self.kernel(mOp, mLse, mO, mLseOut).launch(grid=(mOp.shape[1], mOp.shape[0], 1), block=(self.NT, 1, 1),
-                                                   smem=smem_bytes, stream=stream)
+        NW = self.NT // 32
+        smem_bytes = 4 * (NW + NW * self.DC + NW) + 3 * 128
+        self.kernel(mOp, mLse, mO, mLseOut).launch(grid=(mOp.shape[1], mOp.shape[0], self.D // self.DC),
+                                                   block=(self.NT, 1, 1), smem=smem_bytes, stream=stream)
 
     @cute.kernel
     def kernel(self, mOp: cute.Tensor, mLse: cute.Tensor, mO: cute.Tensor, mLseOut: cute.Tensor):
-        D, NT = self.D, self.NT
-        R, NW = NT // D, NT // 32
+        NT, DC = self.NT, self.DC
+        NW = NT // 32
         tid, _, _ = cute.arch.thread_idx()
-        hq, b, _ = cute.arch.block_idx()
+        hq, b, dc = cute.arch.block_idx()
         lane = tid % 32
         warp = tid // 32
         NS = mLse.shape[2]
         smem = cutlass.utils.SmemAllocator()
         s_red = smem.allocate_tensor(Float32, cute.make_layout(NW), byte_alignment=16)
-        s_acc = smem.allocate_tensor(Float32, cute.make_layout(R * D), byte_alignment=16)
-        s_w = smem.allocate_tensor(Float32, cute.make_layout(R), byte_alignment=16)
+        s_acc = smem.allocate_tensor(Float32, cute.make_layout(NW * DC), byte_alignment=16)
+        s_w = smem.allocate_tensor(Float32, cute.make_layout(NW), byte_alignment=16)
         mx = -Float32.inf
         for s in cutlass.range(tid, NS, NT, unroll=1):
             mx = cute.arch.fmax(mx, mLse[b, hq, s])
@@ -596,24 +667,23 @@ class ThriftDecodeCombine:
         mx = s_red[0]
         for i in cutlass.range_constexpr(1, NW):
             mx = cute.arch.fmax(mx, s_red[i])
-        rr = tid // D
-        d = tid % D
+        d = dc * DC + lane
         acc = Float32(0.0)
         wsum = Float32(0.0)
         if mx > -Float32.inf:
-            for s in cutlass.range(rr, NS, R, unroll=4):
+            for s in cutlass.range(warp, NS, NW, unroll=4):
                 w = ex2((mLse[b, hq, s] - mx) * Float32(LOG2E))
                 wsum = wsum + w
                 acc = acc + w * mOp[b, hq, s, d]
         s_acc[tid] = acc
-        if d == 0:
-            s_w[rr] = wsum
+        if lane == 0:
+            s_w[warp] = wsum
         cute.arch.sync_threads()
-        if rr == 0:
+        if warp == 0:
             tot = Float32(0.0)
             wt = Float32(0.0)
-            for i in cutlass.range_constexpr(R):
-                tot = tot + s_acc[i * D + d]
+            for i in cutlass.range_constexpr(NW):
+                tot = tot + s_acc[i * DC + lane]
                 wt = wt + s_w[i]
             out = Float32(0.0)
             lse = -Float32.inf
@@ -621,7 +691,7 @@ class ThriftDecodeCombine:
                 out = tot / wt
                 lse = mx + lg2(wt) * Float32(LN2)
             mO[b, 0, hq, d] = out.to(mO.element_type)
-            if d == 0:
+            if (lane == 0) & (dc == 0):
                 mLseOut[b, hq] = lse
 
 
@@ -646,13 +716,13 @@ def fake_args(head_dim: int, num_kv_heads: int, group: int, dtype_name: str):
 
 
 def compile_decode(head_dim: int, num_kv_heads: int, group: int, dtype_name: str = "f16", arch: int = 90,
-                   tvm_ffi: bool = False):
+                   tvm_ffi: bool = False, prefetch: int = DEFAULT_PREFETCH):
     """cute.compile the decode and combine kernels for the current DSL target. Returns (decode, combine)."""
     dec_args, comb_args = fake_args(head_dim, num_kv_heads, group, dtype_name)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True) if tvm_ffi else cute.runtime.make_fake_stream()
     opts = "--enable-tvm-ffi" if tvm_ffi else None
     kw = {"options": opts} if opts else {}
     bf = dtype_name == "bf16"
-    dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch), *dec_args, Float32(1.0), Int32(1), stream, **kw)
+    dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch, prefetch), *dec_args, Float32(1.0), Int32(1), stream, **kw)
     comb = cute.compile(ThriftDecodeCombine(head_dim, bf), *comb_args, stream, **kw)
     return dec, comb

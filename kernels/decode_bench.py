@@ -30,15 +30,47 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", type=int, nargs="*", default=[],
-                    help="also time B=1, L=max(lens), budget 0.05 with these num_splits (kernel only)")
+                    help="also time B=1, L=max(lens), budget 0.05 with these num_splits x --prefetch (kernels only)")
+    ap.add_argument("--prefetch", type=int, nargs="*", default=[],
+                    help="also time budget 0.05 of every shape with these L2 prefetch distances (0 = off)")
     args = ap.parse_args(argv)
 
+    from kernels.decode import DEFAULT_PREFETCH, compile_decode
     from kernels.decode_interface import _arch, _get_kernels, decode_fwd, plan_splits, select_decode_blocks, thrift_decode
     from kernels.kv_cache import BLOCK, ThriftKVCache, tile_bytes
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     rows = []
+    variants = {}
+
+    def kernels_pf(pf):  # (decode, combine) compiled with L2 prefetch distance pf
+        if pf == DEFAULT_PREFETCH:
+            return _get_kernels(args.d, args.hkv, args.hq // args.hkv, torch.bfloat16, _arch(dev))
+        if pf not in variants:
+            variants[pf] = compile_decode(args.d, args.hkv, args.hq // args.hkv, "bf16", _arch(dev), tvm_ffi=True,
+                                          prefetch=pf)
+        return variants[pf]
+
+    def time_pair(pf, flags, ns_, tps_):
+        kd_, kc_ = kernels_pf(pf)
+        op_ = torch.empty((B, HQ, ns_, D), dtype=torch.float32, device=dev)
+        lp_ = torch.empty((B, HQ, ns_), dtype=torch.float32, device=dev)
+        oo_ = torch.empty((B, 1, HQ, D), dtype=dt, device=dev)
+        lo_ = torch.empty((B, HQ), dtype=torch.float32, device=dev)
+
+        def fn():
+            kd_(cache.tiles, cache.k16, cache.v16, q16, flags, lens, op_, lp_, scale * math.log2(math.e), tps_)
+            kc_(op_, lp_, oo_, lo_)
+        return _bench(fn)
+
+    def dump(partial):
+        if args.out:
+            res = dict(device=props.name, sms=props.multi_processor_count, copy_GBs=copy_gbs, rows=rows,
+                       default_prefetch=DEFAULT_PREFETCH, partial=partial,
+                       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+            with open(args.out, "w") as fh:
+                json.dump(res, fh, indent=1)
     # device-to-device copy bandwidth (read + write bytes)
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
@@ -119,20 +151,21 @@ def main(argv=None):
                 row[f"b{bud}_GBs"] = must / (tk * 1e-3) / 1e9
                 row[f"b{bud}_MB"] = must / 1e6
             row["splits"] = ns
+            if args.prefetch:
+                flags = select_decode_blocks(q, cache, 0.05)
+                for pf in args.prefetch:
+                    row[f"b0.05_pf{pf}_kernel_ms"] = time_pair(pf, flags, ns, tps)
             if args.sweep and B == 1 and L == max(args.lens):
                 flags = select_decode_blocks(q, cache, 0.05)
                 for n in args.sweep:
                     n2, t2 = plan_splits(-(-L // BLOCK), B, H, props.multi_processor_count, {"num_splits": n})
-                    row[f"sweep_ns{n2}_ms"] = _bench(lambda: decode_fwd(q16, cache.tiles, cache.k16, cache.v16,
-                                                                         flags, lens, scale, n2, t2))
+                    for pf in (args.prefetch or [DEFAULT_PREFETCH]):
+                        row[f"sweep_ns{n2}_pf{pf}_ms"] = time_pair(pf, flags, n2, t2)
             rows.append(row)
             print(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}), flush=True)
+            dump(partial=True)
             del cache
-    res = dict(device=props.name, sms=props.multi_processor_count, copy_GBs=copy_gbs, rows=rows,
-               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+    dump(partial=False)
     return 0
 
 
