@@ -343,8 +343,8 @@ def main(args) -> int:
     for ctx, nw in zip(args.contexts, windows_per):
         starts = res["windows"].get(str(ctx)) or make_windows(len(ids), ctx + 1, nw, args.seed)
         res["windows"][str(ctx)] = starts
-        for w in range(len(starts)):
-            for v in variants:
+        for v in variants:  # variant-major: each variant's windows finish together (partial runs stay usable)
+            for w in range(len(starts)):
                 units.append(("nll", ctx, w, v))
     if not args.no_passkey:
         for L in args.passkey_lengths:
@@ -354,9 +354,9 @@ def main(args) -> int:
     for ctx in (args.extra_contexts or args.contexts):
         if str(ctx) not in res["windows"]:
             continue
-        for w in range(len(res["windows"][str(ctx)])):
-            for v in args.extra_variants:
-                if v not in variants:
+        for v in args.extra_variants:
+            if v not in variants:
+                for w in range(len(res["windows"][str(ctx)])):
                     units.append(("nll", ctx, w, v))
 
     def done(u):
