@@ -1,6 +1,7 @@
 """kernels package: ThriftAttention CuTe DSL kernels.
 
-`thrift_attention` (the fused prefill) is exported lazily so `import kernels` works without cutlass or CUDA.
+`thrift_attention` (the fused prefill) and `thrift_decode` (split-KV decode over `kernels.kv_cache.ThriftKVCache`)
+are exported lazily so `import kernels` works without cutlass or CUDA.
 """
 
 
@@ -9,7 +10,11 @@ def __getattr__(name):
         from kernels.interface import thrift_attention
 
         return thrift_attention
+    if name == "thrift_decode":
+        from kernels.decode_interface import thrift_decode
+
+        return thrift_decode
     raise AttributeError(f"module 'kernels' has no attribute {name!r}")
 
 
-__all__ = ["thrift_attention"]
+__all__ = ["thrift_attention", "thrift_decode"]
