@@ -35,22 +35,16 @@ def main(argv=None):
                     help="also time budget 0.05 of every shape with these L2 prefetch distances (0 = off)")
     args = ap.parse_args(argv)
 
-    from kernels.decode import DEFAULT_PREFETCH, compile_decode
+    from kernels.decode import DEFAULT_PREFETCH
     from kernels.decode_interface import _arch, _get_kernels, decode_fwd, plan_splits, select_decode_blocks, thrift_decode
     from kernels.kv_cache import BLOCK, ThriftKVCache, tile_bytes
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     rows = []
-    variants = {}
 
     def kernels_pf(pf):  # (decode, combine) compiled with L2 prefetch distance pf
-        if pf == DEFAULT_PREFETCH:
-            return _get_kernels(args.d, args.hkv, args.hq // args.hkv, torch.bfloat16, _arch(dev))
-        if pf not in variants:
-            variants[pf] = compile_decode(args.d, args.hkv, args.hq // args.hkv, "bf16", _arch(dev), tvm_ffi=True,
-                                          prefetch=pf)
-        return variants[pf]
+        return _get_kernels(args.d, args.hkv, args.hq // args.hkv, torch.bfloat16, _arch(dev), pf)
 
     def time_pair(pf, flags, ns_, tps_):
         kd_, kc_ = kernels_pf(pf)
