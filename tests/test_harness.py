@@ -391,11 +391,13 @@ ptxas info    : Used 168 registers, used 1 barriers, 512 bytes smem, 400 bytes c
 
 @pytest.mark.compile
 def test_static_report_compiles_for_both_archs():
-    """The real thing: compile the demo kernel (and the SM120 FP4 tile where present) for sm_120a and sm_90a
-    in subprocesses, run ptxas on the PTX, and read registers, smem and the MMA mix."""
+    """The real thing: compile the demo kernel, the project's quantizer and decode kernels (and the SM120 FP4 tile)
+    for sm_120a and sm_90a in subprocesses, run ptxas on the PTX, and read registers, smem and the MMA mix.
+    (The fused prefill takes minutes to compile; tests/test_prefill_compile.py covers it.)"""
     from profiling.resources import collect, format_rows
 
-    rows = collect(("sm_120a", "sm_90a"), kernels=["demo_gemm", "fp4_tile_sm120"], schedules=["t64", "d128_nvfp4"])
+    rows = collect(("sm_120a", "sm_90a"), kernels=["demo_gemm", "fp4_tile_sm120", "quant", "decode"],
+                   schedules=["t64", "d128_nvfp4", "d128_bf16", "d128_kv8_g4"])
     text = format_rows(rows)
     print(text)
     ok = [r for r in rows if r["status"] == "ok"]
@@ -407,6 +409,16 @@ def test_static_report_compiles_for_both_archs():
         assert r["smem_dynamic"] == 2 * 64 * 32 * 2  # sA + sB fp16 slabs
         assert r["mma_mix"] == {"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32": 16}
         assert r["ctas_per_sm"] >= 1 and r["limiter"] in ("regs", "smem", "warps", "cta_cap")
+    # the project's own kernels (quantizer, split-KV decode + combine) on both archs
+    for arch in ("sm_120a", "sm_90a"):
+        for kern in ("quant", "decode"):
+            got = [r for r in ok if r["arch"] == arch and r["kernel"] == kern]
+            assert got, f"{kern} did not compile for {arch}:\n{text}"
+            for r in got:
+                assert r["registers"] > 0 and r["threads"] > 0 and r["spill_stores"] is not None
+                assert r["ctas_per_sm"] >= 1
+        dec_mma = [k for r in ok if r["arch"] == arch and r["kernel"] == "decode" for k in r["mma_mix"]]
+        assert any(k.startswith("mma.sync.aligned.m16n8k16") for k in dec_mma), text
     tile = [r for r in ok if r["kernel"] == "fp4_tile_sm120"]
     if tile:  # SM120 block-scaled MMA shows up in the mix
         assert tile[0]["arch"] == "sm_120a"
