@@ -377,6 +377,9 @@ class ThriftDecodeSplitKV:
                                scale_log2)
             cute.arch.sync_warp()  # every lane is done with this stage before it is refilled
         cute.arch.cp_async_wait_group(0)
+        # PDL: the combine grid may launch once every CTA got here; its griddepcontrol.wait still waits for this
+        # grid's completion and memory flush, so it only overlaps the launch latency with our epilogues.
+        cute.arch.griddepcontrol_launch_dependents()
 
         # ---- epilogue: O/l and LSE of this split
         for ng in cutlass.range_constexpr(NG):
@@ -628,7 +631,8 @@ class ThriftDecodeCombine:
     One CTA of 256 threads per (query head, sequence, 32-channel slice of D) -- B*Hq*D/32 CTAs, so B=1 still
     spreads over 128 CTAs (D=128): the LSE max is a block reduction over the NS split LSEs; warp w then sums
     splits w, w+8, ... of its slice (lane = channel: 128-byte coalesced rows, 4 loads in flight), and warp 0 adds
-    the 8 partial sums. Splits with lse = -inf (no tiles) contribute nothing."""
+    the 8 partial sums. Splits with lse = -inf (no tiles) contribute nothing. Launched with programmatic dependent
+    launch (sm_90+): it starts while the split kernel's last CTAs finish and waits (griddepcontrol.wait) for them."""
 
     NT = 256
     DC = 32  # channels per CTA
@@ -641,7 +645,8 @@ class ThriftDecodeCombine:
         NW = self.NT // 32
         smem_bytes = 4 * (NW + NW * self.DC + NW) + 3 * 128
         self.kernel(mOp, mLse, mO, mLseOut).launch(grid=(mOp.shape[1], mOp.shape[0], self.D // self.DC),
-                                                   block=(self.NT, 1, 1), smem=smem_bytes, stream=stream)
+                                                   block=(self.NT, 1, 1), smem=smem_bytes, stream=stream,
+                                                   use_pdl=True)
 
     @cute.kernel
     def kernel(self, mOp: cute.Tensor, mLse: cute.Tensor, mO: cute.Tensor, mLseOut: cute.Tensor):
@@ -652,6 +657,7 @@ class ThriftDecodeCombine:
         lane = tid % 32
         warp = tid // 32
         NS = mLse.shape[2]
+        cute.arch.griddepcontrol_wait()  # launched with PDL behind the split kernel: its results are visible after
         smem = cutlass.utils.SmemAllocator()
         s_red = smem.allocate_tensor(Float32, cute.make_layout(NW), byte_alignment=16)
         s_acc = smem.allocate_tensor(Float32, cute.make_layout(NW * DC), byte_alignment=16)
