@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
+import os
 import threading
 from typing import Any
 
@@ -189,7 +191,11 @@ _TILE_CHUNK = 1 << 16  # tiles per fused call (fixed shape: one compile per p_ti
 
 
 def _qp_fn(p_tile: int):
+    """The fused quantizer for p_tile: torch.compile'd (C++ via inductor) unless THRIFT_COMPILE=0 or compilation
+    fails; the eager function computes the same bits, only slower."""
     fn = _COMPILED.get(p_tile)
+    if fn is None and os.environ.get("THRIFT_COMPILE", "1") == "0":
+        fn = _COMPILED[p_tile] = _qp_nvfp4_tiles
     if fn is None:
         with _COMPILE_LOCK:
             try:
@@ -681,9 +687,10 @@ def smollm2_path() -> tuple[str, str]:
     return folder, SMOLLM2_GGUF
 
 
+@functools.lru_cache(maxsize=2)
 def load_smollm2(dtype=torch.float32, device="cpu"):
     """(model, tokenizer): SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 kv heads, head_dim 64, context 8192),
-    dequantized from the Q4_1 GGUF by transformers (needs `gguf` and `accelerate`), eval mode."""
+    dequantized from the Q4_1 GGUF by transformers (needs `gguf` and `accelerate`), eval mode. Cached per process."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, f = smollm2_path()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=f)
