@@ -250,7 +250,7 @@ def _keep(name: str, schedule: str, kernels, schedules) -> bool:
 
 
 def _worker(arch: str, json_out: str, kernels: Optional[Sequence[str]], demo: bool,
-            schedules: Optional[Sequence[str]] = None) -> int:
+            schedules: Optional[Sequence[str]] = None, quick: bool = False) -> int:
     """Runs in a subprocess whose CUTE_DSL_* env is already set: compile each target, write rows as JSON."""
     sys.path.insert(0, ROOT)
     from profiling import compile_targets as ct
@@ -262,9 +262,13 @@ def _worker(arch: str, json_out: str, kernels: Optional[Sequence[str]], demo: bo
         if kernels and not any(s.kernel.startswith(k) for k in kernels):
             continue
         rows.append({"arch": arch, "kernel": s.kernel, "schedule": s.schedule, "status": "skip", "note": s.reason})
+    seen = set()
     for t in targets:
         if not _keep(t.kernel, t.schedule, kernels, schedules):
             continue
+        if quick and t.kernel in seen:  # --quick: the first (default) schedule of each kernel only
+            continue
+        seen.add(t.kernel)
         base = {"arch": arch, "kernel": t.kernel, "schedule": t.schedule}
         t0 = time.time()
         try:
@@ -285,7 +289,7 @@ def _worker(arch: str, json_out: str, kernels: Optional[Sequence[str]], demo: bo
 
 def collect(archs: Sequence[str] = DEFAULT_ARCHS, *, kernels: Optional[Sequence[str]] = None, demo: bool = True,
             keep_dir: Optional[str] = None, timeout: float = 900.0,
-            schedules: Optional[Sequence[str]] = None) -> List[dict]:
+            schedules: Optional[Sequence[str]] = None, quick: bool = False) -> List[dict]:
     """Compile every target for every arch (one subprocess per arch) and return the rows."""
     rows: List[dict] = []
     for arch in archs:
@@ -304,6 +308,8 @@ def collect(archs: Sequence[str] = DEFAULT_ARCHS, *, kernels: Optional[Sequence[
             cmd += ["--no-demo"]
         if schedules:
             cmd += ["--schedules", ",".join(schedules)]
+        if quick:
+            cmd += ["--quick"]
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0 or not os.path.exists(out_json):
             tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
@@ -368,6 +374,8 @@ def main(argv=None) -> int:
                     help="comma-separated kernel name prefixes to keep (e.g. prefill,decode)")
     ap.add_argument("--schedules", type=lambda s: [x for x in s.split(",") if x],
                     help="comma-separated schedule name prefixes to keep (e.g. m64_w4_s2)")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the first (default) schedule of each kernel and no demo kernel (a fast overview)")
     ap.add_argument("--no-demo", action="store_true", help="leave out the built-in demo kernel")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--keep", help="keep PTX/cubin dumps under this folder (one subfolder per arch)")
@@ -375,10 +383,10 @@ def main(argv=None) -> int:
     ap.add_argument("--_json-out", dest="json_out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
-        return _worker(args.arch[0], args.json_out, args.kernels, not args.no_demo, args.schedules)
+        return _worker(args.arch[0], args.json_out, args.kernels, not args.no_demo, args.schedules, args.quick)
     archs = args.arch or list(DEFAULT_ARCHS)
-    rows = collect(archs, kernels=args.kernels, demo=not args.no_demo, keep_dir=args.keep,
-                   schedules=args.schedules)
+    rows = collect(archs, kernels=args.kernels, demo=not (args.no_demo or args.quick), keep_dir=args.keep,
+                   schedules=args.schedules, quick=args.quick)
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:
