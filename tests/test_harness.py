@@ -296,8 +296,9 @@ def test_nvtx_nesting_matches_ncu_paths(monkeypatch):
 def test_heatmap_tiny(tmp_path):
     from harness.__main__ import main
 
+    # the built-in structured workload at a tiny size (200 tokens: 4 blocks, the last one partial)
     rc = main(["heatmap", "--seq-len", "200", "--heads", "2", "--kv-heads", "1", "--head-dim", "32",
-               "--workload", "random", "--budget", "0.3", "--out", str(tmp_path)])
+               "--workload", "builtin", "--budget", "0.3", "--out", str(tmp_path)])
     assert rc == 0
     import numpy as np
 
