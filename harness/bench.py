@@ -86,6 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-heads", type=int, default=8, help="KV heads (GQA; default 8)")
     g.add_argument("--head-dim", type=int, default=128, help="head dim D (default 128)")
     g.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    g.add_argument("--inputs", choices=("randn", "workload"), default="randn",
+                   help="N(0,1) Q/K/V (default) or the built-in structured long-context workload "
+                        "(harness.workload: sinks, local band, needles; generated on the CPU, ~6 s per 2k tokens "
+                        "x 32 heads per input set, so pair long sequences with --rotate 1)")
     g.add_argument("--no-causal", dest="causal", action="store_false", help="non-causal (default causal)")
     g.add_argument("--config", help="JSON file with keys prefill/decode/budgets/variants/dtype/causal")
     g = p.add_argument_group("variants")
@@ -216,8 +220,22 @@ def _fp16_fraction(p: bl.Problem, budget: Optional[float]) -> float:
     return rf.fp16_fraction_for_budget(nqb, nkb, k, p.causal)
 
 
-def _make_inputs(p: bl.Problem, n_sets: int, seed: int, device: str = "cuda"):
+def _make_inputs(p: bl.Problem, n_sets: int, seed: int, device: str = "cuda", kind: str = "randn"):
+    """n_sets independent (q, k, v) on `device`: N(0, 1) ('randn') or the built-in long-context workload
+    ('workload': harness.workload.make_workload, generated on the CPU; decode takes the last query rows)."""
     import torch
+
+    if kind == "workload":
+        from harness.workload import make_workload
+
+        out = []
+        for i in range(n_sets):
+            q, k, v = make_workload(p.skv, batch=p.b, heads_q=p.hq, heads_kv=p.hkv, head_dim=p.d,
+                                    dtype=p.torch_dtype(), seed=(seed + i) % (2 ** 31))
+            out.append((q[:, p.skv - p.sq:].contiguous().to(device), k.to(device), v.to(device)))
+        return out
+    if kind != "randn":
+        raise ValueError(f"inputs: expected 'randn' or 'workload', got {kind!r}")
 
     gen = torch.Generator(device=device).manual_seed(seed)
     dt = p.torch_dtype()
@@ -284,6 +302,7 @@ def run(args) -> int:
     out_dir = args.out or rp.results_dir()
     os.makedirs(out_dir, exist_ok=True)
     meta = {"argv": sys.argv, "started_utc": rp.utc_stamp(), "budgets": args.budgets,
+            "inputs": getattr(args, "inputs", "randn"),
             "skipped_variants": [{"name": s.name, "reason": s.reason} for s in skipped]}
     rows: List[dict] = []
 
@@ -342,7 +361,8 @@ def run(args) -> int:
         flusher = L2Flusher()
 
     for p in problems:
-        sets = _make_inputs(p, 1 if args.profile else _n_rotate(p, args.rotate), seed, args.device)
+        sets = _make_inputs(p, 1 if args.profile else _n_rotate(p, args.rotate), seed, args.device,
+                            getattr(args, "inputs", "randn"))
         ref = None
         if args.ref != "none" and not args.profile:
             q, k, v = sets[0]

@@ -104,6 +104,17 @@ def test_bench_pipeline_end_to_end_on_cpu(tmp_path):
     assert 1e-3 < rows["thrift-ref-f0.5"]["rel_l2"] < 0.5  # FP4 on half the blocks
 
 
+def test_workload_inputs_shapes():
+    p = bl.Problem("decode", 2, 1, 130, 4, 2, 32)
+    sets = bench._make_inputs(p, 2, seed=5, device="cpu", kind="workload")
+    assert len(sets) == 2
+    q, k, v = sets[0]
+    assert q.shape == (2, 1, 4, 32) and k.shape == v.shape == (2, 130, 2, 32) and q.dtype == p.torch_dtype()
+    assert not (sets[0][1] == sets[1][1]).all()  # rotated sets differ
+    with pytest.raises(ValueError, match="inputs"):
+        bench._make_inputs(p, 1, seed=0, device="cpu", kind="zeros")
+
+
 # ----------------------------------------------------------------------------------------------- discovery
 
 def test_discovery_gives_a_reason_for_every_skip():
