@@ -45,7 +45,7 @@ class Problem:
 
     @property
     def tag(self) -> str:
-        from .nvtx_ranges import shape_tag
+        from profiling.nvtx_ranges import shape_tag
 
         return shape_tag(self.b, self.sq, self.skv, self.hq, self.hkv, self.d, causal=self.causal)
 

@@ -13,7 +13,7 @@ project's thrift kernels at each FP16 budget, budget 0 = fp4-only with SageAtten
   matmul) or a datasheet entry (``--ceilings rtx-5090``), and measured / floor.
 
 Every timed call sits in NVTX ranges ``<variant>/<phase>/<shape>`` (nested push/pop ranges, see
-harness/nvtx_ranges.py), so ``nsys profile -t cuda,nvtx`` and ``ncu --nvtx --nvtx-include "<variant>/attention/"``
+profiling/nvtx_ranges.py), so ``nsys profile -t cuda,nvtx`` and ``ncu --nvtx --nvtx-include "<variant>/attention/"``
 work; ``--profile`` runs each selected variant a few times without reference or timing, for ncu.
 
 Output: a printed table, results.json, results.csv, table.txt and PNG plots (speed vs sequence length, error vs
@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence
 from . import baselines as bl
 from . import report as rp
 from . import roofline as rf
-from .nvtx_ranges import phase, variant_scope
+from profiling.nvtx_ranges import phase, variant_scope
 
 DEFAULT_PREFILL_SEQLENS = (1024, 2048, 4096, 8192, 16384)
 DEFAULT_DECODE_SEQLENS = (4096, 16384, 65536)

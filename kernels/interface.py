@@ -16,6 +16,7 @@ import torch
 from kernels._validate import KERNEL_DTYPES, KERNEL_HEAD_DIMS, SELECTION_METHODS, check_bool, check_budget, \
     check_choice, check_qkv, softmax_scale_or_default
 from kernels.schedules import PrefillSchedule, get_schedule
+from profiling.nvtx_ranges import phase  # NVTX "<variant>/<phase>/<shape>" ranges (no-op without a profiler)
 
 MIN_ARCH = 90  # the SM90 decode path uses cvt.e4m3x2 (sm_89+) and mul.bf16x2 (sm_90+)
 _PREFILL_CACHE: dict = {}
@@ -110,8 +111,10 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
     arch = _arch(q.device)
     schedule.validate_for(D, arch)
     nkb = -(-Skv // 64)
-    Qp, Qs, Kp, Ks, Vp, Vs, _ = quantize_for_prefill(q, k, v)
-    mask = selection_bitmask(sel, nkb)
+    with phase("quantize"):
+        Qp, Qs, Kp, Ks, Vp, Vs, _ = quantize_for_prefill(q, k, v)
+    with phase("select"):
+        mask = selection_bitmask(sel, nkb)
     if sel.shape[3] == 0:
         sel = torch.full((B, Hq, sel.shape[2], 1), -1, dtype=torch.int32, device=q.device)
     if out is None:
@@ -128,7 +131,8 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
     if fn is None:
         kern = ThriftPrefillKernel(_torch_to_cutlass(q.dtype), D, causal, schedule, arch, fmt=fmt)
         fn = _PREFILL_CACHE[key] = cute.compile(kern, *args, sl2, ratio, _stream())
-    fn(*args, sl2, ratio, _stream())
+    with phase("attention"):
+        fn(*args, sl2, ratio, _stream())
     return out, lse
 
 
@@ -139,7 +143,8 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float
 
     tm, tn, nw, st, ms = (int(x) for x in schedule.split(","))
     sch = PrefillSchedule(tile_m=tm, tile_n=tn, num_warps=nw, stages=st, mask_split=bool(ms))
-    sel = select_blocks(q, k, budget=budget, causal=causal, method=selection)
+    with phase("select"):
+        sel = select_blocks(q, k, budget=budget, causal=causal, method=selection)
     return _run_prefill(q.contiguous(), k.contiguous(), v.contiguous(), sel, causal, softmax_scale, sch, fmt)
 
 

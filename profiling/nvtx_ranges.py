@@ -9,7 +9,7 @@ show up as a three-row stack (variant, phase, shape).
 
 Usage (kernels' entry points, cheap when no profiler is attached):
 
-    from harness.nvtx_ranges import phase, nvtx_range, annotate
+    from profiling.nvtx_ranges import phase, nvtx_range, annotate
 
     with phase("quantize"):          # -> "<variant>/quantize/<shape>" from the enclosing variant_scope
         ...

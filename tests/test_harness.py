@@ -14,7 +14,8 @@ import random
 import pytest
 
 from harness import baselines as bl
-from harness import bench, report, roofline, nvtx_ranges
+from harness import bench, report, roofline
+from profiling import nvtx_ranges
 
 
 def _parser():

@@ -64,7 +64,7 @@ if [ -z "${MATCH+x}" ]; then
     *) MATCH= ;;
   esac
 fi
-# the full range path <variant>/<phase>/<shape>/ (the shape tag as harness.nvtx_ranges.shape_tag writes it);
+# the full range path <variant>/<phase>/<shape>/ (the shape tag as profiling.nvtx_ranges.shape_tag writes it);
 # SHORT=1 filters on "<variant>/<phase>/" only (any shape)
 IFS=, read -r B SQ SKV HQ HKV D <<< "$SHAPE"
 TAG="b${B}_sq${SQ}_skv${SKV}_h${HQ}_kv${HKV}_d${D}_${CAUSAL_TAG:-c}"
