@@ -196,9 +196,9 @@ def _resources() -> None:
     except ImportError as e:
         print(f"compile-only kernel report: profiling.resources not available ({e}); skipped")
         return
-    print("\nCompile-only kernel report (python -m profiling.resources):", flush=True)
+    print("\nCompile-only kernel report (python -m profiling.resources --quick; drop --quick for every schedule):", flush=True)
     try:
-        rc = resources.main([])
+        rc = resources.main(["--quick"])  # default schedules (~40 s); all schedules: python -m profiling.resources
         if rc:
             print(f"compile-only kernel report: exited with status {rc}")
     except SystemExit as e:  # argparse or an explicit exit inside the report
