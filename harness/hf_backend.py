@@ -553,13 +553,15 @@ def _dispatch(q, k, v, cfg: ThriftConfig, *, causal: bool, scale, layer_idx=None
     if cfg.mode == "thrift" and _kernels_usable(q, cfg):
         Sq = q.shape[1]
         cache = getattr(_STATE, "cache", None)
-        if Sq == 1 and cache is not None and layer_idx is not None and cache.fp4_layer(layer_idx) is not None:
+        fp4 = cache.fp4_layer(layer_idx) if (cache is not None and layer_idx is not None) else None
+        if Sq == 1 and causal and fp4 is not None and fp4.batch == q.shape[0] and fp4.lengths == [k.shape[1]] * fp4.batch:
+            # Decode over the FP16 + FP4 mirror (kernel selection rule: per KV head, complete blocks, the partial
+            # last block in FP16 -- see kernels/decode_interface.py).
             from kernels.decode_interface import thrift_decode
-            return thrift_decode(q, cache.fp4_layer(layer_idx), budget=cfg.budget, selection=cfg.selection,
-                                 softmax_scale=scale)
+            return thrift_decode(q.contiguous(), fp4, budget=cfg.budget, selection=cfg.selection, softmax_scale=scale)
         from kernels.interface import thrift_attention
-        return thrift_attention(q, k, v, budget=cfg.budget, causal=causal, selection=cfg.selection, fmt=cfg.fmt,
-                                softmax_scale=scale)
+        return thrift_attention(q.contiguous(), k.contiguous(), v.contiguous(), budget=cfg.budget, causal=causal,
+                                selection=cfg.selection, fmt=cfg.fmt, softmax_scale=scale)
     return emulated_attention(q, k, v, cfg, causal=causal, softmax_scale=scale)
 
 
