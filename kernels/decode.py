@@ -14,12 +14,39 @@ share the CTA, so each cache byte is read once. The warp streams its 64-token ti
   * FP16 tiles (selected blocks, and the partial last block which is always FP16): K and V read straight from
     the 16-bit cache with 16-byte loads (keys beyond the length predicated off -> S = -inf, V = 0),
     S = q.k in fp32, P~ = exp(S - m) rounded to the input dtype, O^T += V^T P~^T.
-Partial results (O/l, LSE) of each split go to an fp32 workspace; a second small kernel combines the splits
-through their LSEs. Softmax runs in the log2 domain; l sums the unquantized P~ (as the reference).
+Which tiles are FP4 is known up front: the CTA turns its selection flags into warp ballots, 32 tiles per
+global load (a 64-bit window), instead of a dependent flag load before every copy. An optional L2 bulk prefetch
+of tile it+d (`prefetch`, schedule key) exists but is off: it measured slower on an H100 at every shape.
+Partial results (O/l, LSE) of each split go to an fp32 workspace; a second small kernel (B*Hq*D/32 CTAs,
+programmatic dependent launch) combines the splits through their LSEs. Softmax runs in the log2 domain; l sums
+the unquantized P~ (as the reference).
 
 Arch difference (kept in `fp4_math_path`): both sm_90a and sm_120a run the register-decode path above
-(mma.sync f16, movmatrix, cvt e4m3x2 need sm_89+). The sm_120a block-scaled MMA (MmaMXF4NVF4Op) for the FP4
-tiles is NOT wired into decode yet -- see the report in profiling/RESULTS.md (decode section).
+(mma.sync f16, movmatrix, cvt e4m3x2 need sm_89+). The sm_120a block-scaled MMA (kernels/fp4_mma_sm120.py,
+`Sm120Fp4AttnTile`, kind::mxf4nvf4.block_scale) is NOT wired in. Why, precisely, and what it would take:
+  1. Thread shape. The helper is a 4-warp (128-thread) 64-query x 64-key tile: its tiled MMA repeats the
+     m16n8k64 atom over 4 warps along M and load_q/qk/pv partition by tidx in [0, 128). A decode CTA is one
+     warp holding the G <= 16 query heads of one KV head. It fits dimensionally (M = 16 padded query heads,
+     N = keys; the padding is free in a memory-bound kernel), but needs a 1-warp variant of the helper (tiled
+     MMA layout (1,1,1), permutation (16, 16, 64)); that file is another helper's.
+  2. Shared-memory layout. The helper ldmatrix-reads K as row-major [64 keys, D/2 B] with a 16-byte-chunk XOR
+     swizzle (+ scales [64, D/16] row-major) and V^T as [D, 32 B] Sw<1,4,3> (+ scales [D, 4]). The cache's decode
+     tile is an m16n8k16 fragment image (kv_cache.py): K codes [j][lane][D/8 B], V codes [dt][lane][hh][8 B],
+     scales per lane. The cache need not change -- the re-layout can happen in the copy: for D=128 each 16-byte
+     K chunk (row key(c,r,h), channels 32t..32t+31) is exactly one swizzled 16-byte chunk (row, t) of sK, so the
+     cp.async just gets a computed destination; V pieces are 8 bytes (channel drow, keys 16t..16t+15) -> 8-byte
+     cp.async (2x the copies; D=64 K likewise); the 1-2-byte scale pieces are below cp.async's 4-byte minimum
+     -> copy raw, then a per-lane register scatter (16 B of K and 16 B of V scales per lane) into sKs/sVs. Rows
+     can go in natural key order (quantize_p_natural, +24 shuffles per tile) or in the helper's permuted order
+     (quantize_p).
+  3. Orientation. The decode keeps S^T = K Q^T and O^T = V^T P^T (keys / channels on M, heads on columns 2t+e),
+     shared with the FP16 tile path (selected and partial blocks) and the epilogue. The block-scaled MMA takes Q
+     as the A operand, so S, P and O come out as [heads x keys] / [heads x D] (heads on rows r, r+8). One
+     orientation must hold the running (m, l, O) of both tile kinds: the FP16 path (S = Q K^T with K rows from
+     global as B fragments, O += P V with prmt-paired V words as B fragments) and the epilogue must be rewritten
+     for it. Numerics already agree (NVFP4 E4M3 per 16 along K = scale_vec::4X; the same two-level P).
+  Estimate: about a day of work (1-warp helper variant, copy-time re-layout with the scale scatter, FP16 path
+  and epilogue re-oriented, compile test asserting kind::mxf4nvf4.block_scale), then validation on an SM120 GPU.
 """
 from __future__ import annotations
 
@@ -37,7 +64,10 @@ from .kv_cache import tile_bytes
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 P_SCALE = 448.0 * 6.0  # two-level P: x = P~ / s1, s1 = rowmax / (448 * 6)
-DEFAULT_PREFETCH = 2  # L2 prefetch distance in tiles (tile it+2 -> L2 while tile it+1 -> smem, tile it computed)
+# L2 bulk prefetch distance in tiles (0 = off; d >= 2: tile it+d -> L2 while tile it+1 -> smem by cp.async).
+# Off by default: on an H100 (2026-11-22, profiling/RESULTS.md decode section) distances 2/3/4 were slower at every
+# shape, more so the deeper (B=8, 128k, budget 0.05: 547 / 630 / 719 / 821 us for 0 / 2 / 3 / 4).
+DEFAULT_PREFETCH = 0
 
 
 def fp4_math_path(arch: int) -> str:
@@ -261,7 +291,11 @@ class ThriftDecodeSplitKV:
         hkv = mTiles.shape[2]
         nsplit = mLse.shape[2]
         self.kernel(mTiles, mK16, mV16, mQ16, mFlags, mLens, mOp, mLse, scale_log2, tiles_per_split).launch(
-            grid=(nsplit, hkv, B), block=(32, 1, 1), smem=2 * self.TB + 128, stream=stream)
+            grid=(nsplit, hkv, B), block=(32, 1, 1), smem=2 * self.TB + 128, stream=stream,
+            # G > 8 (two n8 head tiles): .minnctapersm 1 lets ptxas use the whole register file -- without it
+            # sm_120a D=64 G=16 spilled 24 B at 168 registers. Not for G <= 8: there ptxas then takes 255
+            # registers instead of ~161 and 11 one-warp CTAs per SM no longer fit.
+            min_blocks_per_mp=1 if self.NG == 2 else 0)
 
     @cute.kernel
     def kernel(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor,

@@ -31,6 +31,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", type=int, nargs="*", default=[],
                     help="also time B=1, L=max(lens), budget 0.05 with these num_splits x --prefetch (kernels only)")
+    ap.add_argument("--ctas-per-sm", type=int, nargs="*", default=[],
+                    help="also time budget 0.05 of every shape with the splits planned for these CTAs per SM")
     ap.add_argument("--prefetch", type=int, nargs="*", default=[],
                     help="also time budget 0.05 of every shape with these L2 prefetch distances (0 = off)")
     args = ap.parse_args(argv)
@@ -149,6 +151,11 @@ def main(argv=None):
                 flags = select_decode_blocks(q, cache, 0.05)
                 for pf in args.prefetch:
                     row[f"b0.05_pf{pf}_kernel_ms"] = time_pair(pf, flags, ns, tps)
+            if args.ctas_per_sm:
+                flags = select_decode_blocks(q, cache, 0.05)
+                for c_ in args.ctas_per_sm:
+                    n2, t2 = plan_splits(-(-L // BLOCK), B, H, props.multi_processor_count, {"ctas_per_sm": c_})
+                    row[f"b0.05_cps{c_}_ns{n2}_kernel_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2)
             if args.sweep and B == 1 and L == max(args.lens):
                 flags = select_decode_blocks(q, cache, 0.05)
                 for n in args.sweep:

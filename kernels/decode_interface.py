@@ -21,7 +21,10 @@ from .kv_cache import BLOCK, ThriftKVCache
 from .selection import topk_for_budget
 
 _COMPILED: dict = {}
-DEFAULT_CTAS_PER_SM = 10  # 1-warp CTAs; ~11 fit an H100 SM (163 regs, 18.4 KB smem each)
+# 1-warp CTAs; 11 fit an H100 SM (159-161 regs, 18.6 KB smem each). 8 rather than 10: at B=1, 128k, budget 0.05
+# 128 splits (8/SM) took 107.8 us vs 116.4 us with 158 (10/SM) on an H100 (113.1 vs 119.6 in an earlier run) --
+# the per-SM tile count is the same, so the per-CTA fixed cost and the concurrent streams are what differ.
+DEFAULT_CTAS_PER_SM = 8
 
 
 def _arch(device) -> int:
