@@ -1,6 +1,7 @@
 """Benchmark of thrift_decode vs SDPA bf16 decode and FA4 (flash_attn.cute) -- issue 4.
 
 python -m kernels.decode_bench [--lens 8192 32768 131072] [--batches 1 8] [--out FILE]
+    [--ctas-per-sm 8 10] [--prefetch 0 2] [--sweep 96 128 158 200]   (variants of budget 0.05, kernels only)
 Median of triton do_bench (L2 flushed between reps). GB/s = bytes the kernel must read (FP4 tiles of the FP4
 blocks, FP16 K+V of the selected and partial blocks) / time. Also a device-to-device copy bandwidth.
 """

@@ -73,9 +73,9 @@ def test_group_16_and_schedules(rng_seed):
     assert _rel(a, b) < 1e-3
 
 
-@pytest.mark.parametrize("prefetch", [0, 3, 4])
+@pytest.mark.parametrize("prefetch", [2, 4])
 def test_prefetch_distances(prefetch, rng_seed):
-    """L2 prefetch distance is a pure scheduling knob: same accuracy with it off or deeper, over several 32-tile
+    """L2 prefetch distance (off by default) is a pure scheduling knob: same accuracy with it on, over several 32-tile
     flag windows (one split of 80 tiles) and with the default splits, selected tiles and a partial last block."""
     c = _build([5100, 64 * 80, 999], 8, 128, torch.float16, rng_seed)
     _check(c, 32, 0.05, rng_seed, schedule={"num_splits": 1, "prefetch": prefetch})
