@@ -1,0 +1,36 @@
+"""Quick prefill timing: B=1, H=32, D=128, causal, bf16, budget 0.05 at S=8k/32k: SDPA flash vs thrift
+(end-to-end and quant+prefill with the selection given). Median of triton do_bench, L2 flushed.
+argv: optional schedule names (default: the default schedule)."""
+import math, sys, torch
+sys.path.insert(0, ".")
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+import kernels
+from kernels.interface import _run_prefill
+from kernels.schedules import get_schedule
+from kernels.selection import select_blocks
+
+scheds = sys.argv[1:] or [None]
+B, H, D = 1, 32, 128
+for S in (8192, 32768):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    fl = 4 * B * H * S * S * D / 2
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    rows = [("sdpa_flash", do_bench(sdpa, warmup=30, rep=1000, return_mode="median"))]
+    sel = select_blocks(q, k, budget=0.05, causal=True).to(torch.int32).contiguous()
+    o = torch.empty_like(q); l = torch.empty(B, H, S, device="cuda")
+    for sc in scheds:
+        run = lambda: _run_prefill(q, k, v, sel, True, 1 / math.sqrt(D), get_schedule(sc), "nvfp4", out=o, lse=l)
+        run()
+        rows.append((f"thrift b=0.05 {sc or 'default'} (quant+prefill)", do_bench(run, warmup=10, rep=1000, return_mode="median")))
+    e2e = lambda: kernels.thrift_attention(q, k, v, budget=0.05, causal=True)
+    e2e()
+    rows.append(("thrift b=0.05 default (end-to-end)", do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+    for name, ms in rows:
+        print(f"S={S:6d} {name:48s} {ms:9.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s", flush=True)
