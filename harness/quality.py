@@ -128,17 +128,20 @@ def token_nll(model, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
 
 
 def passkey_prompt(tok, filler_ids: torch.Tensor, length: int, depth: float, key: str):
-    """(input ids [S], answer positions): filler text with the needle at `depth`, then the question and the answer
-    (the answer tokens are scored teacher-forced)."""
-    needle = tok(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)["input_ids"]
-    question = tok("\nWhat is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
+    """(input ids [S], answer positions): SmolLM2-Instruct's chat format around Austen filler text with the needle
+    at `depth`, then the question and the answer (scored teacher-forced). The plain-text variant of this prompt
+    fails even with exact attention (the model answers " a..." instead of the digits), the chat format does not."""
+    pre = tok("<|im_start|>user\nRead the text and remember the pass key.\n", add_special_tokens=False)["input_ids"]
+    needle = tok(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n", add_special_tokens=False)["input_ids"]
+    question = tok("\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is",
+                   add_special_tokens=False)["input_ids"]
     answer = tok(f" {key}", add_special_tokens=False)["input_ids"]
-    n_fill = length - len(needle) - len(question) - len(answer)
+    n_fill = length - len(pre) - len(needle) - len(question) - len(answer)
     if n_fill < 16:
         raise ValueError(f"passkey length {length} too short")
     fill = filler_ids[:n_fill].tolist()
     at = int(round(depth * n_fill))
-    ids = fill[:at] + needle + fill[at:] + question + answer
+    ids = pre + fill[:at] + needle + fill[at:] + question + answer
     ans_pos = list(range(len(ids) - len(answer), len(ids)))
     return torch.tensor(ids, dtype=torch.int32), ans_pos
 
@@ -149,9 +152,9 @@ def passkey_score(model, ids: torch.Tensor, ans_pos):
     pred_rows = [p - 1 for p in ans_pos]
     logits = model.lm_head(h[pred_rows]).float()
     tgt = ids[ans_pos].long()
-    ok = bool((logits.argmax(-1) == tgt).all())
+    hit = logits.argmax(-1) == tgt
     nll = float(torch.nn.functional.cross_entropy(logits, tgt))
-    return ok, nll
+    return bool(hit.all()), nll, float(hit.float().mean())
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -226,7 +229,8 @@ def markdown(res: dict, summ: dict) -> str:
             bks = " | ".join("—" if x is None else f"{x:.4f}" for x in r["buckets"])
             lines.append(f"| {name} | {r['nll']:.4f} | {rec} | {bks} |")
     if res.get("passkey"):
-        lines.append("\n**Passkey retrieval** (teacher-forced: ✓ = every answer digit is the argmax; answer NLL)\n")
+        lines.append("\n**Passkey retrieval** (teacher-forced: ✓ = every answer token is the argmax, i.e. greedy decoding "
+                     "prints the key; then the answer NLL and the fraction of answer tokens that are the argmax)\n")
         cols = sorted({k for v in res["passkey"].values() for k in v}, key=lambda x: (int(x.split("@")[0]),
                                                                                      float(x.split("@")[1])))
         lines.append("| variant | " + " | ".join(f"{c.split('@')[0]} tok @ {float(c.split('@')[1]):.0%}"
@@ -236,7 +240,9 @@ def markdown(res: dict, summ: dict) -> str:
             cells = []
             for c in cols:
                 if c in v:
-                    cells.append(("✓" if v[c]["ok"] else "✗") + f" {v[c]['nll']:.2f}")
+                    acc = v[c].get("token_acc")
+                    cells.append(("✓" if v[c]["ok"] else "✗") + f" {v[c]['nll']:.2f}"
+                                 + ("" if acc is None else f" ({100 * acc:.0f}%)"))
                 else:
                     cells.append("—")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -337,6 +343,10 @@ def main(args) -> int:
 
     if args.resume:
         res["elapsed_before_s"] = res.get("elapsed_s", 0)
+        old = res.get("passkey", {})
+        if any("fmt" not in e for v in old.values() for e in v.values()):  # first, plain-text prompt: keep aside
+            res["passkey_plain_prompt"] = old
+            res["passkey"] = {}
 
     # Units, in priority order: core NLL, passkey, extra variants.
     units = []
@@ -394,9 +404,9 @@ def main(args) -> int:
             keyd = str(rng.randint(10000, 99999))
             p_ids, ans = passkey_prompt(tok, ids[filler_start:], L, dpt, keyd)
             with hb.use_thrift(model, v):
-                ok, pnll = passkey_score(model, p_ids, ans)
-            res["passkey"].setdefault(v, {})[f"{L}@{dpt}"] = {"ok": ok, "nll": pnll, "key": keyd,
-                                                              "tokens": len(p_ids)}
+                ok, pnll, acc = passkey_score(model, p_ids, ans)
+            res["passkey"].setdefault(v, {})[f"{L}@{dpt}"] = {"ok": ok, "nll": pnll, "token_acc": acc, "key": keyd,
+                                                              "tokens": len(p_ids), "fmt": "chat"}
             key = f"passkey/{L}/{dpt}/{v}"
         res["unit_seconds"][key] = round(time.time() - t0, 1)
         save()
