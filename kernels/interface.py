@@ -54,8 +54,9 @@ def _torch_to_cutlass(dt):
     return {torch.float16: cutlass.Float16, torch.bfloat16: cutlass.BFloat16}[dt]
 
 
-def quantize_for_prefill(q, k, v):
-    """Run the CuTe quantizer: returns (Qp, Qs, Kp, Ks, Vp, Vs, Kmean) in the contract layouts (scales as uint8 bits)."""
+def quantize_for_prefill(q, k, v, with_dq: bool = False):
+    """Run the CuTe quantizer: returns (Qp, Qs, Kp, Ks, Vp, Vs, Kmean) in the contract layouts (scales as uint8 bits);
+    with_dq also (Kd, Vd): dq(K), dq(V) [B, Skv, Hkv, D] in q's dtype (exact; the SM90 prefill's dq16 K/V source)."""
     import cutlass.cute as cute
     from cutlass import Float32  # noqa: F401
 
@@ -73,13 +74,18 @@ def quantize_for_prefill(q, k, v):
     Vp = torch.empty((B, Hkv, D, skp // 2), dtype=u8, device=dev)
     Vs = torch.empty((B, Hkv, D, skp // 16), dtype=u8, device=dev)
     Km = torch.empty((B, skp // 64, Hkv, D), dtype=torch.float32, device=dev)
+    # without with_dq the kernel never writes Kd / Vd: k and v only fill the argument slots
+    Kd, Vd = (torch.empty_like(k), torch.empty_like(v)) if with_dq else (k, v)
     args = [_cute(q), _cute(k), _cute(v), _cute(Qp), _cute(Qs), _cute(Kp), _cute(Ks),
-            _cute(Vp, True, 32), _cute(Vs, True, 4), _cute(Km)]
-    key = (_arch(dev), q.dtype, D)
+            _cute(Vp, True, 32), _cute(Vs, True, 4), _cute(Km), _cute(Kd), _cute(Vd)]
+    key = (_arch(dev), q.dtype, D, bool(with_dq))
     fn = _QUANT_CACHE.get(key)
     if fn is None:
-        fn = _QUANT_CACHE[key] = cute.compile(QuantKernel(_torch_to_cutlass(q.dtype), D), *args, _stream())
+        fn = _QUANT_CACHE[key] = cute.compile(QuantKernel(_torch_to_cutlass(q.dtype), D, bool(with_dq)), *args,
+                                              _stream())
     fn(*args, _stream())
+    if with_dq:
+        return Qp, Qs, Kp, Ks, Vp, Vs, Km, Kd, Vd
     return Qp, Qs, Kp, Ks, Vp, Vs, Km
 
 
@@ -111,8 +117,11 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
     arch = _arch(q.device)
     schedule.validate_for(D, arch)
     nkb = -(-Skv // 64)
+    dq16 = schedule.uses_dq16(arch)
     with phase("quantize"):
-        Qp, Qs, Kp, Ks, Vp, Vs, _ = quantize_for_prefill(q, k, v)
+        qo = quantize_for_prefill(q, k, v, with_dq=dq16)
+    Qp, Qs, Kp, Ks, Vp, Vs = qo[:6]
+    Kd, Vd = (qo[7], qo[8]) if dq16 else (k, v)  # without dq16 the kernel never reads them
     with phase("select"):
         mask = selection_bitmask(sel, nkb)
     if sel.shape[3] == 0:
@@ -123,7 +132,7 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
         lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     args = [_cute(q), _cute(k), _cute(v), _cute(Qp), _cute(Qs), _cute(Kp), _cute(Ks),
             _cute(Vp, True, 32), _cute(Vs, True, 4), _cute(mask, True), _cute(sel.contiguous(), True),
-            _cute(out), _cute(lse, True)]
+            _cute(out), _cute(lse, True), _cute(Kd), _cute(Vd)]
     key = (arch, q.dtype, D, causal, fmt, schedule.key())
     fn = _PREFILL_CACHE.get(key)
     sl2 = Float32(scale * math.log2(math.e))
@@ -141,8 +150,8 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float
                 fmt: str, softmax_scale: float, schedule: str) -> tuple[torch.Tensor, torch.Tensor]:
     from kernels.selection import select_blocks
 
-    tm, tn, nw, st, ms = (int(x) for x in schedule.split(","))
-    sch = PrefillSchedule(tile_m=tm, tile_n=tn, num_warps=nw, stages=st, mask_split=bool(ms))
+    tm, tn, nw, st, ms, dq = (int(x) for x in schedule.split(","))
+    sch = PrefillSchedule(tile_m=tm, tile_n=tn, num_warps=nw, stages=st, mask_split=bool(ms), kv_dq16=bool(dq))
     with phase("select"):
         sel = select_blocks(q, k, budget=budget, causal=causal, method=selection)
     return _run_prefill(q.contiguous(), k.contiguous(), v.contiguous(), sel, causal, softmax_scale, sch, fmt)
@@ -156,7 +165,7 @@ def _prefill_fake(q, k, v, budget, causal, selection, fmt, softmax_scale, schedu
 
 def _sched_str(s: PrefillSchedule) -> str:
     """A schedule as a plain string (custom-op argument; json is not traceable by dynamo)."""
-    return f"{s.tile_m},{s.tile_n},{s.num_warps},{s.stages},{int(s.mask_split)}"
+    return f"{s.tile_m},{s.tile_n},{s.num_warps},{s.stages},{int(s.mask_split)},{int(s.kv_dq16)}"
 
 
 def check_device(q: torch.Tensor, where: str = "thrift_attention") -> None:

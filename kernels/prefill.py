@@ -82,6 +82,8 @@ class ThriftPrefillKernel:
         self.nthr = schedule.num_threads
         self.smap = PrefillSmemMap(head_dim, self.Tm, self.Tn, self.S)
         self.path = make_arch_path(arch, head_dim)
+        # SM90: phase 1 streams dq(K)/dq(V) (16 bit, written by the quantizer) instead of decoding FP4 stages
+        self.dq16 = schedule.uses_dq16(arch) and self.path.needs_decode
 
     # ------------------------------------------------------------------------------------------
     # host side
@@ -90,11 +92,12 @@ class ThriftPrefillKernel:
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
                  mQp: cute.Tensor, mQs: cute.Tensor, mKp: cute.Tensor, mKs: cute.Tensor,
                  mVp: cute.Tensor, mVs: cute.Tensor, mMask: cute.Tensor, mSel: cute.Tensor,
-                 mO: cute.Tensor, mLSE: cute.Tensor, softmax_scale_log2: Float32, qhead_per_kv: Int32,
-                 stream):
+                 mO: cute.Tensor, mLSE: cute.Tensor, mKd: cute.Tensor, mVd: cute.Tensor,
+                 softmax_scale_log2: Float32, qhead_per_kv: Int32, stream):
         """Q/K/V/O [B,S,H,D] 16-bit; Qp/Kp [B,S,H,D/2] u8, Qs/Ks [B,S,H,D/16] u8 (E4M3 bits);
         Vp [B,Hkv,D,Skv_pad/2] u8, Vs [B,Hkv,D,Skv_pad/16] u8; mMask [B,Hq,nqb,nwords] i32 selection
-        bitmask; mSel [B,Hq,nqb,k] i32 selected key blocks (-1 padded); mLSE [B,Hq,Sq] f32."""
+        bitmask; mSel [B,Hq,nqb,k] i32 selected key blocks (-1 padded); mLSE [B,Hq,Sq] f32;
+        mKd/mVd [B,Skv,Hkv,D] 16-bit dq(K)/dq(V) (read only by the SM90 dq16 schedules; else any such tensor)."""
         D, Tm, Tn, T = self.D, self.Tm, self.Tn, self.nthr
         dt = self.dtype
         # 16-bit tiles: 128B-swizzled K-major
@@ -137,7 +140,7 @@ class ThriftPrefillKernel:
 
         nqb = cute.ceil_div(mQ.shape[1], Tm)
         grid = (nqb, cute.size(mQ.shape[2]), cute.size(mQ.shape[0]))
-        self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mMask, mSel, mO, mLSE,
+        self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mMask, mSel, mO, mLSE, mKd, mVd,
                     softmax_scale_log2, qhead_per_kv,
                     sQ_layout, sKV_layout, sVt_layout,
                     copy_kv16, copy_kp, copy_ks, copy_vp, copy_vs, copy_rows16, copy_vt16,
@@ -150,7 +153,8 @@ class ThriftPrefillKernel:
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor,
                mQp: cute.Tensor, mQs: cute.Tensor, mKp: cute.Tensor, mKs: cute.Tensor,
                mVp: cute.Tensor, mVs: cute.Tensor, mMask: cute.Tensor, mSel: cute.Tensor,
-               mO: cute.Tensor, mLSE: cute.Tensor, softmax_scale_log2: Float32, qhead_per_kv: Int32,
+               mO: cute.Tensor, mLSE: cute.Tensor, mKd: cute.Tensor, mVd: cute.Tensor,
+               softmax_scale_log2: Float32, qhead_per_kv: Int32,
                sQ_layout: cute.ComposedLayout, sKV_layout: cute.ComposedLayout, sVt_layout: cute.ComposedLayout,
                copy_kv16: cute.TiledCopy, copy_kp: cute.TiledCopy, copy_ks: cute.TiledCopy,
                copy_vp: cute.TiledCopy, copy_vs: cute.TiledCopy, copy_rows16: cute.TiledCopy,
@@ -314,6 +318,8 @@ class ThriftPrefillKernel:
         gK16 = cute.local_tile(mK[b, None, hkv, None], (Tn, D), (None, 0))
         gV16 = cute.local_tile(mV[b, None, hkv, None], (Tn, D), (None, 0))
         gQ16 = cute.local_tile(mQ[b, None, hq, None], (Tm, D), (m_block, 0))
+        gKd = cute.local_tile(mKd[b, None, hkv, None], (Tn, D), (None, 0))
+        gVd = cute.local_tile(mVd[b, None, hkv, None], (Tn, D), (None, 0))
 
         def mkg():
                 return SimpleNamespace(
@@ -325,6 +331,7 @@ class ThriftPrefillKernel:
                 tK16_g=thr_16.partition_S(gK16), tK16_s=[thr_16.partition_D(sK16[t]) for t in range(2)],
                 tV16_g=thr_16.partition_S(gV16), tV16_s=[thr_16.partition_D(sV16[t]) for t in range(2)],
                 tQ16_g=thr_16.partition_S(gQ16), tQ16_s=thr_16.partition_D(sQ),
+                tKd_g=thr_16.partition_S(gKd), tVd_g=thr_16.partition_S(gVd),
                 t16_c=thr_16.partition_S(cute.make_identity_tensor((Tn, D))),
             )
 
@@ -352,37 +359,63 @@ class ThriftPrefillKernel:
             gQp32 = cute.local_tile(cute.recast_tensor(mQp[b, None, hq, None], Uint32), (Tm, D // 8), (m_block, 0))
             gQs = cute.local_tile(mQs[b, None, hq, None], (Tm, D // 16), (m_block, 0))
             self.path.decode_rows(sQ, copy_rows16, tidx, gQp32, gQs, Sq - m_block * Tm, self.is_bf16)
-        n_cur = self.next_unselected(mask_row, n_block_max)
-        n_issue = n_cur
-        for s in cutlass.range_constexpr(S - 1):
-            if n_issue >= 0:
-                self.load_fp4_tile(ctx, n_issue, s)
+        if const_expr(self.dq16):
+            # dq16: dq(K)/dq(V) tiles through the 2-stage 16-bit ring of phase 2 (load j+1 while j computes)
+            n_cur = self.next_unselected(mask_row, n_block_max)
+            if n_cur >= 0:
+                self.load_kv16_tile(ctx, n_cur, 0, True, True)
             cute.arch.cp_async_commit_group()
-            n_issue = self.next_unselected(mask_row, n_issue)
-        stage = Int32(0)
-        while n_cur >= 0:
-            cute.arch.cp_async_wait_group(S - 2)
-            cute.arch.barrier()
-            st_load = stage + (S - 1)
-            if st_load >= S:
-                st_load = st_load - S
-            if n_issue >= 0:
-                self.load_fp4_tile(ctx, n_issue, st_load)
-            cute.arch.cp_async_commit_group()
-            n_issue = self.next_unselected(mask_row, n_issue)
-            if const_expr(self.sch.mask_split):
-                need = self.tile_needs_mask(ctx, n_cur)
-                if need:
+            j1 = Int32(0)
+            while n_cur >= 0:
+                cute.arch.cp_async_wait_group(0)
+                cute.arch.barrier()  # tile j landed for all threads; stage 1-j (tile j-1) is free
+                n_next = self.next_unselected(mask_row, n_cur)
+                if n_next >= 0:
+                    self.load_kv16_tile(ctx, n_next, 1 - j1, True, True)
+                cute.arch.cp_async_commit_group()
+                if const_expr(self.sch.mask_split):
+                    need = self.tile_needs_mask(ctx, n_cur)
+                    if need:
+                        self.step(ctx, n_cur, j1, 1, True)
+                    if not need:
+                        self.step(ctx, n_cur, j1, 1, False)
+                else:
+                    self.step(ctx, n_cur, j1, 1, True)
+                n_cur = n_next
+                j1 = 1 - j1
+            cute.arch.cp_async_wait_group(0)
+        if const_expr(not self.dq16):  # packed FP4 stages, decoded (SM90) or read by the FP4 MMA (SM120)
+            n_cur = self.next_unselected(mask_row, n_block_max)
+            n_issue = n_cur
+            for s in cutlass.range_constexpr(S - 1):
+                if n_issue >= 0:
+                    self.load_fp4_tile(ctx, n_issue, s)
+                cute.arch.cp_async_commit_group()
+                n_issue = self.next_unselected(mask_row, n_issue)
+            stage = Int32(0)
+            while n_cur >= 0:
+                cute.arch.cp_async_wait_group(S - 2)
+                cute.arch.barrier()
+                st_load = stage + (S - 1)
+                if st_load >= S:
+                    st_load = st_load - S
+                if n_issue >= 0:
+                    self.load_fp4_tile(ctx, n_issue, st_load)
+                cute.arch.cp_async_commit_group()
+                n_issue = self.next_unselected(mask_row, n_issue)
+                if const_expr(self.sch.mask_split):
+                    need = self.tile_needs_mask(ctx, n_cur)
+                    if need:
+                        self.step(ctx, n_cur, stage, 1, True)
+                    if not need:
+                        self.step(ctx, n_cur, stage, 1, False)
+                else:
                     self.step(ctx, n_cur, stage, 1, True)
-                if not need:
-                    self.step(ctx, n_cur, stage, 1, False)
-            else:
-                self.step(ctx, n_cur, stage, 1, True)
-            n_cur = self.next_unselected(mask_row, n_cur)
-            stage = stage + 1
-            if stage == S:
-                stage = Int32(0)
-        cute.arch.cp_async_wait_group(0)
+                n_cur = self.next_unselected(mask_row, n_cur)
+                stage = stage + 1
+                if stage == S:
+                    stage = Int32(0)
+            cute.arch.cp_async_wait_group(0)
 
         # ======================= phase 2: FP16 over the selected tiles =======================
         ctx = mkctx()
@@ -510,23 +543,27 @@ class ThriftPrefillKernel:
                 ts[None, m, None].fill(0)
 
     @cute.jit
-    def load_kv16_tile(self, ctx, n: Int32, t: Int32, with_v: cutlass.Constexpr = True):
+    def load_kv16_tile(self, ctx, n: Int32, t: Int32, with_v: cutlass.Constexpr = True,
+                       dq: cutlass.Constexpr = False):
+        """cp.async 16-bit K (and V) tile n into 16-bit stage t; dq: from dq(K)/dq(V) (phase 1, dq16)."""
         g = ctx.g
+        tk = g.tKd_g if const_expr(dq) else g.tK16_g
+        tv = g.tVd_g if const_expr(dq) else g.tV16_g
         if t == 0:
-            self.load_rows16(ctx, g.tK16_g[None, None, None, n], g.tK16_s[0], n * self.Tn, ctx.Skv)
+            self.load_rows16(ctx, tk[None, None, None, n], g.tK16_s[0], n * self.Tn, ctx.Skv)
             if const_expr(with_v):
-                self.load_rows16(ctx, g.tV16_g[None, None, None, n], g.tV16_s[0], n * self.Tn, ctx.Skv)
+                self.load_rows16(ctx, tv[None, None, None, n], g.tV16_s[0], n * self.Tn, ctx.Skv)
         if t != 0:
-            self.load_rows16(ctx, g.tK16_g[None, None, None, n], g.tK16_s[1], n * self.Tn, ctx.Skv)
+            self.load_rows16(ctx, tk[None, None, None, n], g.tK16_s[1], n * self.Tn, ctx.Skv)
             if const_expr(with_v):
-                self.load_rows16(ctx, g.tV16_g[None, None, None, n], g.tV16_s[1], n * self.Tn, ctx.Skv)
+                self.load_rows16(ctx, tv[None, None, None, n], g.tV16_s[1], n * self.Tn, ctx.Skv)
 
     # ---------------- one key tile ----------------
     @cute.jit
     def step(self, ctx, n: Int32, stage: Int32, phase: cutlass.Constexpr, masked: cutlass.Constexpr):
         """One key tile: S = QK^T, mask, online softmax, (phase 1: two-level P quantization), O += PV."""
         Tm, Tn = self.Tm, self.Tn
-        if const_expr(phase == 1 and self.path.needs_decode):
+        if const_expr(phase == 1 and self.path.needs_decode and not self.dq16):
             # SM90 path: decode this FP4 stage into the 16-bit kdec / vdec tiles
             self.path.decode_rows(ctx.sKdec, ctx.copy_rows16, ctx.tidx, ctx.sKp32[None, None, stage],
                                   ctx.sKs[None, None, stage], ctx.Skv - n * Tn, self.is_bf16)
@@ -538,7 +575,7 @@ class ThriftPrefillKernel:
         acc_S.fill(0.0)
         if const_expr(phase == 1 and self.path.block_scaled):
             acc_S = self.path.tile.qk(QFragments(ctx.qf_frag, ctx.qf_sf), ctx.sKf[None, None, stage], ctx.sKs[None, None, stage], ctx.tidx)
-        elif const_expr(phase == 1):
+        elif const_expr(phase == 1 and not self.dq16):
             self.gemm_ss(ctx, acc_S, ctx.tSsKdec)
         else:
             if stage == 0:
@@ -609,10 +646,10 @@ class ThriftPrefillKernel:
                         acc_S_mn[r, None] = acc_S_mn[r, None].load() * keep
                     for g in cutlass.range_constexpr(0 if self.path.block_scaled else ncols // 4):
                         sc = e4m3_rne((gmax[g] * inv_s1) * Float32(1.0 / 6.0))
-                        rs = cute.arch.rcp_approx(sc) if sc > Float32(0.0) else Float32(0.0)
+                        # x / sc = P~ * (1/s1) * (1/sc): one multiply per element by kq = inv_s1/sc
+                        kq = inv_s1 * cute.arch.rcp_approx(sc) if sc > Float32(0.0) else Float32(0.0)
                         for q in cutlass.range_constexpr(4):
-                            x = acc_S_mn[r, 4 * g + q] * inv_s1
-                            acc_S_mn[r, 4 * g + q] = e2m1_rne(x * rs) * sc
+                            acc_S_mn[r, 4 * g + q] = e2m1_rne(acc_S_mn[r, 4 * g + q] * kq) * sc
                     acc_O_mn[r, None] = acc_O_mn[r, None].load() * ratio
                 else:
                     acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
@@ -628,7 +665,7 @@ class ThriftPrefillKernel:
             tOrP = cute.make_tensor(rP.iterator, cute.make_layout(
                 ((lay.shape[0], lay.shape[2][0]), lay.shape[1], lay.shape[2][1]),
                 stride=((lay.stride[0], lay.stride[2][0]), lay.stride[1], lay.stride[2][1])))
-            if const_expr(phase == 1):
+            if const_expr(phase == 1 and not self.dq16):
                 self.gemm_rs(ctx, tOrP, ctx.ld_k, ctx.tOsVdec, ctx.tOrVt_kv)
             else:
                 if stage == 0:
@@ -743,6 +780,7 @@ def fake_args(dtype, head_dim: int):
         t(u8, (B, Hkv, D, skp2)), t(u8, (B, Hkv, D, skp16)),
         t(cutlass.Int32, (B, Hq, nqb, nw), 4), t(cutlass.Int32, (B, Hq, nq_b2, ks), 4),
         t(dtype, (B, Sq, Hq, D)), t(Float32, (B, Hq, Sq), 4),
+        t(dtype, (B, Skv, Hkv, D)), t(dtype, (B, Skv, Hkv, D)),
         Float32(1.0), Int32(1), make_fake_stream(),
     )
 

@@ -22,6 +22,11 @@ class PrefillSchedule:
     stages:     cp.async pipeline depth of the K/V tile buffers (>= 2: tile j+1 loads while j computes).
     mask_split: emit a mask-free variant of the mainloop step for tiles that need no causal /
                 sequence-end masking (bigger code, fewer instructions per interior tile).
+    kv_dq16:    SM90 path only (ignored on sm_120, whose MMA reads the packed FP4 stages): the quantizer also
+                writes dq(K), dq(V) in 16 bit (exact values) and phase 1 streams those through the same
+                16-bit stage ring as phase 2 -- no per-tile FP4 decode in the main loop (the profile had it
+                at ~530 instructions per warp and tile, ~28% of the stall samples).  False: packed FP4 stages
+                decoded into 16-bit smem tiles each tile (``stages`` deep ring).
     """
 
     tile_m: int = 64
@@ -29,6 +34,7 @@ class PrefillSchedule:
     num_warps: int = 4
     stages: int = 2
     mask_split: bool = True
+    kv_dq16: bool = True
 
     def __post_init__(self):
         if self.tile_n != SELECTION_BLOCK:
@@ -39,6 +45,10 @@ class PrefillSchedule:
             raise ValueError(f"schedule.num_warps must be tile_m/16 = {self.tile_m // 16}, got {self.num_warps}")
         if not 2 <= self.stages <= 4:
             raise ValueError(f"schedule.stages must be in [2, 4], got {self.stages}")
+
+    def uses_dq16(self, arch: int) -> bool:
+        """Whether phase 1 reads dq(K)/dq(V) in 16 bit on sm_<arch> (SM90 decode path only)."""
+        return self.kv_dq16 and arch not in (120, 121)
 
     @property
     def num_threads(self) -> int:
@@ -61,10 +71,12 @@ class PrefillSchedule:
 
 
 SCHEDULES: dict[str, PrefillSchedule] = {
-    # default: double-buffered, separate masked/unmasked steps
+    # default: double-buffered, separate masked/unmasked steps; SM90: dq16 K/V in phase 1
     "m64_w4_s2": PrefillSchedule(stages=2, mask_split=True),
-    # deeper pipeline (more smem, hides longer load latency at long context)
-    "m64_w4_s3": PrefillSchedule(stages=3, mask_split=True),
+    # SM90: packed FP4 K/V stages decoded into 16-bit smem tiles every tile (the previous default)
+    "m64_w4_s2_fp4smem": PrefillSchedule(stages=2, mask_split=True, kv_dq16=False),
+    # deeper FP4 pipeline (more smem, hides longer load latency at long context)
+    "m64_w4_s3": PrefillSchedule(stages=3, mask_split=True, kv_dq16=False),
     # smallest code: every step carries the mask (compile-time / I-cache trade-off)
     "m64_w4_s2_allmask": PrefillSchedule(stages=2, mask_split=False),
 }

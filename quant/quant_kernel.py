@@ -7,6 +7,9 @@ Outputs (contract layouts, see layouts/prefill.py):
     Vp [B,Hkv,D,Skv_pad/2], Vs [B,Hkv,D,Skv_pad/16] (Skv_pad = round_up(Skv, 64), zero padded)
                                                                  = nvfp4.quantize(pad(v).permute(0,2,3,1), dim=-1)
     Kmean [B, nkb, Hkv, D] fp32: mean of each 64-key block over its valid keys.
+    with_dq=True (the SM90 prefill's "dq16" K/V source, see kernels/prefill.py):
+    Kd, Vd [B,Skv,Hkv,D] in the input dtype: dq(K), dq(V) = E2M1 value * E4M3 scale of every element, exact in
+    fp16/bf16 (<= 5 significant bits, |x| in [2^-10, 2688]), i.e. nvfp4.dequantize of the outputs above.
 
 Work split of the single 1-D launch (one thread per item, 128 threads per CTA):
     items [0, nQ)            one 16-element Q group (b, s, h, g)
@@ -65,17 +68,32 @@ def _e2m1_code(y, *, loc=None, ip=None) -> Uint32:
         "=r,f"))
 
 
-class QuantKernel:
-    """Static config: dtype (Float16/BFloat16) and head_dim."""
+@dsl_user_op
+def _e2m1_value(code, *, loc=None, ip=None) -> Float32:
+    """fp32 value of an E2M1 code (0..15): magnitude bits placed at f16 bits [11:9] give 2^-14 * value
+    (codes 0/1 land in the f16 subnormals: 0, 2^-15), so value = f16(bits) * 2^14; sign from bit 3."""
+    return Float32(_asm(
+        T.f32(), [Uint32(code).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .b32 m;\n\t.reg .b16 h;\n\t.reg .f32 a;\n\t"
+        "and.b32 m, $1, 7;\n\tshl.b32 m, m, 9;\n\tcvt.u16.u32 h, m;\n\tcvt.f32.f16 a, h;\n\t"
+        "mul.f32 a, a, 0f46800000;\n\tand.b32 m, $1, 8;\n\tshl.b32 m, m, 28;\n\t"
+        "mov.b32 $0, a;\n\tor.b32 $0, $0, m;\n\t}",
+        "=f,r"))
 
-    def __init__(self, dtype, head_dim: int):
+
+class QuantKernel:
+    """Static config: dtype (Float16/BFloat16), head_dim, and with_dq (also write dq(K), dq(V) in 16 bit)."""
+
+    def __init__(self, dtype, head_dim: int, with_dq: bool = False):
         self.dtype = dtype
         self.D = head_dim
+        self.with_dq = with_dq
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQp: cute.Tensor, mQs: cute.Tensor,
                  mKp: cute.Tensor, mKs: cute.Tensor, mVp: cute.Tensor, mVs: cute.Tensor, mKm: cute.Tensor,
-                 stream):
+                 mKd: cute.Tensor, mVd: cute.Tensor, stream):
+        """mKd / mVd: dq(K) / dq(V) outputs [B,Skv,Hkv,D] (written only with with_dq; else any tensor)."""
         D = self.D
         G = D // 16
         nQ = mQ.shape[0] * mQ.shape[1] * mQ.shape[2] * G
@@ -83,12 +101,12 @@ class QuantKernel:
         nkb = cute.ceil_div(mK.shape[1], BLOCK)
         nV = mK.shape[0] * mK.shape[2] * D * nkb
         total = nQ + nK + nV
-        self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mKm, nQ, nK, nV).launch(
+        self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mKm, mKd, mVd, nQ, nK, nV).launch(
             grid=(cute.ceil_div(total, THREADS), 1, 1), block=(THREADS, 1, 1), stream=stream)
 
     @cute.jit
     def quant16(self, vals: cute.Tensor, pk: cute.Tensor, sc: cute.Tensor):
-        """Quantize 16 fp32 values -> pk[0..7] packed bytes, sc[0] E4M3 scale byte."""
+        """Quantize 16 fp32 values -> pk[0..7] packed bytes, sc[0] E4M3 scale byte; with_dq: vals <- dq(vals)."""
         amax = Float32(0.0)
         for i in cutlass.range_constexpr(16):
             v = vals[i]
@@ -101,12 +119,19 @@ class QuantKernel:
             lo = _e2m1_code(vals[2 * i] / div)
             hi = _e2m1_code(vals[2 * i + 1] / div)
             pk[i] = Uint8(lo | (hi << Uint32(4))) if ok else Uint8(0)
+            if const_expr(self.with_dq):
+                # decode exactly what was stored (codes 0 when !ok; scale NaN for a non-finite group)
+                lo = lo if ok else Uint32(0)
+                hi = hi if ok else Uint32(0)
+                sf = s if finite else Float32(float("nan"))
+                vals[2 * i] = _e2m1_value(lo) * sf
+                vals[2 * i + 1] = _e2m1_value(hi) * sf
         sc[0] = Uint8(code) if finite else Uint8(0x7F)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQp: cute.Tensor, mQs: cute.Tensor,
                mKp: cute.Tensor, mKs: cute.Tensor, mVp: cute.Tensor, mVs: cute.Tensor, mKm: cute.Tensor,
-               nQ: Int32, nK: Int32, nV: Int32):
+               mKd: cute.Tensor, mVd: cute.Tensor, nQ: Int32, nK: Int32, nV: Int32):
         D = self.D
         G = D // 16
         tidx, _, _ = cute.arch.thread_idx()
@@ -139,6 +164,9 @@ class QuantKernel:
             if not isq:
                 cute.autovec_copy(pk, cute.local_tile(mKp[b, s, h, None], (8,), (g,)))
                 mKs[b, s, h, g] = sc[0]
+                if const_expr(self.with_dq):
+                    raw.store(vals.load().to(self.dtype))
+                    cute.autovec_copy(raw, cute.local_tile(mKd[b, s, h, None], (16,), (g,)))
         if item >= nQ + nK and item < nQ + nK + nV:
             it = item - nQ - nK
             Skv = mK.shape[1]
@@ -164,6 +192,12 @@ class QuantKernel:
                 for i in cutlass.range_constexpr(8):
                     mVp[b, h, d, kb * (BLOCK // 2) + grp * 8 + i] = pk[i]
                 mVs[b, h, d, kb * (BLOCK // 16) + grp] = sc[0]
+                if const_expr(self.with_dq):
+                    # threads adjacent in d write adjacent 16-bit elements of one key row (coalesced)
+                    for i in cutlass.range_constexpr(16):
+                        key = key0 + grp * 16 + i
+                        if key < Skv:
+                            mVd[b, key, h, d] = vals[i].to(self.dtype)
             mKm[b, kb, h, d] = ksum / Float32(n_valid)
 
 
@@ -182,8 +216,9 @@ def fake_args(dtype, head_dim: int):
             t(u8, (B, Sq, Hq, D // 2)), t(u8, (B, Sq, Hq, D // 16)),
             t(u8, (B, Skv, Hkv, D // 2)), t(u8, (B, Skv, Hkv, D // 16)),
             t(u8, (B, Hkv, D, skp2)), t(u8, (B, Hkv, D, skp16)),
-            t(Float32, (B, nkb, Hkv, D)), make_fake_stream())
+            t(Float32, (B, nkb, Hkv, D)), t(dtype, (B, Skv, Hkv, D)), t(dtype, (B, Skv, Hkv, D)),
+            make_fake_stream())
 
 
-def compile_quant(dtype, head_dim: int):
-    return cute.compile(QuantKernel(dtype, head_dim), *fake_args(dtype, head_dim))
+def compile_quant(dtype, head_dim: int, with_dq: bool = False):
+    return cute.compile(QuantKernel(dtype, head_dim, with_dq), *fake_args(dtype, head_dim))

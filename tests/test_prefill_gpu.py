@@ -66,7 +66,7 @@ def test_prefill_long_32k(budget, rng_seed):
     _run(1, 32768 + 17, 32768 + 17, 4, 1, 128, torch.bfloat16, True, budget, rng_seed)
 
 
-@pytest.mark.parametrize("schedule", ["m64_w4_s3", "m64_w4_s2_allmask"])
+@pytest.mark.parametrize("schedule", ["m64_w4_s2_fp4smem", "m64_w4_s3", "m64_w4_s2_allmask"])
 def test_prefill_schedules(schedule, rng_seed):
     _run(1, 200, 300, 4, 4, 128, torch.float16, True, 0.25, rng_seed, schedule=schedule)
 
@@ -112,3 +112,12 @@ def test_quant_kernel_bit_exact(rng_seed):
     assert torch.equal(Kp, rk.packed) and torch.equal(Ks, rk.scales.view(torch.uint8))
     assert torch.equal(Vp, rv.packed) and torch.equal(Vs, rv.scales.view(torch.uint8))
     assert torch.allclose(Km, block_means(k), rtol=1e-6, atol=1e-6)
+    # with_dq (SM90 dq16 schedules): also dq(K), dq(V) in the input dtype, == nvfp4.dequantize exactly
+    out = quantize_for_prefill(q, k, v, with_dq=True)
+    assert all(torch.equal(a, b) for a, b in zip(out[:6], (Qp, Qs, Kp, Ks, Vp, Vs)))
+    Kd, Vd = out[7], out[8]
+    dk = nvfp4.dequantize(rk.packed, rk.scales, dim=-1)
+    dv = nvfp4.dequantize(rv.packed, rv.scales, dim=-1).permute(0, 3, 1, 2)[:, :130]
+    assert torch.equal(dk.to(k.dtype).float(), dk), "dq(K) not exact in bf16"
+    assert torch.equal(Kd, dk.to(k.dtype)), "Kd != dequantize(Kp, Ks)"
+    assert torch.equal(Vd, dv.to(v.dtype)), "Vd != dequantize(Vp, Vs)"
