@@ -23,3 +23,13 @@ for f in $OUT/t_*.log; do echo "=== $f"; cat $f; done > $OUT/tests_all.log; rm -
 grep -h "relL2\|passed\|failed\|Error" $OUT/tests_all.log > $OUT/summary.txt
 
 tail -n 5 $OUT/memcheck.log $OUT/racecheck.log >> $OUT/summary.txt
+# short ncu look at one launch of the default schedule (8k, b=0.05): time, instructions, issue/stall summary
+if [ "${NCU_AFTER:-1}" = 1 ]; then
+  NCU=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -1)
+  timeout 50 $NCU -k regex:ThriftPrefill --launch-skip 1 -c 1 --clock-control none --section SpeedOfLight \
+    --section InstructionStats --section WarpStateStats --section SchedulerStats --section LaunchStats \
+    --section Occupancy -f --export $OUT/after python profiling/prefill/profile_one.py 8192 > $OUT/ncu_after.log 2>&1
+  $NCU --import $OUT/after.ncu-rep --page details > $OUT/after_details.txt 2>&1
+  grep -E "Duration|Executed Instructions |Issue Slots|Registers Per|Theoretical Occ|No Eligible|Warp Cycles Per Issued" $OUT/after_details.txt >> $OUT/summary.txt
+fi
+cat $OUT/summary.txt; tail -n 12 $OUT/bench.log
