@@ -37,7 +37,8 @@ Levers (issue 7), options of the emulation, all exact at budget 1.0 (the FP16 pa
   hadamard  rotate Q and K by the normalized Hadamard matrix along D before FP4 quantization (Q.K^T unchanged).
   global_scale  NVFP4 second-level per-(head) fp32 scale for Q/K/V ("auto" amax/(448*6)).
   selection "submax": max over the 4 16-row sub-blocks' mean q of q_sub.mean(K block) (sharper than block_mean);
-            force_sink_diag: key block 0 and the diagonal block always FP16 (they count against k).
+            force_sink_diag: key block 0 and the diagonal block always FP16 (they count against k; with k = 1 only
+            the sink); force_diag_first: the same with the diagonal block first (k = 1: only the diagonal).
   mode      "sparse": skip unselected blocks entirely (sparse top-k / Quest baselines at matched compute).
 """
 from __future__ import annotations
@@ -79,6 +80,7 @@ class ThriftConfig:
     hadamard: bool = False
     global_scale: bool = False
     force_sink_diag: bool = False
+    force_diag_first: bool = False
     device_policy: str = "auto"
     name: str = ""
 
@@ -102,7 +104,7 @@ class ThriftConfig:
     @property
     def has_levers(self) -> bool:
         return bool(self.k_smooth or self.v_smooth or self.hadamard or self.global_scale or self.force_sink_diag
-                    or self.selection == "submax" or self.mode == "sparse")
+                    or self.force_diag_first or self.selection == "submax" or self.mode == "sparse")
 
     def replace(self, **kw) -> "ThriftConfig":
         return dataclasses.replace(self, **kw)
@@ -156,7 +158,7 @@ def get_variant(name: str) -> ThriftConfig:
         cfg = get_variant(base)
         opts = {"ksmooth": dict(k_smooth="block"), "vsmooth": dict(v_smooth="block"), "hadamard": dict(hadamard=True),
                 "gscale": dict(global_scale=True), "submax": dict(selection="submax"),
-                "sinkdiag": dict(force_sink_diag=True), "kglobal": dict(k_smooth="global"),
+                "sinkdiag": dict(force_sink_diag=True), "diagsink": dict(force_diag_first=True), "kglobal": dict(k_smooth="global"),
                 "vglobal": dict(v_smooth="global")}
         for lv in levers:
             if lv not in opts:
@@ -255,7 +257,7 @@ def select_for(q: torch.Tensor, k: torch.Tensor, cfg: ThriftConfig, causal: bool
     Sq, Skv = q.shape[1], k.shape[1]
     nkb = -(-Skv // bs)
     kk = topk_for_budget(nkb, cfg.budget, causal) if cfg.top_k is None else min(cfg.top_k, nkb)
-    if not (cfg.selection == "submax" or cfg.force_sink_diag):
+    if not (cfg.selection == "submax" or cfg.force_sink_diag or cfg.force_diag_first):
         return select_blocks(q, k, budget=cfg.budget, causal=causal, method=cfg.selection, block_size=bs,
                              top_k=cfg.top_k, seed=cfg.seed)
     B, Hq, Hkv = q.shape[0], q.shape[2], k.shape[2]
@@ -281,14 +283,15 @@ def select_for(q: torch.Tensor, k: torch.Tensor, cfg: ThriftConfig, causal: bool
         order = select_blocks(q, k, budget=1.0, causal=causal, method=cfg.selection, block_size=bs,
                               top_k=nkb, seed=cfg.seed).long()
         order = torch.where(order < 0, torch.full_like(order, nkb), order)  # invisible padding sorts last
-    if cfg.force_sink_diag:
+    if cfg.force_sink_diag or cfg.force_diag_first:
         last_q = torch.clamp((torch.arange(nqb, device=q.device) + 1) * bs, max=Sq) - 1
         diag = torch.div(last_q + (Skv - Sq), bs, rounding_mode="floor").clamp(0, nkb - 1)  # [nqb]
         rank = torch.arange(order.shape[-1], device=q.device).expand_as(order).clone().float()
         pri = torch.zeros_like(rank)
-        pri = torch.where(order == 0, -2.0, pri)
-        pri = torch.where(order == diag.view(1, 1, nqb, 1), -1.0, pri)
-        key = pri * 1e6 + rank  # forced blocks first (sink, then diagonal), then the score order
+        first, second = (-1.0, -2.0) if cfg.force_diag_first else (-2.0, -1.0)
+        pri = torch.where(order == 0, first, pri)
+        pri = torch.where(order == diag.view(1, 1, nqb, 1), second, pri)
+        key = pri * 1e6 + rank  # forced blocks first (sink then diagonal, or diagonal first), then the score order
         order = torch.gather(order, -1, torch.sort(key, dim=-1, stable=True).indices)
     order = order[..., :kk]
     safe = order.clamp(max=nkb - 1)
