@@ -30,8 +30,13 @@ Shared memory byte map (D = head_dim, kv16 = 64*D*2 bytes; see layouts.prefill.P
       phase 2: R + t*kv16: FP16 K stage t (t<2) | R + 2*kv16 + t*kv16: FP16 V stage t
     i.e. the phase-2 K stages overwrite kdec/vdec, the V stages overwrite the FP4 stages.
 
-The SM90 path decodes the FP4 tiles into 16-bit shared-memory tiles (kdec / vdec / sQ) and runs the
-16-bit MMA; decoding straight into registers is the planned next step (not done).
+SM90 K/V source (schedule.kv_dq16, default): the quantizer also writes dq(K), dq(V) [B,Skv,Hkv,D] in the input
+dtype (exact E2M1*E4M3 values), and phase 1 streams those through the phase-2 16-bit stage ring (FP16 K/V
+stages t < 2 of the byte map; the FP4 stages and kdec/vdec stay unused): the same numbers as decoding the FP4
+stages, without the ~530 decode instructions per warp and tile that the ncu profile showed (28% of the stall
+samples; see profiling/RESULTS.md).  kv_dq16=False (schedule m64_w4_s2_fp4smem): packed FP4 stages decoded
+into the 16-bit kdec / vdec smem tiles each tile (the previous SM90 path; dq(Q) is decoded into sQ in both).
+The SM120 path ignores kv_dq16 (its MMA reads the packed FP4 stages).
 """
 from __future__ import annotations
 

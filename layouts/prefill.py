@@ -18,6 +18,9 @@ aliased region on a 1024 B boundary):
       phase 2 (FP16)  R + t*kv16, t < 2: FP16 K stage t (Tn x D);  R + 2*kv16 + t*kv16: FP16 V stage t
     region = max(2*kv16 + S*fp4_stage, 2*2*kv16)
 
+SM90 dq16 schedules (kv_dq16, the default there): phase 1 streams the 16-bit dq(K)/dq(V) tiles through the
+phase-2 stage buffers (FP16 K/V stages t < 2) and leaves kdec/vdec and the FP4 stages unused; same total.
+
 So the FP16 K stages of phase 2 overwrite the decoded tiles and the V stages overwrite the FP4 stages
 of phase 1 (V stage 0 starts at R + 2*kv16, exactly where FP4 stage 0 lived); phase 2 starts only
 after every warp passed the CTA barrier that ends phase 1.  The SM120 block-scaled path reads the FP4 stages
