@@ -30,12 +30,12 @@ Shared memory byte map (D = head_dim, kv16 = 64*D*2 bytes; see layouts.prefill.P
       phase 2: R + t*kv16: FP16 K stage t (t<2) | R + 2*kv16 + t*kv16: FP16 V stage t
     i.e. the phase-2 K stages overwrite kdec/vdec, the V stages overwrite the FP4 stages.
 
-SM90 K/V source (schedule.kv_dq16, default): the quantizer also writes dq(K), dq(V) [B,Skv,Hkv,D] in the input
-dtype (exact E2M1*E4M3 values), and phase 1 streams those through the phase-2 16-bit stage ring (FP16 K/V
-stages t < 2 of the byte map; the FP4 stages and kdec/vdec stay unused): the same numbers as decoding the FP4
-stages, without the ~530 decode instructions per warp and tile that the ncu profile showed (28% of the stall
-samples; see profiling/RESULTS.md).  kv_dq16=False (schedule m64_w4_s2_fp4smem): packed FP4 stages decoded
-into the 16-bit kdec / vdec smem tiles each tile (the previous SM90 path; dq(Q) is decoded into sQ in both).
+SM90 K/V source (default, FP4 memory traffic): packed FP4 stages decoded into the 16-bit kdec / vdec smem
+tiles each tile (dq(Q) is decoded into sQ).  Opt-in experiment (schedule.kv_dq16, schedule m64_w4_s2_dq16): the
+quantizer also writes dq(K), dq(V) [B,Skv,Hkv,D] in the input dtype (exact E2M1*E4M3 values), and phase 1 streams
+those through the phase-2 16-bit stage ring (FP16 K/V stages t < 2 of the byte map): the same numbers without the
+~530 decode instructions per warp and tile that the ncu profile showed, at the price of 16-bit K/V traffic and an
+extra 16-bit K/V copy (see profiling/RESULTS.md) -- it measures what the decode costs.
 The SM120 path ignores kv_dq16 (its MMA reads the packed FP4 stages).
 """
 from __future__ import annotations

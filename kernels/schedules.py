@@ -22,10 +22,13 @@ class PrefillSchedule:
     stages:     cp.async pipeline depth of the K/V tile buffers (>= 2: tile j+1 loads while j computes).
     mask_split: emit a mask-free variant of the mainloop step for tiles that need no causal /
                 sequence-end masking (bigger code, fewer instructions per interior tile).
-    kv_dq16:    SM90 path only (ignored on sm_120, whose MMA reads the packed FP4 stages): the quantizer also
-                writes dq(K), dq(V) in 16 bit (exact values) and phase 1 streams those through the same
-                16-bit stage ring as phase 2 -- no per-tile FP4 decode in the main loop (the profile had it
-                at ~530 instructions per warp and tile, ~28% of the stall samples).  False: packed FP4 stages
+    kv_dq16:    SM90 path only, opt-in experiment (ignored on sm_120, whose MMA reads the packed FP4 stages):
+                the quantizer also writes dq(K), dq(V) in 16 bit (exact values) and phase 1 streams those
+                through the same 16-bit stage ring as phase 2 -- no per-tile FP4 decode in the main loop (the
+                profile had it at ~530 instructions per warp and tile, ~28% of the stall samples), but 16-bit
+                K/V memory traffic and an extra 16-bit K/V copy in memory, which is not this project's design
+                (FP4 traffic on every arch).  It measures the cost of the decode: 32k/5% quant+prefill 42.7 ms
+                vs 55.0 ms on the FP4 path (H100, profiling/RESULTS.md).  False (default): packed FP4 stages
                 decoded into 16-bit smem tiles each tile (``stages`` deep ring).
     """
 
@@ -34,7 +37,7 @@ class PrefillSchedule:
     num_warps: int = 4
     stages: int = 2
     mask_split: bool = True
-    kv_dq16: bool = True
+    kv_dq16: bool = False
 
     def __post_init__(self):
         if self.tile_n != SELECTION_BLOCK:
@@ -71,14 +74,14 @@ class PrefillSchedule:
 
 
 SCHEDULES: dict[str, PrefillSchedule] = {
-    # default: double-buffered, separate masked/unmasked steps; SM90: dq16 K/V in phase 1
+    # default: packed FP4 K/V double-buffered (FP4 memory traffic), separate masked/unmasked steps
     "m64_w4_s2": PrefillSchedule(stages=2, mask_split=True),
-    # SM90: packed FP4 K/V stages decoded into 16-bit smem tiles every tile (the previous default)
-    "m64_w4_s2_fp4smem": PrefillSchedule(stages=2, mask_split=True, kv_dq16=False),
     # deeper FP4 pipeline (more smem, hides longer load latency at long context)
-    "m64_w4_s3": PrefillSchedule(stages=3, mask_split=True, kv_dq16=False),
+    "m64_w4_s3": PrefillSchedule(stages=3, mask_split=True),
     # smallest code: every step carries the mask (compile-time / I-cache trade-off)
     "m64_w4_s2_allmask": PrefillSchedule(stages=2, mask_split=False),
+    # SM90 experiment: phase 1 streams exact 16-bit dq(K)/dq(V) instead of decoding FP4 tiles (see kv_dq16)
+    "m64_w4_s2_dq16": PrefillSchedule(stages=2, mask_split=True, kv_dq16=True),
 }
 
 DEFAULT_SCHEDULE = "m64_w4_s2"

@@ -18,7 +18,7 @@ aliased region on a 1024 B boundary):
       phase 2 (FP16)  R + t*kv16, t < 2: FP16 K stage t (Tn x D);  R + 2*kv16 + t*kv16: FP16 V stage t
     region = max(2*kv16 + S*fp4_stage, 2*2*kv16)
 
-SM90 dq16 schedules (kv_dq16, the default there): phase 1 streams the 16-bit dq(K)/dq(V) tiles through the
+SM90 dq16 schedules (kv_dq16, an opt-in experiment; default is the FP4 path above): phase 1 streams the 16-bit dq(K)/dq(V) tiles through the
 phase-2 stage buffers (FP16 K/V stages t < 2) and leaves kdec/vdec and the FP4 stages unused; same total.
 
 So the FP16 K stages of phase 2 overwrite the decoded tiles and the V stages overwrite the FP4 stages

@@ -66,7 +66,7 @@ def test_prefill_long_32k(budget, rng_seed):
     _run(1, 32768 + 17, 32768 + 17, 4, 1, 128, torch.bfloat16, True, budget, rng_seed)
 
 
-@pytest.mark.parametrize("schedule", ["m64_w4_s2_fp4smem", "m64_w4_s3", "m64_w4_s2_allmask"])
+@pytest.mark.parametrize("schedule", ["m64_w4_s2_dq16", "m64_w4_s3", "m64_w4_s2_allmask"])
 def test_prefill_schedules(schedule, rng_seed):
     _run(1, 200, 300, 4, 4, 128, torch.float16, True, 0.25, rng_seed, schedule=schedule)
 

@@ -82,7 +82,7 @@ ms = do_bench(sdpa16, warmup=20, rep=300, return_mode="median")
 rows.append(dict(S=S, method="fp16 sdpa_flash", ms=ms, tflops=flops / (ms * 1e-3) / 1e12))
 sel = select_blocks(q, k, budget=0.05, causal=True).to(torch.int32).contiguous()
 o = torch.empty_like(q); l = torch.empty(B, H, S, device="cuda")
-for name in ("m64_w4_s2", "m64_w4_s2_fp4smem", "m64_w4_s3", "m64_w4_s2_allmask"):
+for name in ("m64_w4_s2", "m64_w4_s2_dq16", "m64_w4_s3", "m64_w4_s2_allmask"):
     run = lambda: _run_prefill(q, k, v, sel, True, 1 / math.sqrt(D), get_schedule(name), "nvfp4", out=o, lse=l)
     run()
     ms = do_bench(run, warmup=5, rep=300, return_mode="median")
