@@ -68,6 +68,11 @@ P_SCALE = 448.0 * 6.0  # two-level P: x = P~ / s1, s1 = rowmax / (448 * 6)
 # Off by default: on an H100 (2026-11-22, profiling/RESULTS.md decode section) distances 2/3/4 were slower at every
 # shape, more so the deeper (B=8, 128k, budget 0.05: 547 / 630 / 719 / 821 us for 0 / 2 / 3 / 4).
 DEFAULT_PREFETCH = 0
+# "bits" FP4 word layout (kv_cache.fp4_layout): decoded K'/V' are E2M1 * scale * 2^(FP4_EXP - 14) in fp16 (exact:
+# the product's last bit is >= 2^-10 * 2^-7 = 2^-17 > 2^-24, and 6 * 448 * 2^-7 < 65504); the 2^(14 - FP4_EXP) goes
+# into the fp32 factors (softmax scale of S, s1 of O), which makes the result bit-identical to the "nibble" path.
+# 7 rather than 0 keeps most products fp16-normal (subnormal only below 2^-7), 1 extra HMUL2 per 16-group.
+FP4_EXP = 7
 
 
 def fp4_math_path(arch: int) -> str:
@@ -224,6 +229,42 @@ def fp4x8_f16(w, s2, *, loc=None, ip=None):
 
 
 @dsl_user_op
+def fp4x8_f16_bits(w, s2, *, loc=None, ip=None):
+    """8 E2M1 codes in the "bits" word layout (kernels/kv_cache.py: BITS_POS) times a half2 s2 -> 4 f16x2 words
+    (elements 2k, 2k+1 in word k). Each half is placed, not looked up: s<<15 | (e1 e0 m)<<9 is E2M1 * 2^-14 in
+    fp16 exactly (e = 0 gives the subnormal m * 2^-15), so pair k is a shift and a mask of w (pairs 2, 3 take
+    the sign from a second shift): 5 shifts + 6 logic ops, then the 4 exact multiplies (no .ftz: fp16
+    subnormals are kept). The caller passes s2 = scale * 2^FP4_EXP and folds 2^(14 - FP4_EXP) into fp32."""
+    text = (
+        "{\n\t.reg .b32 a, b;\n\t"
+        "and.b32 $0, $4, 0x8E008E00;\n\t"
+        "shl.b32 a, $4, 3;\n\tand.b32 $1, a, 0x8E008E00;\n\t"
+        "shl.b32 a, $4, 6;\n\tshl.b32 b, $4, 1;\n\tand.b32 a, a, 0x0E000E00;\n\tand.b32 b, b, 0x80008000;\n\t"
+        "or.b32 $2, a, b;\n\t"
+        "shl.b32 a, $4, 9;\n\tshl.b32 b, $4, 2;\n\tand.b32 a, a, 0x0E000E00;\n\tand.b32 b, b, 0x80008000;\n\t"
+        "or.b32 $3, a, b;\n\t"
+        "mul.rn.f16x2 $0, $0, $5;\n\tmul.rn.f16x2 $1, $1, $5;\n\tmul.rn.f16x2 $2, $2, $5;\n\t"
+        "mul.rn.f16x2 $3, $3, $5;\n\t}"
+    )
+    res = _asm(llvm.StructType.get_literal([T.i32()] * 4),
+               [Uint32(w).ir_value(loc=loc, ip=ip), Uint32(s2).ir_value(loc=loc, ip=ip)],
+               text, "=r,=r,=r,=r,r,r", loc=loc, ip=ip)
+    return _words(res, 4, loc, ip)
+
+
+@dsl_user_op
+def e4m3_bcast_f16_pow2(word, i: int, exp2: int, *, loc=None, ip=None) -> Uint32:
+    """Byte i of `word` (an E4M3 code) times 2^exp2 as an f16x2 (s, s); exact for exp2 <= 7 (448 * 2^7 < 65504)."""
+    sel = 0x4400 | (i << 4) | i
+    f = 0x3C00 + (exp2 << 10)  # fp16 bits of 2^exp2
+    return Uint32(_asm(T.i32(), [Uint32(word).ir_value(loc=loc, ip=ip)],
+                       "{\n\t.reg .b32 t, f;\n\t.reg .b16 h;\n\t"
+                       f"prmt.b32 t, $1, 0, {sel};\n\tcvt.u16.u32 h, t;\n\tcvt.rn.f16x2.e4m3x2 t, h;\n\t"
+                       f"mov.b32 f, {(f << 16) | f};\n\tmul.rn.f16x2 $0, t, f;\n\t}}",
+                       "=r,r", loc=loc, ip=ip))
+
+
+@dsl_user_op
 def e4m3_bcast_f16(word, i: int, *, loc=None, ip=None) -> Uint32:
     """Byte i of `word` (an E4M3 code) as an f16x2 (s, s) (exact)."""
     sel = 0x4400 | (i << 4) | i
@@ -269,7 +310,13 @@ class ThriftDecodeSplitKV:
     [B, Hq, NS]. Scalars: scale_log2 = softmax_scale * log2(e); tiles_per_split.
     """
 
-    def __init__(self, head_dim: int, group: int, is_bf16: bool, arch: int = 90, prefetch: int = DEFAULT_PREFETCH):
+    def __init__(self, head_dim: int, group: int, is_bf16: bool, arch: int = 90, prefetch: int = DEFAULT_PREFETCH,
+                 fp4_layout: str = "nibble"):
+        if fp4_layout not in ("nibble", "bits"):
+            raise ValueError(f"fp4_layout must be 'nibble' or 'bits', got {fp4_layout!r}")
+        self.bits = fp4_layout == "bits"
+        # fp32 factor that undoes the 2^(FP4_EXP - 14) of the "bits" decode (1 for "nibble")
+        self.FOLD = float(2 ** (14 - FP4_EXP)) if self.bits else 1.0
         if not 0 <= prefetch <= 8:
             raise ValueError(f"prefetch (L2 prefetch distance in tiles, 0 = off) must be in [0, 8], got {prefetch}")
         if head_dim not in (64, 128):
@@ -479,6 +526,18 @@ class ThriftDecodeSplitKV:
             off = (i * 32 + lane) * 16
             cp_async16(saddr + off, gaddr + off)
 
+    def _scale2(self, word, i):
+        """Byte i of word (E4M3 group scale) as the f16x2 multiplier of the decode (times 2^FP4_EXP for "bits")."""
+        if self.bits:
+            return e4m3_bcast_f16_pow2(word, i, FP4_EXP)
+        return e4m3_bcast_f16(word, i)
+
+    def _fp4x8(self, w, s2):
+        """8 codes of one word -> 4 f16x2 (the decode of the cache's fp4_layout)."""
+        if self.bits:
+            return fp4x8_f16_bits(w, s2)
+        return fp4x8_f16(w, s2)
+
     @cute.jit
     def _fp4_tile(self, sb, lane, qf4, m_run, l_run, acc_o, scale_log2):
         D, NG = self.D, self.NG
@@ -486,6 +545,7 @@ class ThriftDecodeSplitKV:
         KS_OFF, V_OFF, VS_OFF = 32 * D, 36 * D, 68 * D
         r = lane // 4
         ks = lds(sb + KS_OFF + lane * (D // 8), D // 32)  # [j][group] scale bytes of this lane's keys
+        sl2 = scale_log2 * Float32(self.FOLD)  # S^T comes out 2^-FOLD-scaled with the "bits" decode
         # ---- S^T = K' Q'^T : m-tile c holds keys key(c, r, h) (see kv_cache), columns = heads 2t, 2t+1 (+8ng)
         s_acc = [[None] * NG for _ in range(4)]
         for c in cutlass.range_constexpr(4):
@@ -496,8 +556,8 @@ class ThriftDecodeSplitKV:
                 for w in cutlass.range_constexpr(KW):
                     sbi = j * (D // 64) + w // 2  # scale byte of this word's group
                     if const_expr(w % 2 == 0):
-                        s2 = e4m3_bcast_f16(ks[sbi // 4], sbi % 4)
-                    hs = fp4x8_f16(kw[w], s2)
+                        s2 = self._scale2(ks[sbi // 4], sbi % 4)
+                    hs = self._fp4x8(kw[w], s2)
                     for k in cutlass.range_constexpr(4):
                         a[2 * w + k // 2][h + 2 * (k % 2)] = hs[k]
             for ng in cutlass.range_constexpr(NG):
@@ -512,7 +572,7 @@ class ThriftDecodeSplitKV:
         for ng in cutlass.range_constexpr(NG):
             pq = [[[None] * 2 for _ in range(2)] for _ in range(4)]  # [c][h][e]
             for e in cutlass.range_constexpr(2):
-                vals = [s_acc[c][ng][e + 2 * h] * scale_log2 for c in range(4) for h in range(2)]
+                vals = [s_acc[c][ng][e + 2 * h] * sl2 for c in range(4) for h in range(2)]
                 gm = vals[0]
                 for i in cutlass.range_constexpr(1, 8):
                     gm = cute.arch.fmax(gm, vals[i])
@@ -535,7 +595,7 @@ class ThriftDecodeSplitKV:
                 rel = ex2(tm - m_new)
                 l_run[ng, e] = l_run[ng, e] * alpha + rel * psum
                 fac_o[ng][e] = alpha
-                fac_t[ng][e] = rel * Float32(1.0 / P_SCALE)
+                fac_t[ng][e] = rel * Float32(self.FOLD / P_SCALE)  # FOLD: a power of two -> exact
             for c in cutlass.range_constexpr(4):
                 b0 = movtrans(pack2(pq[c][0][0], pq[c][0][1], False))
                 b1 = movtrans(pack2(pq[c][1][0], pq[c][1][1], False))
@@ -544,10 +604,10 @@ class ThriftDecodeSplitKV:
         vsw = lds(sb + VS_OFF + lane * (D // 8), D // 32)
         for dt in cutlass.range_constexpr(NKC):
             vw = lds(sb + V_OFF + (dt * 32 + lane) * 16, 4)
-            s0 = e4m3_bcast_f16(vsw[(2 * dt) // 4], (2 * dt) % 4)
-            s1 = e4m3_bcast_f16(vsw[(2 * dt + 1) // 4], (2 * dt + 1) % 4)
-            h0 = fp4x8_f16(vw[0], s0) + fp4x8_f16(vw[1], s0)
-            h1 = fp4x8_f16(vw[2], s1) + fp4x8_f16(vw[3], s1)
+            s0 = self._scale2(vsw[(2 * dt) // 4], (2 * dt) % 4)
+            s1 = self._scale2(vsw[(2 * dt + 1) // 4], (2 * dt + 1) % 4)
+            h0 = self._fp4x8(vw[0], s0) + self._fp4x8(vw[1], s0)
+            h1 = self._fp4x8(vw[2], s1) + self._fp4x8(vw[3], s1)
             for ng in cutlass.range_constexpr(NG):
                 acc = [Float32(0.0)] * 4
                 for c in cutlass.range_constexpr(4):
@@ -756,13 +816,13 @@ def fake_args(head_dim: int, num_kv_heads: int, group: int, dtype_name: str):
 
 
 def compile_decode(head_dim: int, num_kv_heads: int, group: int, dtype_name: str = "f16", arch: int = 90,
-                   tvm_ffi: bool = False, prefetch: int = DEFAULT_PREFETCH):
+                   tvm_ffi: bool = False, prefetch: int = DEFAULT_PREFETCH, fp4_layout: str = "nibble"):
     """cute.compile the decode and combine kernels for the current DSL target. Returns (decode, combine)."""
     dec_args, comb_args = fake_args(head_dim, num_kv_heads, group, dtype_name)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True) if tvm_ffi else cute.runtime.make_fake_stream()
     opts = "--enable-tvm-ffi" if tvm_ffi else None
     kw = {"options": opts} if opts else {}
     bf = dtype_name == "bf16"
-    dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch, prefetch), *dec_args, Float32(1.0), Int32(1), stream, **kw)
+    dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch, prefetch, fp4_layout), *dec_args, Float32(1.0), Int32(1), stream, **kw)
     comb = cute.compile(ThriftDecodeCombine(head_dim, bf), *comb_args, stream, **kw)
     return dec, comb

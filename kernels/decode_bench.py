@@ -1,7 +1,9 @@
 """Benchmark of thrift_decode vs SDPA bf16 decode and FA4 (flash_attn.cute) -- issue 4.
 
 python -m kernels.decode_bench [--lens 8192 32768 131072] [--batches 1 8] [--out FILE]
-    [--ctas-per-sm 8 10] [--prefetch 0 2] [--sweep 96 128 158 200]   (variants of budget 0.05, kernels only)
+    [--ctas-per-sm 8 10] [--prefetch 0 2] [--sweep 96 128 158 200] [--fp4-layout nibble bits]
+    (variants of budget 0.05, kernels only; --fp4-layout: the same cache's tiles re-laid out in each FP4 word
+    layout of kernels/kv_cache.py, timed at the default splits and, with --sweep, at every swept split count)
 Median of triton do_bench (L2 flushed between reps). GB/s = bytes the kernel must read (FP4 tiles of the FP4
 blocks, FP16 K+V of the selected and partial blocks) / time. Also a device-to-device copy bandwidth.
 """
@@ -36,28 +38,32 @@ def main(argv=None):
                     help="also time budget 0.05 of every shape with the splits planned for these CTAs per SM")
     ap.add_argument("--prefetch", type=int, nargs="*", default=[],
                     help="also time budget 0.05 of every shape with these L2 prefetch distances (0 = off)")
+    ap.add_argument("--no-fa4", action="store_true", help="skip the FA4 baseline (its compiles take a while)")
+    ap.add_argument("--fp4-layout", nargs="*", default=[], choices=["nibble", "bits"],
+                    help="also time budget 0.05 of every shape with the tiles in these FP4 word layouts")
     args = ap.parse_args(argv)
 
     from kernels.decode import DEFAULT_PREFETCH
     from kernels.decode_interface import _arch, _get_kernels, decode_fwd, plan_splits, select_decode_blocks, thrift_decode
-    from kernels.kv_cache import BLOCK, ThriftKVCache, tile_bytes
+    from kernels.kv_cache import BLOCK, ThriftKVCache, relayout_tiles, tile_bytes
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     rows = []
 
-    def kernels_pf(pf):  # (decode, combine) compiled with L2 prefetch distance pf
-        return _get_kernels(args.d, args.hkv, args.hq // args.hkv, torch.bfloat16, _arch(dev), pf)
+    def kernels_pf(pf, layout="nibble"):  # (decode, combine) compiled with L2 prefetch distance pf
+        return _get_kernels(args.d, args.hkv, args.hq // args.hkv, torch.bfloat16, _arch(dev), pf, layout)
 
-    def time_pair(pf, flags, ns_, tps_):
-        kd_, kc_ = kernels_pf(pf)
+    def time_pair(pf, flags, ns_, tps_, layout="nibble", tiles=None):
+        kd_, kc_ = kernels_pf(pf, layout)
+        tiles = cache.tiles if tiles is None else tiles
         op_ = torch.empty((B, HQ, ns_, D), dtype=torch.float32, device=dev)
         lp_ = torch.empty((B, HQ, ns_), dtype=torch.float32, device=dev)
         oo_ = torch.empty((B, 1, HQ, D), dtype=dt, device=dev)
         lo_ = torch.empty((B, HQ), dtype=torch.float32, device=dev)
 
         def fn():
-            kd_(cache.tiles, cache.k16, cache.v16, q16, flags, lens, op_, lp_, scale * math.log2(math.e), tps_)
+            kd_(tiles, cache.k16, cache.v16, q16, flags, lens, op_, lp_, scale * math.log2(math.e), tps_)
             kc_(op_, lp_, oo_, lo_)
         return _bench(fn)
 
@@ -75,10 +81,11 @@ def main(argv=None):
     copy_gbs = 2 * src.numel() / (t * 1e-3) / 1e9
     del src, dst
     print(f"device {props.name}, {props.multi_processor_count} SMs; d2d copy {copy_gbs:.0f} GB/s", flush=True)
+    fa4 = None
     try:
-        from flash_attn.cute import flash_attn_func as fa4
+        if not args.no_fa4:
+            from flash_attn.cute import flash_attn_func as fa4
     except Exception as e:  # noqa: BLE001
-        fa4 = None
         print("FA4 unavailable:", repr(e))
     D, H, HQ, dt = args.d, args.hkv, args.hq, torch.bfloat16
     scale = 1.0 / math.sqrt(D)
@@ -157,12 +164,31 @@ def main(argv=None):
                 for c_ in args.ctas_per_sm:
                     n2, t2 = plan_splits(-(-L // BLOCK), B, H, props.multi_processor_count, {"ctas_per_sm": c_})
                     row[f"b0.05_cps{c_}_ns{n2}_kernel_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2)
+            lay_tiles = {}
+            if args.fp4_layout:  # same codes, other word layouts; outputs must agree bit for bit
+                flags = select_decode_blocks(q, cache, 0.05)
+                outs = {}
+                for lay in args.fp4_layout:
+                    lay_tiles[lay] = relayout_tiles(cache.tiles, cache.fp4_layout, lay)
+                    for c_ in (args.ctas_per_sm or [None]):
+                        n2, t2 = (ns, tps) if c_ is None else plan_splits(
+                            -(-L // BLOCK), B, H, props.multi_processor_count, {"ctas_per_sm": c_})
+                        row[f"b0.05_{lay}_ns{n2}_kernel_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2, lay,
+                                                                          lay_tiles[lay])
+                    outs[lay] = decode_fwd(q16, lay_tiles[lay], cache.k16, cache.v16, flags, lens, scale, ns, tps,
+                                           -1, lay)
+                ref_lay = outs[args.fp4_layout[0]]
+                row["fp4_layouts_bit_identical"] = all(torch.equal(o[0], ref_lay[0]) and torch.equal(o[1], ref_lay[1])
+                                                       for o in outs.values())
             if args.sweep and B == 1 and L == max(args.lens):
                 flags = select_decode_blocks(q, cache, 0.05)
                 for n in args.sweep:
                     n2, t2 = plan_splits(-(-L // BLOCK), B, H, props.multi_processor_count, {"num_splits": n})
                     for pf in (args.prefetch or [DEFAULT_PREFETCH]):
                         row[f"sweep_ns{n2}_pf{pf}_ms"] = time_pair(pf, flags, n2, t2)
+                    for lay, tl in lay_tiles.items():
+                        row[f"sweep_ns{n2}_{lay}_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2, lay, tl)
+            del lay_tiles
             rows.append(row)
             print(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}), flush=True)
             dump(partial=True)

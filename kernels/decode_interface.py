@@ -32,11 +32,12 @@ def _arch(device) -> int:
     return 10 * major + minor
 
 
-def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int, prefetch: int | None = None):
+def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int, prefetch: int | None = None,
+                 fp4_layout: str = "nibble"):
     from .decode import DEFAULT_PREFETCH
 
     prefetch = DEFAULT_PREFETCH if prefetch is None else prefetch
-    key = (D, hkv, G, dtype, arch, prefetch)
+    key = (D, hkv, G, dtype, arch, prefetch, fp4_layout)
     if key not in _COMPILED:
         from .decode import compile_decode
 
@@ -45,7 +46,7 @@ def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int, prefet
         except ImportError as e:
             raise RuntimeError("thrift_decode needs apache-tvm-ffi (pip install apache-tvm-ffi)") from e
         _COMPILED[key] = compile_decode(D, hkv, G, "bf16" if dtype == torch.bfloat16 else "f16", arch,
-                                        tvm_ffi=True, prefetch=prefetch)
+                                        tvm_ffi=True, prefetch=prefetch, fp4_layout=fp4_layout)
     return _COMPILED[key]
 
 
@@ -70,13 +71,15 @@ def plan_splits(max_tiles: int, batch: int, num_kv_heads: int, num_sms: int, sch
 @torch.library.custom_op("thrift::decode_fwd", mutates_args=())
 def decode_fwd(q16: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: torch.Tensor,
                flags: torch.Tensor, lens: torch.Tensor, softmax_scale: float, num_splits: int,
-               tiles_per_split: int, prefetch: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+               tiles_per_split: int, prefetch: int = -1, fp4_layout: str = "nibble") -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV decode + LSE combine. q16 [B, Hq, D] (NVFP4-quantized inside the kernel for the FP4 tiles);
-    tiles/k16/v16/flags/lens from the cache; prefetch: L2 prefetch distance in tiles (-1 = the default).
+    tiles/k16/v16/flags/lens from the cache; prefetch: L2 prefetch distance in tiles (-1 = the default);
+    fp4_layout: the bit order of the tiles' code words (the cache's fp4_layout).
     Returns O [B, 1, Hq, D] (q16's dtype) and LSE fp32 [B, Hq]."""
     B, HQ, D = q16.shape
     hkv = tiles.shape[2]
-    dec, comb = _get_kernels(D, hkv, HQ // hkv, q16.dtype, _arch(q16.device), None if prefetch < 0 else prefetch)
+    dec, comb = _get_kernels(D, hkv, HQ // hkv, q16.dtype, _arch(q16.device), None if prefetch < 0 else prefetch,
+                             fp4_layout)
     o_part = torch.empty((B, HQ, num_splits, D), dtype=torch.float32, device=q16.device)
     lse_part = torch.empty((B, HQ, num_splits), dtype=torch.float32, device=q16.device)
     out = torch.empty((B, 1, HQ, D), dtype=q16.dtype, device=q16.device)
@@ -87,7 +90,7 @@ def decode_fwd(q16: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: t
 
 
 @decode_fwd.register_fake
-def _(q16, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split, prefetch=-1):
+def _(q16, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split, prefetch=-1, fp4_layout="nibble"):
     B, HQ, D = q16.shape
     return q16.new_empty((B, 1, HQ, D)), q16.new_empty((B, HQ), dtype=torch.float32)
 
@@ -207,5 +210,5 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
     if not -1 <= pf <= 8:
         raise ValueError(f"{where}: schedule['prefetch'] must be in [0, 8], got {pf}")
     out, lse = decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, cache.lengths_tensor(q.device),
-                          float(scale), ns, tps, pf)
+                          float(scale), ns, tps, pf, cache.fp4_layout)
     return (out, lse) if return_lse else out

@@ -23,6 +23,16 @@ Decode tile layout (D = 64 or 128; lane = 4*r + t, r = lane//4, t = lane%4; c = 
   [32D, 36D)   K scales  [lane][j (8)][D/64]: E4M3 of those channels' groups
   [36D, 68D)   V codes   [dt (D/16)][lane][hh (2)][8 B]: channel drow(dt, r, hh), keys 16t..16t+15
   [68D, 72D)   V scales  [lane][dt][hh]: E4M3 of (drow(dt, r, hh), keys 16t..16t+15)
+
+Bit order inside each 32-bit word of the K and V code regions (``fp4_layout``; scales are never permuted). The
+word holds 8 E2M1 codes, elements e = 0..7 (the kernel turns them into 4 f16x2 words, pair k = elements 2k, 2k+1):
+  * "nibble" (default): element e in bits 4e..4e+3 (code = s<<3 | e1 e0 m), i.e. the contract's packing.
+  * "bits": each code's magnitude field (e1 e0 m, 3 bits) and sign bit moved so that 16-bit half h of pair k is
+    an fp16 bit pattern after one shift and mask: s<<15 | (e1 e0 m)<<9 is exactly E2M1 * 2^-14 in fp16 (normal
+    codes: exponent e1e0, mantissa m; e = 0 lands in the fp16 subnormals: m * 2^-15). Element e: magnitude at
+    bits BITS_POS[e][0].., sign at BITS_POS[e][1]; the kernel builds pair 0 = w & 0x8E008E00, pair 1 =
+    (w << 3) & 0x8E008E00, pair 2 = (w << 6 & 0x0E000E00) | (w << 1 & 0x80008000), pair 3 = (w << 9 & 0x0E000E00)
+    | (w << 2 & 0x80008000): 5 shifts + 6 logic ops per 8 codes instead of 15 (see kernels/decode.py).
 """
 from __future__ import annotations
 
@@ -34,6 +44,40 @@ from quant import nvfp4
 
 BLOCK = 64
 _DTYPES = (torch.float16, torch.bfloat16)
+FP4_LAYOUTS = ("nibble", "bits")
+# "bits" layout: (first bit of the 3-bit magnitude field, sign bit) of element e of a 32-bit code word
+BITS_POS = ((9, 15), (25, 31), (6, 12), (22, 28), (3, 14), (19, 30), (0, 13), (16, 29))
+
+
+def _check_layout(layout, where):
+    if layout not in FP4_LAYOUTS:
+        raise ValueError(f"{where}: fp4_layout must be one of {FP4_LAYOUTS}, got {layout!r}")
+
+
+def _permute_code_words(x, to_bits: bool):
+    """uint8 [..., 4n] (contiguous code bytes) -> the same words in the other bit order (nibble <-> bits)."""
+    w = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(w)
+    for e, (mb, sp) in enumerate(BITS_POS):
+        if to_bits:
+            out |= ((w >> (4 * e)) & 7) << mb | ((w >> (4 * e + 3)) & 1) << sp
+        else:
+            out |= ((w >> mb) & 7) << (4 * e) | ((w >> sp) & 1) << (4 * e + 3)
+    out = torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32)
+    return out.view(torch.uint8).reshape(x.shape)
+
+
+def relayout_tiles(tiles, src: str, dst: str):
+    """Decode tiles uint8 [..., 72D] in fp4_layout src -> the same tiles in layout dst (a new tensor)."""
+    _check_layout(src, "relayout_tiles")
+    _check_layout(dst, "relayout_tiles")
+    if src == dst:
+        return tiles.clone()
+    D = tiles.shape[-1] // 72
+    out = tiles.clone()
+    for a, b in ((0, 32 * D), (36 * D, 68 * D)):  # K codes, V codes
+        out[..., a:b] = _permute_code_words(tiles[..., a:b], dst == "bits")
+    return out
 
 
 def tile_bytes(head_dim: int) -> int:
@@ -68,8 +112,8 @@ def _tile_index(head_dim: int):
     return kkey, kt, vrow, vt
 
 
-def pack_tiles(kp, ks, vp, vs):
-    """Contract-layout NVFP4 codes of whole 64-token blocks -> decode tiles.
+def pack_tiles(kp, ks, vp, vs, fp4_layout: str = "nibble"):
+    """Contract-layout NVFP4 codes of whole 64-token blocks -> decode tiles (code words in `fp4_layout`).
 
     kp uint8 [N, nb*64, H, D/2], ks e4m3 [N, nb*64, H, D/16] (quantize(k, dim=-1));
     vp uint8 [N, H, D, nb*32], vs e4m3 [N, H, D, nb*4] (quantize(v.permute(0, 2, 3, 1), dim=-1)).
@@ -85,12 +129,18 @@ def pack_tiles(kp, ks, vp, vs):
     vb = vp.reshape(N, H, D, nb, 4, 8).permute(0, 3, 1, 2, 4, 5)[:, :, :, vrow, vt]
     vsr = vs.view(torch.uint8).reshape(N, H, D, nb, 4).permute(0, 3, 1, 2, 4)[:, :, :, vrow.permute(1, 0, 2),
                                                                                 vt.permute(1, 0, 2)]
+    _check_layout(fp4_layout, "pack_tiles")
     parts = [x.reshape(N, nb, H, -1) for x in (kb, ksr, vb, vsr)]
+    if fp4_layout == "bits":
+        parts[0], parts[2] = _permute_code_words(parts[0], True), _permute_code_words(parts[2], True)
     return torch.cat(parts, dim=-1)
 
 
-def unpack_tiles(tiles):
+def unpack_tiles(tiles, fp4_layout: str = "nibble"):
     """Inverse of pack_tiles: uint8 [N, nb, H, 72D] -> (kp, ks, vp, vs) in the contract layouts."""
+    _check_layout(fp4_layout, "unpack_tiles")
+    if fp4_layout != "nibble":
+        tiles = relayout_tiles(tiles, fp4_layout, "nibble")
     N, nb, H, TB = tiles.shape
     D = TB // 72
     kkey, kt, vrow, vt = (x.to(tiles.device) for x in _tile_index(D))
@@ -114,11 +164,11 @@ def unpack_tiles(tiles):
     return kp, ks, vp, vs
 
 
-def quantize_blocks(k, v):
+def quantize_blocks(k, v, fp4_layout: str = "nibble"):
     """One-shot NVFP4 of whole blocks: k, v [N, nb*64, H, D] (zero beyond the valid tokens) -> decode tiles."""
     kp, ks = nvfp4.quantize(k, dim=-1)
     vp, vs = nvfp4.quantize(v.permute(0, 2, 3, 1), dim=-1)
-    return pack_tiles(kp, ks, vp, vs)
+    return pack_tiles(kp, ks, vp, vs, fp4_layout)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -131,10 +181,12 @@ class ThriftKVCache:
     cache = ThriftKVCache(batch, num_kv_heads, head_dim, dtype=torch.float16, device="cuda")
     cache.append(k, v)                      # k, v [B, T, Hkv, D]: T new tokens for every sequence
     cache.append(k, v, num_new=[5, 0, 3])   # per-sequence counts (<= T; the rest of the rows is ignored)
+    fp4_layout: bit order of the FP4 code words in the tiles ("nibble" or "bits", module docstring); the decode
+    kernel reads cache.fp4_layout and decodes accordingly.
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, capacity: int = 1024,
-                 dtype=torch.float16, device=None, growth: float = 2.0):
+                 dtype=torch.float16, device=None, growth: float = 2.0, fp4_layout: str = "nibble"):
         for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("capacity", capacity)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"ThriftKVCache: {name} must be a positive int, got {val!r}")
@@ -144,6 +196,8 @@ class ThriftKVCache:
             raise TypeError(f"ThriftKVCache: dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
         if not (isinstance(growth, (int, float)) and growth > 1.0):
             raise ValueError(f"ThriftKVCache: growth must be a number > 1, got {growth!r}")
+        _check_layout(fp4_layout, "ThriftKVCache")
+        self.fp4_layout = fp4_layout
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         dev = torch.device(device or "cpu")
         if dev.type == "cuda" and dev.index is None:  # "cuda" -> "cuda:N", so device checks compare equal
@@ -229,7 +283,7 @@ class ThriftKVCache:
 
         t0, t1 = blk0 * BLOCK, blk1 * BLOCK
         kb, vb = self.k16[b:b + 1, t0:t1], self.v16[b:b + 1, t0:t1]
-        self.tiles[b:b + 1, blk0:blk1] = quantize_blocks(kb, vb)
+        self.tiles[b:b + 1, blk0:blk1] = quantize_blocks(kb, vb, self.fp4_layout)
         L = self.lengths[b]
         self.kmean[b:b + 1, blk0:blk1] = block_means(self.k16[b:b + 1, t0:L])
 
@@ -244,4 +298,4 @@ class ThriftKVCache:
     def fp4_contract(self, b: int):
         """Sequence b's FP4 data in the contract layouts (kp, ks, vp, vs), for tests and other kernels."""
         nb = -(-self.lengths[b] // BLOCK)
-        return unpack_tiles(self.tiles[b:b + 1, :nb])
+        return unpack_tiles(self.tiles[b:b + 1, :nb], self.fp4_layout)

@@ -14,15 +14,15 @@ _SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     from kernels.decode import compile_decode
-    compile_decode({d}, {hkv}, {g}, {dt!r}, {arch})
+    compile_decode({d}, {hkv}, {g}, {dt!r}, {arch}, fp4_layout={layout!r})
 """)
 
 
-def _compile(tmp_path, arch, d, hkv, g, dt):
+def _compile(tmp_path, arch, d, hkv, g, dt, layout="nibble"):
     dump = tmp_path / f"dump_{arch}"
     dump.mkdir()
     env = dict(os.environ, CUTE_DSL_ARCH=f"sm_{arch}a", CUTE_DSL_KEEP="ptx,cubin", CUTE_DSL_DUMP_DIR=str(dump))
-    code = _SCRIPT.format(root=ROOT, d=d, hkv=hkv, g=g, dt=dt, arch=arch)
+    code = _SCRIPT.format(root=ROOT, d=d, hkv=hkv, g=g, dt=dt, arch=arch, layout=layout)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     ptx = sorted(p for p in dump.iterdir() if p.suffix == ".ptx")
@@ -33,11 +33,17 @@ def _compile(tmp_path, arch, d, hkv, g, dt):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("arch,d,hkv,g,dt", [(90, 128, 8, 4, "f16"), (90, 64, 3, 3, "bf16"), (120, 128, 8, 4, "f16"),
-                                             (120, 64, 2, 16, "bf16")])
-def test_decode_compiles(tmp_path, arch, d, hkv, g, dt):
-    dec, comb = _compile(tmp_path, arch, d, hkv, g, dt)
+@pytest.mark.parametrize("arch,d,hkv,g,dt,layout", [(90, 128, 8, 4, "f16", "nibble"), (90, 64, 3, 3, "bf16", "nibble"),
+                                                    (120, 128, 8, 4, "f16", "nibble"), (120, 64, 2, 16, "bf16", "nibble"),
+                                                    (90, 128, 8, 4, "bf16", "bits"), (120, 64, 2, 16, "f16", "bits")])
+def test_decode_compiles(tmp_path, arch, d, hkv, g, dt, layout):
+    dec, comb = _compile(tmp_path, arch, d, hkv, g, dt, layout)
     text = dec.read_text()
+    if layout == "bits":  # the shift-and-mask decode of kv_cache's "bits" word layout, no table lookup
+        assert "0x8E008E00" in text and "0x0E000E00" in text
+        assert "prmt.b32 h0, 0x3E3C3800" not in text
+    else:
+        assert "prmt.b32 h0, 0x3E3C3800" in text
     assert f".target sm_{arch}a" in text
     mma = "bf16" if dt == "bf16" else "f16"
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in text  # FP4 tiles (decoded, exact in fp16)

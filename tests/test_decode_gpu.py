@@ -6,14 +6,15 @@ pytestmark = pytest.mark.gpu
 
 from kernels.decode_interface import decode_fwd, plan_splits, select_decode_blocks, thrift_decode, thrift_decode_ref  # noqa: E402
 from kernels.kv_cache import ThriftKVCache  # noqa: E402
+from kernels.kv_cache import relayout_tiles as kv_relayout  # noqa: E402
 
 
-def _build(lens, H, D, dtype, seed, k_scale=1.0):
+def _build(lens, H, D, dtype, seed, k_scale=1.0, v_scale=1.0, fp4_layout="nibble"):
     g = torch.Generator(device="cuda").manual_seed(seed)
     B, T = len(lens), max(lens)
     k = (torch.randn((B, T, H, D), generator=g, device="cuda") * k_scale).to(dtype)
-    v = torch.randn((B, T, H, D), generator=g, device="cuda").to(dtype)
-    c = ThriftKVCache(B, H, D, capacity=64, dtype=dtype, device="cuda")
+    v = (torch.randn((B, T, H, D), generator=g, device="cuda") * v_scale).to(dtype)
+    c = ThriftKVCache(B, H, D, capacity=64, dtype=dtype, device="cuda", fp4_layout=fp4_layout)
     c.append(k, v, num_new=lens)
     return c
 
@@ -111,3 +112,31 @@ def test_bad_inputs():
         thrift_decode(torch.zeros((1, 1, 4, 64), device="cuda", dtype=torch.bfloat16), c)
     with pytest.raises(ValueError, match="budget"):
         thrift_decode(torch.zeros((1, 1, 4, 64), device="cuda", dtype=torch.float16), c, budget=1.5)
+
+
+@pytest.mark.parametrize("cfg", [(32, 8, 128, torch.float16, 1.0), (9, 3, 64, torch.bfloat16, 1.0),
+                                 (32, 8, 128, torch.bfloat16, 2.0 ** -9)])
+def test_bits_layout_bit_identical(cfg, rng_seed):
+    """The "bits" FP4 word layout (shift-and-mask decode; K', V' come out 2^-7-scaled in fp16 and the 2^7 is
+    folded into fp32 factors) gives the default layout's output and LSE bit for bit -- also for tiny K and V
+    (scale 2^-9: E4M3-subnormal group scales, fp16-subnormal products), where a flush to zero would show."""
+    HQ, H, D, dtype, sc = cfg
+    lens = [5000, 64 * 80, 999]
+    c1 = _build(lens, H, D, dtype, rng_seed, k_scale=sc, v_scale=sc)
+    c2 = _build(lens, H, D, dtype, rng_seed, k_scale=sc, v_scale=sc, fp4_layout="bits")
+    assert torch.equal(kv_relayout(c1.tiles, "nibble", "bits"), c2.tiles)
+    g = torch.Generator(device="cuda").manual_seed(rng_seed + 1)
+    q_scale = 1.5 if sc == 1.0 else 64.0  # larger q for tiny K (below E4M3 saturation of q's scales: 448 * 6)
+    q = (torch.randn((len(lens), 1, HQ, D), generator=g, device="cuda") * q_scale).to(dtype)
+    for budget, sched in ((0.0, None), (0.05, {"num_splits": 1}), (0.25, None)):
+        flags = select_decode_blocks(q, c1, budget)
+        _poison()
+        o1, l1 = thrift_decode(q, c1, return_lse=True, flags=flags, schedule=sched)
+        _poison()
+        o2, l2 = thrift_decode(q, c2, return_lse=True, flags=flags, schedule=sched)
+        torch.cuda.synchronize()
+        assert torch.equal(o1, o2) and torch.equal(l1, l2), (budget, _rel(o2, o1))
+    ref, lse_ref = thrift_decode_ref(q, c2, return_lse=True, flags=flags)
+    err = _rel(o2, ref)
+    print(f"bits layout {cfg}: bit-identical to nibble; rel L2 vs reference {err:.2e}")
+    assert err <= 2e-3 and (l2 - lse_ref).abs().max().item() <= 2e-3

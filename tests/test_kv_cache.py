@@ -108,3 +108,68 @@ def test_bad_arguments():
         c.append(x[:, :, :, :32], x[:, :, :, :32])
     with pytest.raises(TypeError, match="dtype"):
         c.append(x.float(), x.float())
+
+
+# ------------------------------------------------------------------------------------- "bits" word layout
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _kernel_bits_decode(words):
+    """The "bits" decode of kernels/decode.py fp4x8_f16_bits (before the scale multiply), in int64 arithmetic:
+    32-bit words [n] -> f16x2 bit patterns [n, 4] (pair k = elements 2k, 2k+1)."""
+    M = 0xFFFFFFFF
+    w = words & M
+    pairs = [w & 0x8E008E00,
+             (w << 3) & M & 0x8E008E00,
+             ((w << 6) & M & 0x0E000E00) | ((w << 1) & M & 0x80008000),
+             ((w << 9) & M & 0x0E000E00) | ((w << 2) & M & 0x80008000)]
+    return torch.stack(pairs, dim=-1)
+
+
+def test_bits_layout_decode_is_exact_e2m1(rng_seed):
+    """Every code in every word position: the kernel's shift-and-mask of a "bits" word gives the fp16 bit pattern
+    of exactly E2M1 * 2^-14 (subnormal codes and -0 included), and the layout round-trips."""
+    g = torch.Generator().manual_seed(rng_seed)
+    # all 16 codes in each of the 8 positions (the other nibbles random) + random words
+    base = torch.randint(0, 2 ** 32, (16 * 8 + 4096,), generator=g, dtype=torch.int64)
+    for e in range(8):
+        for code in range(16):
+            i = 16 * e + code
+            base[i] = (base[i] & ~(0xF << (4 * e))) | (code << (4 * e))
+    nib = torch.where(base >= 2 ** 31, base - 2 ** 32, base).to(torch.int32).view(torch.uint8)
+    bits = kvc._permute_code_words(nib, True)
+    assert torch.equal(kvc._permute_code_words(bits, False), nib)
+    w = bits.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    pairs = _kernel_bits_decode(w)  # [n, 4]
+    halves = torch.stack([pairs & 0xFFFF, pairs >> 16], dim=-1).reshape(-1, 8)  # element order 0..7
+    h16 = torch.where(halves >= 2 ** 15, halves - 2 ** 16, halves).to(torch.int16).view(torch.float16)
+    codes = torch.stack([(base >> (4 * e)) & 0xF for e in range(8)], dim=-1)
+    want = _E2M1[codes] * 2.0 ** -14
+    got = h16.double()
+    assert torch.equal(got, want.double())
+    assert torch.equal(torch.signbit(got), torch.signbit(want))  # -0 keeps its sign
+    # times every E4M3 scale * 2^7 (the kernel's multiplier): exact in fp16, as the product in float64 says
+    sc = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).double() * 2.0 ** 7
+    prod = (h16[:, None, :].float() * sc[None, :, None].float()).half().double()  # RNE to fp16, as mul.rn.f16x2
+    assert torch.equal(prod, got[:, None, :] * sc[None, :, None])
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_bits_layout_cache(D, rng_seed):
+    """A cache built in the "bits" layout holds the same codes: relayout of the default cache's tiles, same
+    contract-layout unpacking; pack/unpack round-trip."""
+    B, H, L = 1, 2, 150
+    k, v = _rand(B, L, H, D, torch.float16, rng_seed), _rand(B, L, H, D, torch.float16, rng_seed + 1)
+    c1 = kvc.ThriftKVCache(B, H, D, capacity=64)
+    c2 = kvc.ThriftKVCache(B, H, D, capacity=64, fp4_layout="bits")
+    c1.append(k[:, :70], v[:, :70])
+    c1.append(k[:, 70:], v[:, 70:])
+    for i in range(L):
+        c2.append(k[:, i:i + 1], v[:, i:i + 1])
+    nb = -(-L // 64)
+    assert not torch.equal(c1.tiles[:, :nb], c2.tiles[:, :nb])
+    assert torch.equal(kvc.relayout_tiles(c1.tiles[:, :nb], "nibble", "bits"), c2.tiles[:, :nb])
+    for a, b in zip(c1.fp4_contract(0), c2.fp4_contract(0)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    with pytest.raises(ValueError, match="fp4_layout"):
+        kvc.ThriftKVCache(1, 1, 64, fp4_layout="nibbles")
