@@ -5,8 +5,10 @@ share the CTA, so each cache byte is read once. The warp streams its 64-token ti
   * FP4 tiles (not selected): the 72*D-byte decode tile is copied to shared memory with 16-byte cp.async,
     double-buffered (tile i+1 in flight while tile i is computed); each thread then reads its fragments with
     16-byte ld.shared (the cache layout makes them conflict-free), decodes E2M1 x E4M3 to exact fp16 in
-    registers (the SM90 path: no FP4 tensor cores), and runs m16n8k16 MMAs with the 64 keys (K rows) or the
-    D channels (V^T rows) as M and the query heads as N (padded to 8 or 16):
+    registers (the SM90 path: no FP4 tensor cores) -- with the cache's default "bits" word layout each f16x2 is
+    a shift and a mask of the code word (s<<15 | (e1 e0 m)<<9 = E2M1 * 2^-14 in fp16) times scale * 2^7, the 2^7
+    folded into fp32 (FP4_EXP; bit-identical to the "nibble" table decode) -- and runs m16n8k16 MMAs with the
+    64 keys (K rows) or the D channels (V^T rows) as M and the query heads as N (padded to 8 or 16):
         S^T = K' Q'^T,    O^T += V'^T P'^T   (P'^T is turned into the B operand with movmatrix.trans).
     P uses the contract's two-level scheme: per head and tile, x = 2688 * exp(S - tilemax) (= P~/s1 with
     s1 = rowmax/(448*6)), NVFP4 of x over 16 keys -- each thread holds exactly one 16-key group per head, so
@@ -59,7 +61,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from .arch_paths import e4m3_rne, ex2
-from .kv_cache import tile_bytes
+from .kv_cache import DEFAULT_FP4_LAYOUT, tile_bytes
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -311,7 +313,7 @@ class ThriftDecodeSplitKV:
     """
 
     def __init__(self, head_dim: int, group: int, is_bf16: bool, arch: int = 90, prefetch: int = DEFAULT_PREFETCH,
-                 fp4_layout: str = "nibble"):
+                 fp4_layout: str = DEFAULT_FP4_LAYOUT):
         if fp4_layout not in ("nibble", "bits"):
             raise ValueError(f"fp4_layout must be 'nibble' or 'bits', got {fp4_layout!r}")
         self.bits = fp4_layout == "bits"
@@ -816,7 +818,8 @@ def fake_args(head_dim: int, num_kv_heads: int, group: int, dtype_name: str):
 
 
 def compile_decode(head_dim: int, num_kv_heads: int, group: int, dtype_name: str = "f16", arch: int = 90,
-                   tvm_ffi: bool = False, prefetch: int = DEFAULT_PREFETCH, fp4_layout: str = "nibble"):
+                   tvm_ffi: bool = False, prefetch: int = DEFAULT_PREFETCH,
+                   fp4_layout: str = DEFAULT_FP4_LAYOUT):
     """cute.compile the decode and combine kernels for the current DSL target. Returns (decode, combine)."""
     dec_args, comb_args = fake_args(head_dim, num_kv_heads, group, dtype_name)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True) if tvm_ffi else cute.runtime.make_fake_stream()

@@ -51,10 +51,11 @@ def main(argv=None):
     props = torch.cuda.get_device_properties(dev)
     rows = []
 
-    def kernels_pf(pf, layout="nibble"):  # (decode, combine) compiled with L2 prefetch distance pf
-        return _get_kernels(args.d, args.hkv, args.hq // args.hkv, torch.bfloat16, _arch(dev), pf, layout)
+    def kernels_pf(pf, layout=None):  # (decode, combine) compiled with L2 prefetch distance pf
+        return _get_kernels(args.d, args.hkv, args.hq // args.hkv, torch.bfloat16, _arch(dev), pf,
+                            layout or cache.fp4_layout)
 
-    def time_pair(pf, flags, ns_, tps_, layout="nibble", tiles=None):
+    def time_pair(pf, flags, ns_, tps_, layout=None, tiles=None):
         kd_, kc_ = kernels_pf(pf, layout)
         tiles = cache.tiles if tiles is None else tiles
         op_ = torch.empty((B, HQ, ns_, D), dtype=torch.float32, device=dev)
@@ -132,16 +133,18 @@ def main(argv=None):
                 lse_part = torch.empty((B, HQ, ns), dtype=torch.float32, device=dev)
                 o_out = torch.empty((B, 1, HQ, D), dtype=dt, device=dev)
                 l_out = torch.empty((B, HQ), dtype=torch.float32, device=dev)
-                kd, kc = _get_kernels(D, H, HQ // H, dt, _arch(dev))
+                kd, kc = _get_kernels(D, H, HQ // H, dt, _arch(dev), None, cache.fp4_layout)
 
                 def fk():
                     kd(cache.tiles, cache.k16, cache.v16, q16, flags, lens, o_part, lse_part,
                        scale * math.log2(math.e), tps)
                     kc(o_part, lse_part, o_out, l_out)
                 fk()
-                ref_o = decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps)[0]
+                ref_o = decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
+                                   cache.fp4_layout)[0]
                 assert torch.equal(ref_o, o_out)
-                fo = lambda: decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps)  # noqa: E731
+                fo = lambda: decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,  # noqa: E731
+                                        cache.fp4_layout)
                 fe = lambda: thrift_decode(q, cache, budget=bud)  # noqa: E731
                 tk = _bench(fk)
                 te = _bench(fe)

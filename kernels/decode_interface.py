@@ -17,7 +17,7 @@ import math
 import torch
 
 from ._validate import check_budget, check_choice, softmax_scale_or_default
-from .kv_cache import BLOCK, ThriftKVCache
+from .kv_cache import BLOCK, DEFAULT_FP4_LAYOUT, ThriftKVCache
 from .selection import topk_for_budget
 
 _COMPILED: dict = {}
@@ -33,7 +33,7 @@ def _arch(device) -> int:
 
 
 def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int, prefetch: int | None = None,
-                 fp4_layout: str = "nibble"):
+                 fp4_layout: str = DEFAULT_FP4_LAYOUT):
     from .decode import DEFAULT_PREFETCH
 
     prefetch = DEFAULT_PREFETCH if prefetch is None else prefetch
@@ -71,7 +71,8 @@ def plan_splits(max_tiles: int, batch: int, num_kv_heads: int, num_sms: int, sch
 @torch.library.custom_op("thrift::decode_fwd", mutates_args=())
 def decode_fwd(q16: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: torch.Tensor,
                flags: torch.Tensor, lens: torch.Tensor, softmax_scale: float, num_splits: int,
-               tiles_per_split: int, prefetch: int = -1, fp4_layout: str = "nibble") -> tuple[torch.Tensor, torch.Tensor]:
+               tiles_per_split: int, prefetch: int = -1,
+               fp4_layout: str = DEFAULT_FP4_LAYOUT) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV decode + LSE combine. q16 [B, Hq, D] (NVFP4-quantized inside the kernel for the FP4 tiles);
     tiles/k16/v16/flags/lens from the cache; prefetch: L2 prefetch distance in tiles (-1 = the default);
     fp4_layout: the bit order of the tiles' code words (the cache's fp4_layout).
@@ -90,7 +91,8 @@ def decode_fwd(q16: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: t
 
 
 @decode_fwd.register_fake
-def _(q16, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split, prefetch=-1, fp4_layout="nibble"):
+def _(q16, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split, prefetch=-1,
+      fp4_layout=DEFAULT_FP4_LAYOUT):
     B, HQ, D = q16.shape
     return q16.new_empty((B, 1, HQ, D)), q16.new_empty((B, HQ), dtype=torch.float32)
 

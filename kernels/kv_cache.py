@@ -26,8 +26,9 @@ Decode tile layout (D = 64 or 128; lane = 4*r + t, r = lane//4, t = lane%4; c = 
 
 Bit order inside each 32-bit word of the K and V code regions (``fp4_layout``; scales are never permuted). The
 word holds 8 E2M1 codes, elements e = 0..7 (the kernel turns them into 4 f16x2 words, pair k = elements 2k, 2k+1):
-  * "nibble" (default): element e in bits 4e..4e+3 (code = s<<3 | e1 e0 m), i.e. the contract's packing.
-  * "bits": each code's magnitude field (e1 e0 m, 3 bits) and sign bit moved so that 16-bit half h of pair k is
+  * "nibble": element e in bits 4e..4e+3 (code = s<<3 | e1 e0 m), i.e. the contract's packing.
+  * "bits" (default since 2026-11-22: bit-identical decode output, 3-12% faster on an H100, profiling/RESULTS.md
+    decode section): each code's magnitude field (e1 e0 m, 3 bits) and sign bit moved so that 16-bit half h of pair k is
     an fp16 bit pattern after one shift and mask: s<<15 | (e1 e0 m)<<9 is exactly E2M1 * 2^-14 in fp16 (normal
     codes: exponent e1e0, mantissa m; e = 0 lands in the fp16 subnormals: m * 2^-15). Element e: magnitude at
     bits BITS_POS[e][0].., sign at BITS_POS[e][1]; the kernel builds pair 0 = w & 0x8E008E00, pair 1 =
@@ -45,6 +46,7 @@ from quant import nvfp4
 BLOCK = 64
 _DTYPES = (torch.float16, torch.bfloat16)
 FP4_LAYOUTS = ("nibble", "bits")
+DEFAULT_FP4_LAYOUT = "bits"
 # "bits" layout: (first bit of the 3-bit magnitude field, sign bit) of element e of a 32-bit code word
 BITS_POS = ((9, 15), (25, 31), (6, 12), (22, 28), (3, 14), (19, 30), (0, 13), (16, 29))
 
@@ -112,7 +114,7 @@ def _tile_index(head_dim: int):
     return kkey, kt, vrow, vt
 
 
-def pack_tiles(kp, ks, vp, vs, fp4_layout: str = "nibble"):
+def pack_tiles(kp, ks, vp, vs, fp4_layout: str = DEFAULT_FP4_LAYOUT):
     """Contract-layout NVFP4 codes of whole 64-token blocks -> decode tiles (code words in `fp4_layout`).
 
     kp uint8 [N, nb*64, H, D/2], ks e4m3 [N, nb*64, H, D/16] (quantize(k, dim=-1));
@@ -136,7 +138,7 @@ def pack_tiles(kp, ks, vp, vs, fp4_layout: str = "nibble"):
     return torch.cat(parts, dim=-1)
 
 
-def unpack_tiles(tiles, fp4_layout: str = "nibble"):
+def unpack_tiles(tiles, fp4_layout: str = DEFAULT_FP4_LAYOUT):
     """Inverse of pack_tiles: uint8 [N, nb, H, 72D] -> (kp, ks, vp, vs) in the contract layouts."""
     _check_layout(fp4_layout, "unpack_tiles")
     if fp4_layout != "nibble":
@@ -164,7 +166,7 @@ def unpack_tiles(tiles, fp4_layout: str = "nibble"):
     return kp, ks, vp, vs
 
 
-def quantize_blocks(k, v, fp4_layout: str = "nibble"):
+def quantize_blocks(k, v, fp4_layout: str = DEFAULT_FP4_LAYOUT):
     """One-shot NVFP4 of whole blocks: k, v [N, nb*64, H, D] (zero beyond the valid tokens) -> decode tiles."""
     kp, ks = nvfp4.quantize(k, dim=-1)
     vp, vs = nvfp4.quantize(v.permute(0, 2, 3, 1), dim=-1)
@@ -186,7 +188,8 @@ class ThriftKVCache:
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, capacity: int = 1024,
-                 dtype=torch.float16, device=None, growth: float = 2.0, fp4_layout: str = "nibble"):
+                 dtype=torch.float16, device=None, growth: float = 2.0,
+                 fp4_layout: str = DEFAULT_FP4_LAYOUT):
         for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("capacity", capacity)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"ThriftKVCache: {name} must be a positive int, got {val!r}")

@@ -156,12 +156,13 @@ def test_bits_layout_decode_is_exact_e2m1(rng_seed):
 
 @pytest.mark.parametrize("D", [64, 128])
 def test_bits_layout_cache(D, rng_seed):
-    """A cache built in the "bits" layout holds the same codes: relayout of the default cache's tiles, same
+    """A cache built in the "bits" layout (the default) holds the same codes: relayout of a "nibble" cache's tiles, same
     contract-layout unpacking; pack/unpack round-trip."""
     B, H, L = 1, 2, 150
     k, v = _rand(B, L, H, D, torch.float16, rng_seed), _rand(B, L, H, D, torch.float16, rng_seed + 1)
-    c1 = kvc.ThriftKVCache(B, H, D, capacity=64)
+    c1 = kvc.ThriftKVCache(B, H, D, capacity=64, fp4_layout="nibble")
     c2 = kvc.ThriftKVCache(B, H, D, capacity=64, fp4_layout="bits")
+    assert kvc.DEFAULT_FP4_LAYOUT == "bits" and kvc.ThriftKVCache(1, 1, 64).fp4_layout == "bits"
     c1.append(k[:, :70], v[:, :70])
     c1.append(k[:, 70:], v[:, 70:])
     for i in range(L):
