@@ -75,6 +75,9 @@ DEFAULT_PREFETCH = 0
 # into the fp32 factors (softmax scale of S, s1 of O), which makes the result bit-identical to the "nibble" path.
 # 7 rather than 0 keeps most products fp16-normal (subnormal only below 2^-7), 1 extra HMUL2 per 16-group.
 FP4_EXP = 7
+# cp.async shared-memory stages for FP4 tiles (schedule['stages']): 2 = double buffering (measured default); 3 keeps
+# two tiles in flight per warp (+72*D B smem per CTA; 8 CTAs of 27.8 KB still fit an H100 SM). 3 is UNMEASURED.
+DEFAULT_STAGES = 2
 
 
 def fp4_math_path(arch: int) -> str:
@@ -313,7 +316,13 @@ class ThriftDecodeSplitKV:
     """
 
     def __init__(self, head_dim: int, group: int, is_bf16: bool, arch: int = 90, prefetch: int = DEFAULT_PREFETCH,
-                 fp4_layout: str = DEFAULT_FP4_LAYOUT):
+                 fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = DEFAULT_STAGES):
+        if stages not in (2, 3):
+            raise ValueError(f"stages (cp.async shared-memory stages of FP4 tiles) must be 2 or 3, got {stages}")
+        if 0 < prefetch < stages and prefetch >= 2:
+            raise ValueError(f"prefetch distance {prefetch} must be 0 or >= stages ({stages}): nearer tiles are "
+                             "already in flight to shared memory")
+        self.NST = stages
         if fp4_layout not in ("nibble", "bits"):
             raise ValueError(f"fp4_layout must be 'nibble' or 'bits', got {fp4_layout!r}")
         self.bits = fp4_layout == "bits"
@@ -340,7 +349,7 @@ class ThriftDecodeSplitKV:
         hkv = mTiles.shape[2]
         nsplit = mLse.shape[2]
         self.kernel(mTiles, mK16, mV16, mQ16, mFlags, mLens, mOp, mLse, scale_log2, tiles_per_split).launch(
-            grid=(nsplit, hkv, B), block=(32, 1, 1), smem=2 * self.TB + 128, stream=stream,
+            grid=(nsplit, hkv, B), block=(32, 1, 1), smem=self.NST * self.TB + 128, stream=stream,
             # G > 8 (two n8 head tiles): .minnctapersm 1 lets ptxas use the whole register file -- without it
             # sm_120a D=64 G=16 spilled 24 B at 168 registers. Not for G <= 8: there ptxas then takes 255
             # registers instead of ~161 and 11 one-warp CTAs per SM no longer fit.
@@ -365,7 +374,8 @@ class ThriftDecodeSplitKV:
         L = mLens[b]
 
         smem = cutlass.utils.SmemAllocator()
-        sbuf = smem.allocate_tensor(cutlass.Uint8, cute.make_layout(2 * TB), byte_alignment=128)
+        NST = self.NST  # shared-memory stages: tiles it+1 .. it+NST-1 in flight while tile it is computed
+        sbuf = smem.allocate_tensor(cutlass.Uint8, cute.make_layout(NST * TB), byte_alignment=128)
         sbase = sbuf.iterator.toint()
         g_tiles = mTiles.iterator.toint()
         g_k16 = mK16.iterator.toint()
@@ -402,7 +412,12 @@ class ThriftDecodeSplitKV:
             else:
                 self._prefetch_f16(g_k16, g_v16, b, hk, t_begin, L, CAP, HKV, lane)
         cute.arch.cp_async_commit_group()
-        for k in cutlass.range_constexpr(1, self.PF):
+        for k in cutlass.range_constexpr(1, NST - 1):  # 3 stages: tile t_begin+1 -> stage 1 (one group per tile)
+            if k < n_it:
+                if ((fm >> k) & Int64(1)) != Int64(0):
+                    self._issue_tile(g_tiles + tile_base + Int64(t_begin + k) * HKV * TB, sbase + k * TB, lane)
+            cute.arch.cp_async_commit_group()
+        for k in cutlass.range_constexpr(NST - 1, self.PF):
             if k < n_it:
                 self._prefetch_tile(fm, k, g_tiles + tile_base + Int64(t_begin + k) * HKV * TB, g_k16, g_v16, b, hk,
                                     t_begin + k, L, CAP, HKV, lane)
@@ -446,15 +461,17 @@ class ThriftDecodeSplitKV:
                 if it + self.PF < n_it:
                     self._prefetch_tile(fm, rel + self.PF, g_tiles + tile_base + Int64(tile + self.PF) * HKV * TB,
                                         g_k16, g_v16, b, hk, tile + self.PF, L, CAP, HKV, lane)
-            if it + 1 < n_it:
-                if ((fm >> (rel + 1)) & Int64(1)) != Int64(0):
-                    self._issue_tile(g_tiles + tile_base + Int64(tile + 1) * HKV * TB,
-                                     sbase + ((it + 1) % 2) * TB, lane)
+            # one commit group per tile (empty for FP16 tiles / past the end): group it holds tile it, so waiting
+            # until only the newest NST-1 groups are pending means tile it has landed (rel + NST-1 <= 33 < 64 bits)
+            if it + (NST - 1) < n_it:
+                if ((fm >> (rel + (NST - 1))) & Int64(1)) != Int64(0):
+                    self._issue_tile(g_tiles + tile_base + Int64(tile + (NST - 1)) * HKV * TB,
+                                     sbase + ((it + (NST - 1)) % NST) * TB, lane)
             cute.arch.cp_async_commit_group()
-            cute.arch.cp_async_wait_group(1)
+            cute.arch.cp_async_wait_group(NST - 1)
             cute.arch.sync_warp()
             if ((fm >> rel) & Int64(1)) != Int64(0):
-                self._fp4_tile(sbase + (it % 2) * TB, lane, qf4, m_run, l_run, acc_o, scale_log2)
+                self._fp4_tile(sbase + (it % NST) * TB, lane, qf4, m_run, l_run, acc_o, scale_log2)
             else:
                 self._f16_tile(g_k16, g_v16, g_q16, b, hk, tile, L, CAP, HKV, HQ, lane, m_run, l_run, acc_o,
                                scale_log2)
@@ -819,13 +836,13 @@ def fake_args(head_dim: int, num_kv_heads: int, group: int, dtype_name: str):
 
 def compile_decode(head_dim: int, num_kv_heads: int, group: int, dtype_name: str = "f16", arch: int = 90,
                    tvm_ffi: bool = False, prefetch: int = DEFAULT_PREFETCH,
-                   fp4_layout: str = DEFAULT_FP4_LAYOUT):
+                   fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = DEFAULT_STAGES):
     """cute.compile the decode and combine kernels for the current DSL target. Returns (decode, combine)."""
     dec_args, comb_args = fake_args(head_dim, num_kv_heads, group, dtype_name)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True) if tvm_ffi else cute.runtime.make_fake_stream()
     opts = "--enable-tvm-ffi" if tvm_ffi else None
     kw = {"options": opts} if opts else {}
     bf = dtype_name == "bf16"
-    dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch, prefetch, fp4_layout), *dec_args, Float32(1.0), Int32(1), stream, **kw)
+    dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch, prefetch, fp4_layout, stages), *dec_args, Float32(1.0), Int32(1), stream, **kw)
     comb = cute.compile(ThriftDecodeCombine(head_dim, bf), *comb_args, stream, **kw)
     return dec, comb

@@ -1,7 +1,7 @@
 """Benchmark of thrift_decode vs SDPA bf16 decode and FA4 (flash_attn.cute) -- issue 4.
 
 python -m kernels.decode_bench [--lens 8192 32768 131072] [--batches 1 8] [--out FILE]
-    [--ctas-per-sm 8 10] [--prefetch 0 2] [--sweep 96 128 158 200] [--fp4-layout nibble bits]
+    [--ctas-per-sm 8 10] [--prefetch 0 2] [--sweep 96 128 158 200] [--fp4-layout nibble bits] [--stages 2 3]
     (variants of budget 0.05, kernels only; --fp4-layout: the same cache's tiles re-laid out in each FP4 word
     layout of kernels/kv_cache.py, timed at the default splits and, with --sweep, at every swept split count)
 Median of triton do_bench (L2 flushed between reps). GB/s = bytes the kernel must read (FP4 tiles of the FP4
@@ -38,6 +38,8 @@ def main(argv=None):
                     help="also time budget 0.05 of every shape with the splits planned for these CTAs per SM")
     ap.add_argument("--prefetch", type=int, nargs="*", default=[],
                     help="also time budget 0.05 of every shape with these L2 prefetch distances (0 = off)")
+    ap.add_argument("--stages", type=int, nargs="*", default=[], choices=[2, 3],
+                    help="also time budget 0.05 of every shape with these cp.async stage counts (x --ctas-per-sm)")
     ap.add_argument("--no-fa4", action="store_true", help="skip the FA4 baseline (its compiles take a while)")
     ap.add_argument("--fp4-layout", nargs="*", default=[], choices=["nibble", "bits"],
                     help="also time budget 0.05 of every shape with the tiles in these FP4 word layouts")
@@ -51,12 +53,12 @@ def main(argv=None):
     props = torch.cuda.get_device_properties(dev)
     rows = []
 
-    def kernels_pf(pf, layout=None):  # (decode, combine) compiled with L2 prefetch distance pf
+    def kernels_pf(pf, layout=None, stages=None):  # (decode, combine) compiled with L2 prefetch distance pf
         return _get_kernels(args.d, args.hkv, args.hq // args.hkv, torch.bfloat16, _arch(dev), pf,
-                            layout or cache.fp4_layout)
+                            layout or cache.fp4_layout, stages)
 
-    def time_pair(pf, flags, ns_, tps_, layout=None, tiles=None):
-        kd_, kc_ = kernels_pf(pf, layout)
+    def time_pair(pf, flags, ns_, tps_, layout=None, tiles=None, stages=None):
+        kd_, kc_ = kernels_pf(pf, layout, stages)
         tiles = cache.tiles if tiles is None else tiles
         op_ = torch.empty((B, HQ, ns_, D), dtype=torch.float32, device=dev)
         lp_ = torch.empty((B, HQ, ns_), dtype=torch.float32, device=dev)
@@ -167,6 +169,18 @@ def main(argv=None):
                 for c_ in args.ctas_per_sm:
                     n2, t2 = plan_splits(-(-L // BLOCK), B, H, props.multi_processor_count, {"ctas_per_sm": c_})
                     row[f"b0.05_cps{c_}_ns{n2}_kernel_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2)
+            if args.stages:
+                flags = select_decode_blocks(q, cache, 0.05)
+                for st in args.stages:
+                    for c_ in (args.ctas_per_sm or [None]):
+                        n2, t2 = (ns, tps) if c_ is None else plan_splits(
+                            -(-L // BLOCK), B, H, props.multi_processor_count, {"ctas_per_sm": c_})
+                        row[f"b0.05_st{st}_ns{n2}_kernel_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2, stages=st)
+                    o_st = decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
+                                      cache.fp4_layout, st)
+                    o_2 = decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
+                                     cache.fp4_layout, 2)
+                    row[f"st{st}_bit_identical_to_st2"] = torch.equal(o_st[0], o_2[0]) and torch.equal(o_st[1], o_2[1])
             lay_tiles = {}
             if args.fp4_layout:  # same codes, other word layouts; outputs must agree bit for bit
                 flags = select_decode_blocks(q, cache, 0.05)

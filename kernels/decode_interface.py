@@ -33,11 +33,12 @@ def _arch(device) -> int:
 
 
 def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int, prefetch: int | None = None,
-                 fp4_layout: str = DEFAULT_FP4_LAYOUT):
-    from .decode import DEFAULT_PREFETCH
+                 fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int | None = None):
+    from .decode import DEFAULT_PREFETCH, DEFAULT_STAGES
 
     prefetch = DEFAULT_PREFETCH if prefetch is None else prefetch
-    key = (D, hkv, G, dtype, arch, prefetch, fp4_layout)
+    stages = DEFAULT_STAGES if stages is None else stages
+    key = (D, hkv, G, dtype, arch, prefetch, fp4_layout, stages)
     if key not in _COMPILED:
         from .decode import compile_decode
 
@@ -46,16 +47,17 @@ def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int, prefet
         except ImportError as e:
             raise RuntimeError("thrift_decode needs apache-tvm-ffi (pip install apache-tvm-ffi)") from e
         _COMPILED[key] = compile_decode(D, hkv, G, "bf16" if dtype == torch.bfloat16 else "f16", arch,
-                                        tvm_ffi=True, prefetch=prefetch, fp4_layout=fp4_layout)
+                                        tvm_ffi=True, prefetch=prefetch, fp4_layout=fp4_layout, stages=stages)
     return _COMPILED[key]
 
 
 def plan_splits(max_tiles: int, batch: int, num_kv_heads: int, num_sms: int, schedule=None):
     """(num_splits, tiles_per_split): enough 1-warp CTAs to fill every SM about once (one wave)."""
     sched = dict(schedule or {})
-    unknown = set(sched) - {"num_splits", "ctas_per_sm", "prefetch"}
+    unknown = set(sched) - {"num_splits", "ctas_per_sm", "prefetch", "stages"}
     if unknown:
-        raise ValueError(f"thrift_decode: schedule keys must be num_splits/ctas_per_sm/prefetch, got {sorted(unknown)}")
+        raise ValueError(f"thrift_decode: schedule keys must be num_splits/ctas_per_sm/prefetch/stages, got "
+                         f"{sorted(unknown)}")
     if "num_splits" in sched:
         ns = int(sched["num_splits"])
         if ns < 1:
@@ -72,15 +74,16 @@ def plan_splits(max_tiles: int, batch: int, num_kv_heads: int, num_sms: int, sch
 def decode_fwd(q16: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: torch.Tensor,
                flags: torch.Tensor, lens: torch.Tensor, softmax_scale: float, num_splits: int,
                tiles_per_split: int, prefetch: int = -1,
-               fp4_layout: str = DEFAULT_FP4_LAYOUT) -> tuple[torch.Tensor, torch.Tensor]:
+               fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV decode + LSE combine. q16 [B, Hq, D] (NVFP4-quantized inside the kernel for the FP4 tiles);
     tiles/k16/v16/flags/lens from the cache; prefetch: L2 prefetch distance in tiles (-1 = the default);
-    fp4_layout: the bit order of the tiles' code words (the cache's fp4_layout).
+    fp4_layout: the bit order of the tiles' code words (the cache's fp4_layout); stages: cp.async stages of FP4
+    tiles (2 or 3, -1 = the default).
     Returns O [B, 1, Hq, D] (q16's dtype) and LSE fp32 [B, Hq]."""
     B, HQ, D = q16.shape
     hkv = tiles.shape[2]
     dec, comb = _get_kernels(D, hkv, HQ // hkv, q16.dtype, _arch(q16.device), None if prefetch < 0 else prefetch,
-                             fp4_layout)
+                             fp4_layout, None if stages < 0 else stages)
     o_part = torch.empty((B, HQ, num_splits, D), dtype=torch.float32, device=q16.device)
     lse_part = torch.empty((B, HQ, num_splits), dtype=torch.float32, device=q16.device)
     out = torch.empty((B, 1, HQ, D), dtype=q16.dtype, device=q16.device)
@@ -92,7 +95,7 @@ def decode_fwd(q16: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: t
 
 @decode_fwd.register_fake
 def _(q16, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split, prefetch=-1,
-      fp4_layout=DEFAULT_FP4_LAYOUT):
+      fp4_layout=DEFAULT_FP4_LAYOUT, stages=-1):
     B, HQ, D = q16.shape
     return q16.new_empty((B, 1, HQ, D)), q16.new_empty((B, HQ), dtype=torch.float32)
 
@@ -194,7 +197,7 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
     q [B, 1, Hq, D] in the cache dtype (fp16/bf16), Hq/Hkv in [1, 16], D in {64, 128}. budget: fraction of the
     complete 64-token blocks read in FP16 (top by block-mean score, per KV head); the partial last block is
     always FP16. schedule: {"num_splits": n} or {"ctas_per_sm": c}, optionally {"prefetch": distance in tiles
-    of the L2 prefetch, 0 = off}. flags: a precomputed select_decode_blocks
+    of the L2 prefetch, 0 = off} and {"stages": 2 or 3 cp.async stages of FP4 tiles (3: unmeasured)}. flags: a precomputed select_decode_blocks
     result (skips selection). Returns O [B, 1, Hq, D] (and LSE fp32 [B, Hq]; -inf for empty sequences)."""
     where = "thrift_decode"
     G = _check_q_cache(q, cache, where)
@@ -211,6 +214,9 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
     pf = int((schedule or {}).get("prefetch", -1))
     if not -1 <= pf <= 8:
         raise ValueError(f"{where}: schedule['prefetch'] must be in [0, 8], got {pf}")
+    st = int((schedule or {}).get("stages", -1))
+    if st not in (-1, 2, 3):
+        raise ValueError(f"{where}: schedule['stages'] must be 2 or 3, got {st}")
     out, lse = decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, cache.lengths_tensor(q.device),
-                          float(scale), ns, tps, pf, cache.fp4_layout)
+                          float(scale), ns, tps, pf, cache.fp4_layout, st)
     return (out, lse) if return_lse else out

@@ -14,15 +14,15 @@ _SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     from kernels.decode import compile_decode
-    compile_decode({d}, {hkv}, {g}, {dt!r}, {arch}, fp4_layout={layout!r})
+    compile_decode({d}, {hkv}, {g}, {dt!r}, {arch}, fp4_layout={layout!r}, stages={stages})
 """)
 
 
-def _compile(tmp_path, arch, d, hkv, g, dt, layout="nibble"):
+def _compile(tmp_path, arch, d, hkv, g, dt, layout="nibble", stages=2):
     dump = tmp_path / f"dump_{arch}"
     dump.mkdir()
     env = dict(os.environ, CUTE_DSL_ARCH=f"sm_{arch}a", CUTE_DSL_KEEP="ptx,cubin", CUTE_DSL_DUMP_DIR=str(dump))
-    code = _SCRIPT.format(root=ROOT, d=d, hkv=hkv, g=g, dt=dt, arch=arch, layout=layout)
+    code = _SCRIPT.format(root=ROOT, d=d, hkv=hkv, g=g, dt=dt, arch=arch, layout=layout, stages=stages)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     ptx = sorted(p for p in dump.iterdir() if p.suffix == ".ptx")
@@ -33,12 +33,13 @@ def _compile(tmp_path, arch, d, hkv, g, dt, layout="nibble"):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("arch,d,hkv,g,dt,layout", [(90, 128, 8, 4, "f16", "nibble"), (90, 64, 3, 3, "bf16", "nibble"),
-                                                    (120, 128, 8, 4, "f16", "nibble"), (120, 64, 2, 16, "bf16", "nibble"),
-                                                    (90, 128, 8, 4, "bf16", "bits"), (120, 64, 2, 16, "f16", "bits")])
-def test_decode_compiles(tmp_path, arch, d, hkv, g, dt, layout):
-    dec, comb = _compile(tmp_path, arch, d, hkv, g, dt, layout)
+@pytest.mark.parametrize("arch,d,hkv,g,dt,layout,stages", [
+    (90, 128, 8, 4, "f16", "nibble", 2), (90, 64, 3, 3, "bf16", "nibble", 2), (120, 128, 8, 4, "f16", "nibble", 2),
+    (120, 64, 2, 16, "bf16", "nibble", 2), (90, 128, 8, 4, "bf16", "bits", 3), (120, 64, 2, 16, "f16", "bits", 2)])
+def test_decode_compiles(tmp_path, arch, d, hkv, g, dt, layout, stages):
+    dec, comb = _compile(tmp_path, arch, d, hkv, g, dt, layout, stages)
     text = dec.read_text()
+    assert re.search(rf"cp\.async\.wait_group\s+{stages - 1};", text)
     if layout == "bits":  # the shift-and-mask decode of kv_cache's "bits" word layout, no table lookup
         assert "0x8E008E00" in text and "0x0E000E00" in text
         assert "prmt.b32 h0, 0x3E3C3800" not in text
@@ -48,7 +49,7 @@ def test_decode_compiles(tmp_path, arch, d, hkv, g, dt, layout):
     mma = "bf16" if dt == "bf16" else "f16"
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in text  # FP4 tiles (decoded, exact in fp16)
     assert f"mma.sync.aligned.m16n8k16.row.col.f32.{mma}.{mma}.f32" in text  # FP16 (selected) tiles
-    assert "cp.async.cg.shared.global" in text and re.search(r"cp\.async\.wait_group\s+1;", text)
+    assert "cp.async.cg.shared.global" in text
     assert "movmatrix.sync.aligned.m8n8.trans.b16" in text
     assert "ld.shared.v4.u32" in text
     ptxas = shutil.which("ptxas")

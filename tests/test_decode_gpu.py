@@ -143,3 +143,23 @@ def test_bits_layout_bit_identical(cfg, rng_seed):
         # Not for the tiny case: there the logits are ~0, O is a near-uniform average of V (|O| << |V|) and the
         # FP4-vs-reference gap of the scheme itself, identical for both layouts, was 2.6e-3 (H100, 2026-11-22).
         assert err <= 2e-3 and (l2 - lse_ref).abs().max().item() <= 2e-3
+
+
+def test_three_stages(rng_seed):
+    """schedule['stages'] = 3 (two FP4 tiles in flight per warp; not the default) is a pure scheduling knob: the
+    output equals the 2-stage kernel's bit for bit over 32-tile flag windows, selected tiles, a partial last block,
+    one tile and one-split CTAs; also vs the reference."""
+    c = _build([5100, 64 * 80, 999, 64], 8, 128, torch.float16, rng_seed)
+    g = torch.Generator(device="cuda").manual_seed(rng_seed + 1)
+    q = (torch.randn((4, 1, 32, 128), generator=g, device="cuda") * 1.5).half()
+    for budget, sched in ((0.05, {"num_splits": 1}), (0.25, {}), (0.0, {"num_splits": 7})):
+        flags = select_decode_blocks(q, c, budget)
+        _poison()
+        o2, l2 = thrift_decode(q, c, return_lse=True, flags=flags, schedule=dict(sched, stages=2))
+        _poison()
+        o3, l3 = thrift_decode(q, c, return_lse=True, flags=flags, schedule=dict(sched, stages=3))
+        torch.cuda.synchronize()
+        assert torch.equal(o2, o3) and torch.equal(l2, l3), (budget, sched)
+    _check(c, 32, 0.05, rng_seed, schedule={"stages": 3})
+    with pytest.raises(ValueError, match="stages"):
+        thrift_decode(q, c, schedule={"stages": 4})
