@@ -1,31 +1,46 @@
 #!/bin/bash
-# One-call GPU validation of main (H100/H200 through the device tool):
+# One-call GPU validation of main (H100/H200 through the device tool; ~8 minutes):
 #   source .gpu-bundle/activate.sh; bash profiling/validate_all.sh
-# 1. prefill: all GPU tests (parallel processes), memcheck + racecheck, benchmark, short ncu of one launch
-#    (profiling/prefill/run_all.sh);  2. decode + codec GPU tests, decode memcheck + racecheck, decode benchmark.
+# Phase A (parallel processes): every GPU test (prefill split by config, decode, codecs) and compute-sanitizer
+# memcheck + racecheck on a small prefill and a small decode case.  Phase B (GPU otherwise idle): the prefill
+# benchmark (profiling/prefill/bench.py; it compiles first, then waits for phase A) and the decode benchmark.
 # Everything lands in $OUT/validate.tar.gz (the device tool returns at most 8 files) plus $OUT/summary.txt.
 set -u
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-FINAL_OUT=$OUT
-WORK=$(mktemp -d)
-mkdir -p $WORK/prefill $WORK/decode
-( OUT=$WORK/prefill bash profiling/prefill/run_all.sh > $WORK/prefill/run_all.log 2>&1 )
-D=$WORK/decode
-nvidia-smi -L > $D/device.txt
-timeout 300 python -m pytest -q -p no:cacheprovider -rfE -s tests/test_decode_gpu.py tests/test_codecs.py -m gpu > $D/tests.log 2>&1
-for tool in memcheck racecheck; do
-  timeout 200 compute-sanitizer --tool $tool --report-api-errors no --kernel-name kns=Thrift \
-    python profiling/decode_sanitize_case.py > $D/$tool.log 2>&1
+W=$(mktemp -d)
+nvidia-smi -L > $W/device.txt; date -u >> $W/device.txt
+python -c "import torch,cutlass;print(torch.__version__, torch.cuda.get_device_name(), cutlass.__version__)" >> $W/device.txt 2>&1
+FLAG=$W/.tests_done
+python profiling/prefill/bench.py $FLAG > $W/prefill_bench.log 2>&1 &
+BENCH=$!
+pids=()
+for sel in fp16_d64_causal fp16_d64_full fp16_d128_causal fp16_d128_full bf16_d64_causal bf16_d64_full bf16_d128_causal bf16_d128_full \
+           test_prefill_long_32k test_prefill_schedules test_prefill_mqa_fully_masked_rows test_public_entry_and_compile \
+           test_quant_kernel_bit_exact; do
+  timeout 400 python -m pytest -q -p no:cacheprovider -s tests/test_prefill_gpu.py -k "$sel" > $W/t_prefill_$sel.log 2>&1 & pids+=($!)
 done
-timeout 240 python -m kernels.decode_bench --out $D/bench.json > $D/bench.log 2>&1
+timeout 400 python -m pytest -q -p no:cacheprovider -rfE -s tests/test_decode_gpu.py > $W/t_decode.log 2>&1 & pids+=($!)
+timeout 400 python -m pytest -q -p no:cacheprovider -rfE -s -m gpu tests/test_codecs.py > $W/t_codecs.log 2>&1 & pids+=($!)
+for tool in memcheck racecheck; do
+  (timeout 300 compute-sanitizer --tool $tool --report-api-errors no python profiling/prefill/sanitize_case.py > $W/prefill_$tool.log 2>&1) & pids+=($!)
+  (timeout 300 compute-sanitizer --tool $tool --report-api-errors no --kernel-name kns=Thrift \
+     python profiling/decode_sanitize_case.py > $W/decode_$tool.log 2>&1) & pids+=($!)
+done
+for p in "${pids[@]}"; do wait $p; done
+echo "phase A done $(date -u)" >> $W/device.txt
+touch $FLAG; wait $BENCH
+timeout 200 python -m kernels.decode_bench --out $W/decode_bench.json --ctas-per-sm 8 10 --stages 2 3 --no-fa4 \
+  > $W/decode_bench.log 2>&1
+echo "phase B done $(date -u)" >> $W/device.txt
 {
-  echo "== device"; cat $WORK/prefill/device.txt
-  echo "== prefill (profiling/prefill/run_all.sh)"; cat $WORK/prefill/summary.txt 2>/dev/null | grep -v "^B=" | tail -40
-  echo "-- prefill bench"; grep -h "S=\||" $WORK/prefill/bench.log | tail -30
-  echo "== decode + codec GPU tests"; grep -E "passed|failed|error" $D/tests.log | tail -5
-  grep -h "rel L2" $D/tests.log | awk '{for(i=1;i<=NF;i++) if($i=="L2") print $(i+1)}' | sort -g | tail -1 | sed 's/^/worst decode rel L2: /'
-  echo "-- decode sanitizers"; tail -n 2 $D/memcheck.log $D/racecheck.log
-  echo "-- decode bench"; tail -n 30 $D/bench.log
-} > $FINAL_OUT/summary.txt 2>&1
-tar -C $WORK -czf $FINAL_OUT/validate.tar.gz prefill decode
-cat $FINAL_OUT/summary.txt
+  echo "== device"; cat $W/device.txt
+  echo "== test results (file: last line)"
+  for f in $W/t_*.log; do echo "$(basename $f): $(grep -E 'passed|failed|error' $f | tail -1)"; done
+  echo "worst prefill relL2: $(grep -ho 'relL2=[0-9.e+-]*' $W/t_prefill_*.log | cut -d= -f2 | sort -g | tail -1)"
+  echo "worst decode rel L2: $(grep -h 'rel L2' $W/t_decode.log | sed 's/.*rel L2 \([0-9.e+-]*\).*/\1/' | sort -g | tail -1)"
+  echo "== sanitizers"; for f in $W/*memcheck.log $W/*racecheck.log; do echo "$(basename $f): $(grep -E 'SUMMARY' $f | tail -1)"; done
+  echo "== prefill bench"; grep -E "S=|\|" $W/prefill_bench.log | tail -30
+  echo "== decode bench"; tail -n 40 $W/decode_bench.log
+} > $OUT/summary.txt 2>&1
+tar -C $W -czf $OUT/validate.tar.gz .
+cat $OUT/summary.txt
