@@ -44,6 +44,14 @@ class QuantResultGS(NamedTuple):
 # --------------------------------------------------------------------------------------------- E2M1
 
 
+def fdiv(a: torch.Tensor, c: float) -> torch.Tensor:
+    """fp32 true division a / c by a constant, bit-identical on CPU and CUDA.
+
+    PyTorch's CUDA kernel turns ``tensor / python_scalar`` into ``tensor * (1/scalar)`` (one extra rounding, so
+    results can differ from the CPU by an ulp); a 0-dim tensor on the same device keeps the IEEE division."""
+    return a / torch.tensor(c, dtype=a.dtype, device=a.device)
+
+
 def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
     """E2M1 codes (uint8, 0..15) of `v` (already divided by its scale): round to nearest, ties to even,
     saturating at +-6 (so +-Inf -> +-6). Bit 3 is the sign and is kept for values rounding to zero
@@ -141,7 +149,7 @@ def _resolve_global_scale(fn: str, x: torch.Tensor, global_scale) -> torch.Tenso
         a = x.detach().float().abs()
         a = torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype, device=a.device))
         amax = a.amax() if a.numel() else torch.zeros((), device=x.device)
-        gs = amax / (448.0 * 6.0)
+        gs = fdiv(amax, 448.0 * 6.0)
         return torch.where(gs > 0, gs, torch.ones((), device=gs.device))
     return _check_gs_value(fn, global_scale, x.device)
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import torch
 
 from ._fp4common import (  # noqa: F401  (re-exported helpers)
+    fdiv,
     E2M1_MAX,
     QuantResult,
     QuantResultGS,
@@ -70,7 +71,7 @@ _E4M3_NAN_BITS = 0x7F
 def e4m3_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group E4M3 scale from the group amax (fp32): RNE(min(amax/6, 448)); NaN where amax is not finite.
     Returns (scales as float8_e4m3fn, the same as fp32)."""
-    r = torch.clamp(amax.float() / E2M1_MAX, max=E4M3_MAX)  # fp32 division; clamp so torch never sees > 448
+    r = torch.clamp(fdiv(amax.float(), E2M1_MAX), max=E4M3_MAX)  # fp32 division; clamp so torch never sees > 448
     s8 = r.to(SCALE_DTYPE)  # torch's fp32 -> e4m3fn conversion is RNE incl. subnormals (tested vs a grid)
     bad = ~torch.isfinite(amax)
     if bool(bad.any()):

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from ._fp4common import _CHUNK_ELEMS, check_float_input
+from ._fp4common import _CHUNK_ELEMS, check_float_input, fdiv
 from .formats import get_format
 
 P_SCALE_DEN = 448.0 * 6.0  # E4M3 max * E2M1 max
@@ -54,7 +54,7 @@ def _tiles(pc: torch.Tensor, p_tile: int):
     if t * p_tile != n:
         pc = torch.nn.functional.pad(pc, (0, t * p_tile - n))
     pt = pc.reshape(r, t, p_tile)
-    s1 = pt.abs().amax(dim=-1) / P_SCALE_DEN  # NaN/Inf propagate into s1 (see module docstring)
+    s1 = fdiv(pt.abs().amax(dim=-1), P_SCALE_DEN)  # NaN/Inf propagate into s1 (see module docstring)
     div = torch.where(s1 == 0, torch.ones((), device=pc.device), s1)  # rowmax 0: x = P~ = 0 anyway
     x = (pt / div.unsqueeze(-1)).reshape(r, t * p_tile)
     return x, s1
