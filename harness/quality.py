@@ -80,6 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results", help="results root (default results/)")
     p.add_argument("--resume", default=None, help="continue the run in this results folder (skips finished units)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--render", default=None, metavar="DIR",
+                   help="only re-render quality.md / quality_nll.png from DIR/quality.json (e.g. of a stopped run)")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -284,7 +286,27 @@ def plot(summ: dict, path: str) -> str | None:
     return path
 
 
+def render(out_dir: str, no_plot: bool = False) -> str:
+    """Tables (and the plot) of a results folder's quality.json, finished or not."""
+    with open(os.path.join(out_dir, "quality.json")) as f:
+        res = json.load(f)
+    summ = summarize(res)
+    header = (f"# ThriftAttention quality on SmolLM2-135M (CPU reference numerics)\n\ncommand: "
+              f"`{' '.join(res.get('argv', []))}`  \ndate (UTC): {res.get('date_utc')}  \nruntime: "
+              f"{res.get('elapsed_s', 0) / 60:.1f} min ({res.get('threads')} threads)  \nwindows: "
+              + ", ".join(f"{c}: {len(s)} (starts {s})" for c, s in res["windows"].items()) + "\n")
+    text = header + markdown(res, summ)
+    with open(os.path.join(out_dir, "quality.md"), "w") as f:
+        f.write(text)
+    if not no_plot:
+        plot(summ, os.path.join(out_dir, "quality_nll.png"))
+    return text
+
+
 def main(args) -> int:
+    if args.render:
+        print(render(args.render, args.no_plot))
+        return 0
     torch.set_num_threads(max(1, args.threads))
     t_start = time.time()
     try:
