@@ -19,6 +19,7 @@ import torch
 from ._validate import check_budget, check_choice, softmax_scale_or_default
 from .kv_cache import BLOCK, DEFAULT_FP4_LAYOUT, ThriftKVCache
 from .selection import topk_for_budget
+from profiling.nvtx_ranges import phase  # NVTX "<variant>/<phase>/<shape>" ranges (no-op without a profiler)
 
 _COMPILED: dict = {}
 # 1-warp CTAs; 11 fit an H100 SM (159-161 regs, 18.6 KB smem each). 8 rather than 10: at B=1, 128k, budget 0.05
@@ -88,8 +89,10 @@ def decode_fwd(q16: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: t
     lse_part = torch.empty((B, HQ, num_splits), dtype=torch.float32, device=q16.device)
     out = torch.empty((B, 1, HQ, D), dtype=q16.dtype, device=q16.device)
     lse = torch.empty((B, HQ), dtype=torch.float32, device=q16.device)
-    dec(tiles, k16, v16, q16, flags, lens, o_part, lse_part, softmax_scale * math.log2(math.e), tiles_per_split)
-    comb(o_part, lse_part, out, lse)
+    with phase("attention"):  # split-KV kernel (q's NVFP4 quantization happens inside it)
+        dec(tiles, k16, v16, q16, flags, lens, o_part, lse_part, softmax_scale * math.log2(math.e), tiles_per_split)
+    with phase("combine"):
+        comb(o_part, lse_part, out, lse)
     return out, lse
 
 
@@ -205,7 +208,8 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
         raise ValueError(f"{where}: q and the cache must be on a CUDA device, got {q.device}")
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1], where=where)
     if flags is None:
-        flags = select_decode_blocks(q, cache, budget, selection)
+        with phase("select"):
+            flags = select_decode_blocks(q, cache, budget, selection)
     B, H = cache.batch, cache.num_kv_heads
     q16 = q[:, 0].contiguous()
     max_tiles = max(1, -(-cache.max_length // BLOCK))
