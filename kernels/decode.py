@@ -60,7 +60,7 @@ from cutlass import Float32, Int32, Int64, Uint32, const_expr
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from .arch_paths import e4m3_rne, ex2
+from .arch_paths import e2m1_rne, e4m3_rne, ex2
 from .kv_cache import DEFAULT_FP4_LAYOUT, tile_bytes
 
 LOG2E = math.log2(math.e)
@@ -190,21 +190,6 @@ def prmt(a, b, sel: int, *, loc=None, ip=None) -> Uint32:
 def lg2(x, *, loc=None, ip=None) -> Float32:
     return Float32(_asm(T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "lg2.approx.f32 $0, $1;", "=f,f",
                         loc=loc, ip=ip))
-
-
-@dsl_user_op
-def e2m1_rne_fast(y, *, loc=None, ip=None) -> Float32:
-    """Round y >= 0 to the E2M1 grid {0,.5,1,1.5,2,3,4,6} (RNE, saturating at 6) in 7 instructions: adding and
-    subtracting 2^22 / 2^23 / 2^24 rounds (RNE, fp32) to multiples of 0.5 / 1 / 2 -- the grid spacing below 2,
-    in [2, 4) and in [4, 6]. Same results as arch_paths.e2m1_rne and the codec (checked on CPU against
-    quant._fp4common.e2m1_encode for 2M random values and both neighbours of every decision point)."""
-    return Float32(_asm(
-        T.f32(), [Float32(y).ir_value(loc=loc, ip=ip)],
-        "{\n\t.reg .f32 c, r;\n\t.reg .pred p, q;\n\t"
-        "setp.lt.f32 p, $1, 0f40000000;\n\tsetp.lt.f32 q, $1, 0f40800000;\n\t"
-        "selp.f32 c, 0f4B000000, 0f4B800000, q;\n\tselp.f32 c, 0f4A800000, c, p;\n\t"
-        "add.rn.f32 r, $1, c;\n\tsub.rn.f32 r, r, c;\n\tmin.f32 $0, r, 0f40C00000;\n\t}",
-        "=f,f", loc=loc, ip=ip))
 
 
 @dsl_user_op
@@ -445,7 +430,7 @@ class ThriftDecodeSplitKV:
                 sc_div = cute.arch.fmax(sc, Float32(1e-30))  # scale 0 -> codes saturate, times sc = 0 -> zeros
                 for i in cutlass.range_constexpr(16):
                     x = xs[16 * grp + i]
-                    val = e2m1_rne_fast(abs(x) / sc_div) * sc
+                    val = e2m1_rne(abs(x) / sc_div) * sc
                     dq[16 * grp + i] = -val if x < Float32(0.0) else val
             for kc in cutlass.range_constexpr(NKC):
                 qf4[ng, kc, 0] = pack2(dq[4 * kc], dq[4 * kc + 1], False)
@@ -610,7 +595,7 @@ class ThriftDecodeSplitKV:
                     for h in cutlass.range_constexpr(2):
                         p = ex2(vals[2 * c + h] - tm)
                         psum = psum + p
-                        pq[c][h][e] = e2m1_rne_fast(p * Float32(P_SCALE) * inv) * sc
+                        pq[c][h][e] = e2m1_rne(p * Float32(P_SCALE) * inv) * sc
                 rel = ex2(tm - m_new)
                 l_run[ng, e] = l_run[ng, e] * alpha + rel * psum
                 fac_o[ng][e] = alpha
