@@ -295,7 +295,8 @@ class ThriftDecodeSplitKV:
     """Split-KV decode kernel for one (head_dim, group size G, dtype) configuration.
 
     Tensors (contiguous): tiles uint8 [B, NBLK, Hkv, 72D]; k16, v16 [B, CAP, Hkv, D] (input dtype);
-    q16 [B, Hq, D] input dtype (NVFP4-quantized in the kernel for the FP4 tiles); flags uint8 [B, Hkv, NBLK]
+    q16 [B, Hq, D] input dtype (the FP16 tiles' query); qr [B, Hq, D] the same type, NVFP4-quantized in the kernel for
+    the FP4 tiles (the Hadamard-rotated query when the cache stores rotated K, else q16 again); flags uint8 [B, Hkv, NBLK]
     (1 = read this block from the FP16 cache); lens int32 [B]; o_part fp32 [B, Hq, NS, D]; lse_part fp32
     [B, Hq, NS]. Scalars: scale_log2 = softmax_scale * log2(e); tiles_per_split.
     """
@@ -328,12 +329,12 @@ class ThriftDecodeSplitKV:
 
     @cute.jit
     def __call__(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor,
-                 mQ16: cute.Tensor, mFlags: cute.Tensor, mLens: cute.Tensor, mOp: cute.Tensor, mLse: cute.Tensor,
-                 scale_log2: Float32, tiles_per_split: Int32, stream):
+                 mQ16: cute.Tensor, mQr: cute.Tensor, mFlags: cute.Tensor, mLens: cute.Tensor, mOp: cute.Tensor,
+                 mLse: cute.Tensor, scale_log2: Float32, tiles_per_split: Int32, stream):
         B = mLens.shape[0]
         hkv = mTiles.shape[2]
         nsplit = mLse.shape[2]
-        self.kernel(mTiles, mK16, mV16, mQ16, mFlags, mLens, mOp, mLse, scale_log2, tiles_per_split).launch(
+        self.kernel(mTiles, mK16, mV16, mQ16, mQr, mFlags, mLens, mOp, mLse, scale_log2, tiles_per_split).launch(
             grid=(nsplit, hkv, B), block=(32, 1, 1), smem=self.NST * self.TB + 128, stream=stream,
             # G > 8 (two n8 head tiles): .minnctapersm 1 lets ptxas use the whole register file -- without it
             # sm_120a D=64 G=16 spilled 24 B at 168 registers. Not for G <= 8: there ptxas then takes 255
@@ -342,8 +343,8 @@ class ThriftDecodeSplitKV:
 
     @cute.kernel
     def kernel(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor,
-               mQ16: cute.Tensor, mFlags: cute.Tensor, mLens: cute.Tensor, mOp: cute.Tensor, mLse: cute.Tensor,
-               scale_log2: Float32, tiles_per_split: Int32):
+               mQ16: cute.Tensor, mQr: cute.Tensor, mFlags: cute.Tensor, mLens: cute.Tensor, mOp: cute.Tensor,
+               mLse: cute.Tensor, scale_log2: Float32, tiles_per_split: Int32):
         D, G, NG, TB, bf = self.D, self.G, self.NG, self.TB, self.is_bf16
         NKC = D // 16  # k16 chunks of QK^T; also m16 tiles of V^T
         KW = D // 32  # 32-bit words of K codes per (thread, key)
@@ -366,6 +367,7 @@ class ThriftDecodeSplitKV:
         g_k16 = mK16.iterator.toint()
         g_v16 = mV16.iterator.toint()
         g_q16 = mQ16.iterator.toint()
+        g_qr = mQr.iterator.toint()  # same shape/strides as q16: the query quantized for the FP4 tiles
 
         # ---- running state per (ng, column e): head 8*ng + 2*t + e
         m_run = cute.make_rmem_tensor((NG, 2), Float32)
@@ -408,7 +410,7 @@ class ThriftDecodeSplitKV:
                                     t_begin + k, L, CAP, HKV, lane)
 
         # ---- (while the first tile is in flight) query fragments (B operand of S^T = K Q^T): head g = 8*ng + r, channels t*D/4 + 4*kc + 0..3.
-        # dq(NVFP4(q)) computed here: this lane's D/4 channels are whole 16-channel groups, so it quantizes them
+        # dq(NVFP4(qr)) computed here (qr = the rotated query when the cache holds rotated K): this lane's D/4 channels are whole 16-channel groups, so it quantizes them
         # alone, with the codec's numerics (scale = E4M3_RNE(amax/6), code = E2M1_RNE(|x|/scale) by fp32 true
         # division, sign kept); the values are exact in fp16.
         qf4 = cute.make_rmem_tensor((NG, NKC, 2), Uint32)
@@ -417,7 +419,7 @@ class ThriftDecodeSplitKV:
             off = (Int64(b) * HQ + hk * G + g) * D + t * (D // 4)
             qw = []
             for v in cutlass.range_constexpr(D // 32):
-                qw += ldg4_pred(g_q16 + off * 2 + 16 * v, Int32(g < G))
+                qw += ldg4_pred(g_qr + off * 2 + 16 * v, Int32(g < G))
             xs = []
             for w in qw:
                 xs += unpack2(w, bf)
@@ -813,9 +815,9 @@ def fake_args(head_dim: int, num_kv_heads: int, group: int, dtype_name: str):
                                         assumed_align=align)
 
     dec = (f(cutlass.Uint8, (B, NB, H, tile_bytes(D))), f(dt, (B, CAP, H, D)), f(dt, (B, CAP, H, D)),
-           f(dt, (B, HQ, D)), f(cutlass.Uint8, (B, H, NB), 1),
+           f(dt, (B, HQ, D)), f(dt, (B, HQ, D)), f(cutlass.Uint8, (B, H, NB), 1),
            f(cutlass.Int32, (B,), 4), f(cutlass.Float32, (B, HQ, NS, D)), f(cutlass.Float32, (B, HQ, NS), 4))
-    comb = (dec[6], dec[7], f(dt, (B, 1, HQ, D)), f(cutlass.Float32, (B, HQ), 4))
+    comb = (dec[7], dec[8], f(dt, (B, 1, HQ, D)), f(cutlass.Float32, (B, HQ), 4))
     return dec, comb
 
 

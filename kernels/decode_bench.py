@@ -48,6 +48,7 @@ def main(argv=None):
     from kernels.decode import DEFAULT_PREFETCH
     from kernels.decode_interface import _arch, _get_kernels, decode_fwd, plan_splits, select_decode_blocks, thrift_decode
     from kernels.kv_cache import BLOCK, ThriftKVCache, relayout_tiles, tile_bytes
+    from quant.rotation import maybe_rotate
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -66,7 +67,7 @@ def main(argv=None):
         lo_ = torch.empty((B, HQ), dtype=torch.float32, device=dev)
 
         def fn():
-            kd_(tiles, cache.k16, cache.v16, q16, flags, lens, op_, lp_, scale * math.log2(math.e), tps_)
+            kd_(tiles, cache.k16, cache.v16, q16, q_rot, flags, lens, op_, lp_, scale * math.log2(math.e), tps_)
             kc_(op_, lp_, oo_, lo_)
         return _bench(fn)
 
@@ -122,6 +123,7 @@ def main(argv=None):
                     row["fa4_err"] = repr(e)[:200]
             del kt, vt, qt
             q16 = q[:, 0].contiguous()
+            q_rot = maybe_rotate(q16, cache.qk_rotation).contiguous()  # the query of the FP4 tiles
             ns, tps = plan_splits(-(-L // BLOCK), B, H, props.multi_processor_count)
             lens = cache.lengths_tensor(dev)
             for bud in args.budgets:
@@ -138,20 +140,20 @@ def main(argv=None):
                 kd, kc = _get_kernels(D, H, HQ // H, dt, _arch(dev), None, cache.fp4_layout)
 
                 def fk():
-                    kd(cache.tiles, cache.k16, cache.v16, q16, flags, lens, o_part, lse_part,
+                    kd(cache.tiles, cache.k16, cache.v16, q16, q_rot, flags, lens, o_part, lse_part,
                        scale * math.log2(math.e), tps)
                     kc(o_part, lse_part, o_out, l_out)
                 fk()
-                ref_o = decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
+                ref_o = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
                                    cache.fp4_layout)[0]
                 assert torch.equal(ref_o, o_out)
-                fo = lambda: decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,  # noqa: E731
+                fo = lambda: decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,  # noqa: E731
                                         cache.fp4_layout)
                 fe = lambda: thrift_decode(q, cache, budget=bud)  # noqa: E731
                 tk = _bench(fk)
                 te = _bench(fe)
                 if bud == 0.05:  # where the time goes: split-KV kernel alone, combine alone
-                    row["b0.05_decode_only_ms"] = _bench(lambda: kd(cache.tiles, cache.k16, cache.v16, q16, flags, lens,
+                    row["b0.05_decode_only_ms"] = _bench(lambda: kd(cache.tiles, cache.k16, cache.v16, q16, q_rot, flags, lens,
                                                                     o_part, lse_part, scale * math.log2(math.e), tps))
                     row["b0.05_combine_only_ms"] = _bench(lambda: kc(o_part, lse_part, o_out, l_out))
                 row[f"b{bud}_kernel_ms"] = tk
@@ -176,9 +178,9 @@ def main(argv=None):
                         n2, t2 = (ns, tps) if c_ is None else plan_splits(
                             -(-L // BLOCK), B, H, props.multi_processor_count, {"ctas_per_sm": c_})
                         row[f"b0.05_st{st}_ns{n2}_kernel_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2, stages=st)
-                    o_st = decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
+                    o_st = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
                                       cache.fp4_layout, st)
-                    o_2 = decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
+                    o_2 = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
                                      cache.fp4_layout, 2)
                     row[f"st{st}_bit_identical_to_st2"] = torch.equal(o_st[0], o_2[0]) and torch.equal(o_st[1], o_2[1])
             lay_tiles = {}
@@ -192,7 +194,7 @@ def main(argv=None):
                             -(-L // BLOCK), B, H, props.multi_processor_count, {"ctas_per_sm": c_})
                         row[f"b0.05_{lay}_ns{n2}_kernel_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2, lay,
                                                                           lay_tiles[lay])
-                    outs[lay] = decode_fwd(q16, lay_tiles[lay], cache.k16, cache.v16, flags, lens, scale, ns, tps,
+                    outs[lay] = decode_fwd(q16, q_rot, lay_tiles[lay], cache.k16, cache.v16, flags, lens, scale, ns, tps,
                                            -1, lay)
                 ref_lay = outs[args.fp4_layout[0]]
                 row["fp4_layouts_bit_identical"] = all(torch.equal(o[0], ref_lay[0]) and torch.equal(o[1], ref_lay[1])

@@ -72,11 +72,12 @@ def plan_splits(max_tiles: int, batch: int, num_kv_heads: int, num_sms: int, sch
 
 
 @torch.library.custom_op("thrift::decode_fwd", mutates_args=())
-def decode_fwd(q16: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: torch.Tensor,
+def decode_fwd(q16: torch.Tensor, q_rot: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: torch.Tensor,
                flags: torch.Tensor, lens: torch.Tensor, softmax_scale: float, num_splits: int,
                tiles_per_split: int, prefetch: int = -1,
                fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-KV decode + LSE combine. q16 [B, Hq, D] (NVFP4-quantized inside the kernel for the FP4 tiles);
+    """Split-KV decode + LSE combine. q16 [B, Hq, D] (the FP16 tiles' query); q_rot [B, Hq, D] the same type: the
+    query NVFP4-quantized inside the kernel for the FP4 tiles (hadamard_rotate(q16), or q16 itself without rotation);
     tiles/k16/v16/flags/lens from the cache; prefetch: L2 prefetch distance in tiles (-1 = the default);
     fp4_layout: the bit order of the tiles' code words (the cache's fp4_layout); stages: cp.async stages of FP4
     tiles (2 or 3, -1 = the default).
@@ -90,14 +91,14 @@ def decode_fwd(q16: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: t
     out = torch.empty((B, 1, HQ, D), dtype=q16.dtype, device=q16.device)
     lse = torch.empty((B, HQ), dtype=torch.float32, device=q16.device)
     with phase("attention"):  # split-KV kernel (q's NVFP4 quantization happens inside it)
-        dec(tiles, k16, v16, q16, flags, lens, o_part, lse_part, softmax_scale * math.log2(math.e), tiles_per_split)
+        dec(tiles, k16, v16, q16, q_rot, flags, lens, o_part, lse_part, softmax_scale * math.log2(math.e), tiles_per_split)
     with phase("combine"):
         comb(o_part, lse_part, out, lse)
     return out, lse
 
 
 @decode_fwd.register_fake
-def _(q16, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split, prefetch=-1,
+def _(q16, q_rot, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split, prefetch=-1,
       fp4_layout=DEFAULT_FP4_LAYOUT, stages=-1):
     B, HQ, D = q16.shape
     return q16.new_empty((B, 1, HQ, D)), q16.new_empty((B, HQ), dtype=torch.float32)
@@ -173,7 +174,8 @@ def _flags_to_selected(flags_b, L, G):
 def thrift_decode_ref(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean", softmax_scale=None,
                       return_lse=False, flags=None):
     """Reference decode: the same selection (or the given `flags`) through kernels.reference.thrift_attention_ref,
-    one sequence at a time on its valid tokens. Returns O [B, 1, Hq, D] (and LSE fp32 [B, Hq])."""
+    one sequence at a time on its valid tokens, with the cache's qk_rotation. Returns O [B, 1, Hq, D] (and LSE fp32
+    [B, Hq])."""
     from .reference import thrift_attention_ref
 
     G = _check_q_cache(q, cache, "thrift_decode_ref")
@@ -187,7 +189,7 @@ def thrift_decode_ref(q, cache: ThriftKVCache, *, budget=0.05, selection="block_
             continue
         sel = _flags_to_selected(flags[b].cpu(), L, G).to(q.device)
         o, l = thrift_attention_ref(q[b:b + 1], cache.keys(b), cache.values(b), causal=True, selected=sel,
-                                    softmax_scale=softmax_scale, return_lse=True)
+                                    softmax_scale=softmax_scale, return_lse=True, qk_rotation=cache.qk_rotation)
         out[b:b + 1] = o
         lse[b] = l[0, :, 0]
     return (out, lse) if return_lse else out
@@ -212,6 +214,11 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
             flags = select_decode_blocks(q, cache, budget, selection)
     B, H = cache.batch, cache.num_kv_heads
     q16 = q[:, 0].contiguous()
+    # the FP4 tiles hold NVFP4 of the rotated K (cache.qk_rotation): the kernel quantizes q_rot for them, the FP16
+    # tiles keep q16. "none": q16 twice (the same compiled kernel).
+    from quant.rotation import maybe_rotate
+
+    q_rot = maybe_rotate(q16, cache.qk_rotation).contiguous()
     max_tiles = max(1, -(-cache.max_length // BLOCK))
     ns, tps = plan_splits(max_tiles, B, H, torch.cuda.get_device_properties(q.device).multi_processor_count,
                           schedule)
@@ -221,6 +228,6 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
     st = int((schedule or {}).get("stages", -1))
     if st not in (-1, 2, 3):
         raise ValueError(f"{where}: schedule['stages'] must be 2 or 3, got {st}")
-    out, lse = decode_fwd(q16, cache.tiles, cache.k16, cache.v16, flags, cache.lengths_tensor(q.device),
+    out, lse = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, cache.lengths_tensor(q.device),
                           float(scale), ns, tps, pf, cache.fp4_layout, st)
     return (out, lse) if return_lse else out

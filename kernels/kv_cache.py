@@ -185,11 +185,14 @@ class ThriftKVCache:
     cache.append(k, v, num_new=[5, 0, 3])   # per-sequence counts (<= T; the rest of the rows is ignored)
     fp4_layout: bit order of the FP4 code words in the tiles ("nibble" or "bits", module docstring); the decode
     kernel reads cache.fp4_layout and decodes accordingly.
+    qk_rotation: "hadamard" (default) stores NVFP4 of quant.rotation.hadamard_rotate(k) in the FP4 tiles (thrift_decode
+    then rotates q the same way for its FP4 path); "none" stores NVFP4 of k. The FP16 copy and the K block means
+    (selection) are always of the unrotated k.
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, capacity: int = 1024,
                  dtype=torch.float16, device=None, growth: float = 2.0,
-                 fp4_layout: str = DEFAULT_FP4_LAYOUT):
+                 fp4_layout: str = DEFAULT_FP4_LAYOUT, qk_rotation: str = "hadamard"):
         for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("capacity", capacity)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"ThriftKVCache: {name} must be a positive int, got {val!r}")
@@ -200,6 +203,9 @@ class ThriftKVCache:
         if not (isinstance(growth, (int, float)) and growth > 1.0):
             raise ValueError(f"ThriftKVCache: growth must be a number > 1, got {growth!r}")
         _check_layout(fp4_layout, "ThriftKVCache")
+        from quant.rotation import check_qk_rotation
+
+        self.qk_rotation = check_qk_rotation(qk_rotation, "ThriftKVCache")
         self.fp4_layout = fp4_layout
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         dev = torch.device(device or "cpu")
@@ -286,7 +292,10 @@ class ThriftKVCache:
 
         t0, t1 = blk0 * BLOCK, blk1 * BLOCK
         kb, vb = self.k16[b:b + 1, t0:t1], self.v16[b:b + 1, t0:t1]
-        self.tiles[b:b + 1, blk0:blk1] = quantize_blocks(kb, vb, self.fp4_layout)
+        from quant.rotation import maybe_rotate
+
+        # per-row rotation: token-by-token appends and one append give the same tiles bit for bit
+        self.tiles[b:b + 1, blk0:blk1] = quantize_blocks(maybe_rotate(kb, self.qk_rotation), vb, self.fp4_layout)
         L = self.lengths[b]
         self.kmean[b:b + 1, blk0:blk1] = block_means(self.k16[b:b + 1, t0:L])
 
@@ -299,6 +308,7 @@ class ThriftKVCache:
         return self.v16[b:b + 1, :self.lengths[b]]
 
     def fp4_contract(self, b: int):
-        """Sequence b's FP4 data in the contract layouts (kp, ks, vp, vs), for tests and other kernels."""
+        """Sequence b's FP4 data in the contract layouts (kp, ks, vp, vs), for tests and other kernels (K codes are
+        of the rotated k when cache.qk_rotation == "hadamard")."""
         nb = -(-self.lengths[b] // BLOCK)
         return unpack_tiles(self.tiles[b:b + 1, :nb], self.fp4_layout)

@@ -3,7 +3,11 @@
 `thrift_attention_ref` computes, with every rounding step of the fused kernels, for each (batch, query head):
 
     S16 = (q . k^T) * scale                     fp32 math on the input-dtype values
-    S4  = (dq(Q) . dq(K)^T) * scale             Q, K fake-quantized along head_dim (FP4 groups of 16 / 32)
+    S4  = (dq(Q) . dq(K)^T) * scale             Q, K fake-quantized along head_dim (FP4 groups of 16 / 32); with
+                                                qk_rotation="hadamard" (the default) Q and K are first rotated by
+                                                quant.rotation.hadamard_rotate (x H_D / sqrt(D), fixed fp32
+                                                butterfly order, rounded to the input dtype): dq(rot(Q)).dq(rot(K))^T
+                                                approximates q.k^T since H is orthogonal
     S   = S16 on selected (query block, key block) pairs, S4 elsewhere; -inf where causally masked
     m   = max_j S (over all visible keys)       one softmax per row, shared by both paths
     P~  = exp(S - m)                            fp32
@@ -14,7 +18,7 @@
     O   = (num / l).to(input dtype);  LSE = m + log(l)  (fp32, [B, Hq, Sq])
 
 Fully masked rows (causal with Sq > Skv) give O = 0 and LSE = -inf. budget = 0 is pure FP4 (SageAttention3
-numerics, no smoothing), budget = 1 is plain attention (up to the 16-bit rounding of P~ that FP16 MMA does).
+numerics, no smoothing; plus the Hadamard rotation by default), budget = 1 is plain attention (up to the 16-bit rounding of P~ that FP16 MMA does).
 
 P tiles when p_tile != block_size: the P~ handed to quantize_p is zero on selected (FP16) keys and on masked keys,
 so a tile's row scale s1 is the max over that tile's FP4 keys only (what a kernel that quantizes only its FP4
@@ -41,6 +45,17 @@ from ._validate import (
     softmax_scale_or_default,
 )
 from .selection import select_blocks, selection_mask
+
+
+def check_rotation_for(qk_rotation, D: int, where: str) -> str:
+    """Validate qk_rotation ("hadamard" | "none") and, for "hadamard", that head_dim is a power of two in [16, 256]."""
+    from quant.rotation import check_qk_rotation
+
+    check_qk_rotation(qk_rotation, where)
+    if qk_rotation == "hadamard" and not (16 <= D <= 256 and D & (D - 1) == 0):
+        raise ValueError(f"{where}: qk_rotation='hadamard' needs head_dim a power of two in [16, 256], got {D} "
+                         f"(pass qk_rotation='none')")
+    return qk_rotation
 
 
 def _block_chunks(Sq: int, Skv: int, block_size: int, causal: bool, p_tile: int):
@@ -85,13 +100,15 @@ def _check_selected(selected, B: int, Hq: int, nqb: int, nkb: int, device) -> to
 
 def thrift_attention_ref(q, k, v, *, budget=0.05, causal=True, selection="block_mean", fmt="nvfp4",
                          block_size=64, softmax_scale=None, return_lse=False, p_tile=64, selected=None,
-                         top_k=None):
+                         top_k=None, qk_rotation="hadamard"):
     """ThriftAttention reference (see the module docstring for the exact numerics).
 
     q: [B, Sq, Hq, D]; k, v: [B, Skv, Hkv, D]; fp16/bf16/fp32, D a multiple of 16, Hq % Hkv == 0.
     budget/selection/block_size/top_k choose the FP16 blocks via select_blocks, unless `selected` (a precomputed
     select_blocks result, so kernels and reference share one selection) is given. fmt: "nvfp4" | "mxfp4".
     p_tile: key-tile width of P's per-row scale (a multiple of the format's group).
+    qk_rotation: "hadamard" (default) rotates Q and K along head_dim before FP4 quantization (FP4 path only; the
+    FP16 path and the selection use the unrotated values); "none" quantizes them as they are.
     Returns O [B, Sq, Hq, D] in q's dtype, and with return_lse=True also LSE fp32 [B, Hq, Sq].
     """
     where = "thrift_attention_ref"
@@ -106,6 +123,7 @@ def thrift_attention_ref(q, k, v, *, budget=0.05, causal=True, selection="block_
     if p_tile % fq.group:
         raise ValueError(f"{where}: p_tile must be a multiple of {fmt}'s group size {fq.group}, got {p_tile}")
     scale = softmax_scale_or_default(softmax_scale, D, where=where)
+    check_rotation_for(qk_rotation, D, where)
     nqb, nkb = -(-Sq // block_size), -(-Skv // block_size)
     if selected is None:
         selected = select_blocks(q, k, budget=f, causal=causal, method=selection, block_size=block_size,
@@ -114,6 +132,7 @@ def thrift_attention_ref(q, k, v, *, budget=0.05, causal=True, selection="block_
         selected = _check_selected(selected, B, Hq, nqb, nkb, q.device)
     blk = selection_mask(selected, nkb)  # [B, Hq, nqb, nkb]
 
+    from quant.rotation import maybe_rotate
     from quant.softmax_p import quantize_p  # lazy: the codecs live in their own package
 
     dev, dt = q.device, q.dtype
@@ -126,11 +145,12 @@ def thrift_attention_ref(q, k, v, *, budget=0.05, causal=True, selection="block_
     for b in range(B):
         for hk in range(Hkv):
             kf, vf = k[b, :, hk].float(), v[b, :, hk].float()  # exact copies of the input-dtype values
-            kq = fq.fake_quantize(k[b, :, hk], dim=-1)  # [Skv, D], FP4 groups along head_dim
+            # [Skv, D], FP4 groups along head_dim (of the rotated K with qk_rotation="hadamard")
+            kq = fq.fake_quantize(maybe_rotate(k[b, :, hk], qk_rotation), dim=-1)
             vq = fq.fake_quantize(v[b, :, hk], dim=0)  # [Skv, D], FP4 groups along the sequence from key 0
             for h in range(hk * group, (hk + 1) * group):
                 qf = q[b, :, h].float()
-                qq = fq.fake_quantize(q[b, :, h], dim=-1)
+                qq = fq.fake_quantize(maybe_rotate(q[b, :, h], qk_rotation), dim=-1)
                 for i, r0, r1, kend in chunks:
                     if kend == 0:  # every row of the block is fully masked
                         out[b, r0:r1, h] = 0

@@ -5,6 +5,7 @@ import torch
 from kernels import kv_cache as kvc
 from kernels.selection import block_means
 from quant import nvfp4
+from quant.rotation import maybe_rotate
 
 
 def _rand(B, S, H, D, dtype, seed):
@@ -36,26 +37,29 @@ def test_tile_layout_roundtrip_and_fragments(D, rng_seed):
         assert {kvc.key_of(c, r, h) // 16 for c in range(4) for h in range(2)} == {r // 2}
 
 
-def _one_shot_tiles(k, v, L):
-    """Quantize the first L tokens at once (zero-padded to whole blocks) with the codecs."""
+def _one_shot_tiles(k, v, L, qk_rotation="hadamard"):
+    """Quantize the first L tokens at once (zero-padded to whole blocks) with the codecs (K rotated as the cache
+    does by default)."""
     nb = -(-L // 64)
     kpad = torch.zeros((k.shape[0], nb * 64) + tuple(k.shape[2:]), dtype=k.dtype)
     vpad = torch.zeros_like(kpad)
     kpad[:, :L], vpad[:, :L] = k[:, :L], v[:, :L]
-    return kvc.quantize_blocks(kpad, vpad)
+    return kvc.quantize_blocks(maybe_rotate(kpad, qk_rotation), vpad)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_token_by_token_equals_one_shot(dtype, rng_seed):
+@pytest.mark.parametrize("dtype,rot", [(torch.float16, "hadamard"), (torch.bfloat16, "hadamard"),
+                                       (torch.float16, "none")])
+def test_token_by_token_equals_one_shot(dtype, rot, rng_seed):
     """Appending token by token, in chunks, or at once gives bit-identical FP4 tiles (V groups of 16 along the
-    sequence re-quantized as they fill), matching the codecs' one-shot quantization."""
+    sequence re-quantized as they fill), matching the codecs' one-shot quantization (of the rotated K by default)."""
     B, H, D, L = 1, 2, 64, 150
     k, v = _rand(B, L, H, D, dtype, rng_seed), _rand(B, L, H, D, dtype, rng_seed + 1)
-    ref = _one_shot_tiles(k, v, L)
-    c1 = kvc.ThriftKVCache(B, H, D, capacity=64, dtype=dtype)  # also exercises growth 64 -> 128 -> 256
+    ref = _one_shot_tiles(k, v, L, rot)
+    c1 = kvc.ThriftKVCache(B, H, D, capacity=64, dtype=dtype, qk_rotation=rot)  # also grows 64 -> 128 -> 256
+    assert c1.qk_rotation == rot
     for i in range(L):
         c1.append(k[:, i:i + 1], v[:, i:i + 1])
-    c2 = kvc.ThriftKVCache(B, H, D, capacity=64, dtype=dtype)
+    c2 = kvc.ThriftKVCache(B, H, D, capacity=64, dtype=dtype, qk_rotation=rot)
     for a, b in ((0, 17), (17, 64), (64, 65), (65, 150)):
         c2.append(k[:, a:b], v[:, a:b])
     nb = -(-L // 64)
@@ -67,7 +71,7 @@ def test_token_by_token_equals_one_shot(dtype, rng_seed):
         torch.testing.assert_close(c.kmean[:, :nb], block_means(k), rtol=1e-6, atol=1e-6)
     # the unpacked contract layouts are the codecs' outputs for the same tokens
     kp, ks, vp, vs = c1.fp4_contract(0)
-    kp_ref, ks_ref = nvfp4.quantize(k, dim=-1)
+    kp_ref, ks_ref = nvfp4.quantize(maybe_rotate(k, rot), dim=-1)
     assert torch.equal(kp[:, :L], kp_ref) and torch.equal(ks[:, :L].view(torch.uint8), ks_ref.view(torch.uint8))
     vp_ref, vs_ref = nvfp4.quantize(v.permute(0, 2, 3, 1), dim=-1)  # [1, H, D, pad16(L)/2]
     n2, n16 = vp_ref.shape[-1], vs_ref.shape[-1]
@@ -100,6 +104,9 @@ def test_bad_arguments():
         kvc.ThriftKVCache(1, 1, 96)
     with pytest.raises(TypeError, match="dtype"):
         kvc.ThriftKVCache(1, 1, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match="qk_rotation"):
+        kvc.ThriftKVCache(1, 1, 64, qk_rotation="walsh")
+    assert kvc.ThriftKVCache(1, 1, 64).qk_rotation == "hadamard"
     c = kvc.ThriftKVCache(2, 1, 64)
     x = torch.zeros((2, 3, 1, 64), dtype=torch.float16)
     with pytest.raises(ValueError, match="num_new"):

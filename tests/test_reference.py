@@ -45,7 +45,8 @@ def test_budget_one_equals_exact_fp32(shape, rng_seed):
     g = torch.Generator().manual_seed(rng_seed)
     q, k, v = _qkv(B, Sq, Skv, Hq, Hkv, D, gen=g)
     out = torch.full((B, Sq, Hq, D), float("nan"))  # poisoned: the reference must write every element
-    o, lse = thrift_attention_ref(q, k, v, budget=1.0, causal=causal, return_lse=True)
+    rot = "hadamard" if D & (D - 1) == 0 else "none"  # the rotation needs a power-of-two head_dim
+    o, lse = thrift_attention_ref(q, k, v, budget=1.0, causal=causal, return_lse=True, qk_rotation=rot)
     out.copy_(o)
     e, el = attention_exact(q, k, v, causal=causal, return_lse=True)
     assert o.dtype == torch.float32 and lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
@@ -158,7 +159,9 @@ def test_mixed_path_matches_brute_force(fmt, p_tile, dtype, causal, Hq, rng_seed
         sel[:, :, i, 1] = 0 if i else -1
     if not causal:
         sel[:, -1, :, 1] = 2  # last head: block 2 instead of block 0
-    o, lse = thrift_attention_ref(q, k, v, causal=causal, fmt=fmt, p_tile=p_tile, selected=sel, return_lse=True)
+    # the brute force quantizes unrotated Q/K: compare with qk_rotation="none" (tests/test_rotation.py covers the rotation)
+    o, lse = thrift_attention_ref(q, k, v, causal=causal, fmt=fmt, p_tile=p_tile, selected=sel, return_lse=True,
+                                  qk_rotation="none")
     ob, lseb = _brute(q, k, v, selection_mask(sel, 4), causal=causal, fmt=fmt, p_tile=p_tile)
     assert o.dtype == dtype
     # Same math in another order: only rare 16-bit rounding flips of P~ or O (measured ~1e-5 in fp16/bf16).
@@ -168,8 +171,8 @@ def test_mixed_path_matches_brute_force(fmt, p_tile, dtype, causal, Hq, rng_seed
     _lse_close(lse, lseb, 1e-5)
     # The merge is real: the result differs from both pure paths by far more than the tolerance.
     e = attention_exact(q, k, v, causal=causal)
-    o0 = thrift_attention_ref(q, k, v, causal=causal, fmt=fmt, p_tile=p_tile, budget=0.0)
-    o1 = thrift_attention_ref(q, k, v, causal=causal, fmt=fmt, p_tile=p_tile, budget=1.0)
+    o0 = thrift_attention_ref(q, k, v, causal=causal, fmt=fmt, p_tile=p_tile, budget=0.0, qk_rotation="none")
+    o1 = thrift_attention_ref(q, k, v, causal=causal, fmt=fmt, p_tile=p_tile, budget=1.0, qk_rotation="none")
     assert rel_l2(o, o0) > max(0.02, 3 * tol) and rel_l2(o, o1) > max(0.02, 3 * tol)
     assert rel_l2(o1, e) < rel_l2(o, e) < rel_l2(o0, e)
 
