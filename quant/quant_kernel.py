@@ -6,7 +6,9 @@ Outputs (contract layouts, see layouts/prefill.py):
     Kp [B,Skv,Hkv,D/2], Ks [B,Skv,Hkv,D/16]                      = nvfp4.quantize(k, dim=-1)
     Vp [B,Hkv,D,Skv_pad/2], Vs [B,Hkv,D,Skv_pad/16] (Skv_pad = round_up(Skv, 64), zero padded)
                                                                  = nvfp4.quantize(pad(v).permute(0,2,3,1), dim=-1)
-    Kmean [B, nkb, Hkv, D] fp32: mean of each 64-key block over its valid keys.
+    Kmean [B, nkb, Hkv, D] fp32: mean of each 64-key block over its valid keys (always of the UNrotated K).
+    rotate=True (qk_rotation="hadamard"): Q and K are rotated first, Qp/Qs = nvfp4.quantize(hadamard_rotate(q)),
+    Kp/Ks likewise (and Kd = dq of the rotated K); see "Rotation" below.
     with_dq=True (the SM90 prefill's "dq16" K/V source, see kernels/prefill.py):
     Kd, Vd [B,Skv,Hkv,D] in the input dtype: dq(K), dq(V) = E2M1 value * E4M3 scale of every element, exact in
     fp16/bf16 (<= 5 significant bits, |x| in [2^-10, 2688]), i.e. nvfp4.dequantize of the outputs above.
@@ -16,11 +18,24 @@ Work split of the single 1-D launch (one thread per item, 128 threads per CTA):
     items [nQ, nQ+nK)        one 16-element K group
     items [nQ+nK, +nV)       one (b, hkv, d, key block): the 4 V groups of 16 keys of that block at dim d
                              (threads adjacent in d -> coalesced reads of V), and the K mean at (b, kb, hkv, d).
+Rotation (rotate=True; quant/rotation.py defines the numerics, this reproduces them bit for bit): a row's D/16 Q or K
+groups are D/16 consecutive items, starting at an item index that is a multiple of D/16 (nQ = rows*D/16), and D/16
+(4 or 8) divides 32, so a row's groups sit in adjacent lanes of one warp, group g in lane (lane % (D/16)) == g.
+Each thread loads its 16 values -> fp32, runs the strides 1, 2, 4, 8 butterflies in registers, then strides 16, 32
+(, 64) with shfl.xor over lane masks 1, 2 (, 4): for the pair (lower lane a, upper lane b) the lower lane keeps
+a + b and the upper one computes partner - mine = a - b (torch's operands in torch's order). Then * fp32(1/sqrt(D)),
+cvt.rn to the input dtype and back to fp32, then the NVFP4 code below. Every thread of the launch runs the
+shuffles with the full mask (V items and the past-the-end items of the last warp with zeros: loads and stores are
+predicated, the shuffles are not); a V lane is never the partner of a Q/K lane (nQ + nK is a multiple of D/16).
+
 Numerics (fp32): scale = E4M3_RNE(amax/6) with saturation at 448 (cvt.rn.satfinite), code = E2M1_RNE(x/scale)
 by true division, sign kept for values rounding to 0; scale 0 -> codes 0; a group with NaN/Inf gets scale
 0x7F (NaN) and codes 0.
 """
 from __future__ import annotations
+
+import math
+import struct
 
 import cutlass
 import cutlass.cute as cute
@@ -82,12 +97,18 @@ def _e2m1_value(code, *, loc=None, ip=None) -> Float32:
 
 
 class QuantKernel:
-    """Static config: dtype (Float16/BFloat16), head_dim, and with_dq (also write dq(K), dq(V) in 16 bit)."""
+    """Static config: dtype (Float16/BFloat16), head_dim, with_dq (also write dq(K), dq(V) in 16 bit) and rotate
+    (Hadamard-rotate Q and K along head_dim before quantizing them)."""
 
-    def __init__(self, dtype, head_dim: int, with_dq: bool = False):
+    def __init__(self, dtype, head_dim: int, with_dq: bool = False, rotate: bool = False):
         self.dtype = dtype
         self.D = head_dim
         self.with_dq = with_dq
+        self.rotate = bool(rotate)
+        if self.rotate and not (16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0):
+            raise ValueError(f"QuantKernel: rotate needs head_dim a power of two in [16, 256], got {head_dim}")
+        # fp32(1/sqrt(D)), the constant of quant.rotation (a Python float holding the exact fp32 value)
+        self.inv_sqrt_d = float(struct.unpack("f", struct.pack("f", 1.0 / math.sqrt(head_dim)))[0])
 
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQp: cute.Tensor, mQs: cute.Tensor,
@@ -128,6 +149,27 @@ class QuantKernel:
                 vals[2 * i + 1] = _e2m1_value(hi) * sf
         sc[0] = Uint8(code) if finite else Uint8(0x7F)
 
+    @cute.jit
+    def rotate16(self, vals: cute.Tensor, tidx: Int32):
+        """In place: this lane's 16 values of a row -> the same entries of hadamard_rotate(row) (fp32, before the
+        rounding to the input dtype). Must be executed by every lane of the warp (full-mask shuffles)."""
+        for s in cutlass.range_constexpr(4):  # strides 1, 2, 4, 8 inside the group, in registers
+            st = 1 << s
+            for i in cutlass.range_constexpr(16):
+                if const_expr((i & st) == 0):
+                    a = vals[i]
+                    b = vals[i + st]
+                    vals[i] = a + b
+                    vals[i + st] = a - b
+        for j in cutlass.range_constexpr((self.D // 16).bit_length() - 1):  # strides 16, 32, ...: partner group
+            m = 1 << j  # g ^ m sits in lane ^ m
+            upper = (tidx & Int32(m)) != Int32(0)
+            for i in cutlass.range_constexpr(16):
+                mine = vals[i]
+                other = cute.arch.shuffle_sync_bfly(mine, offset=m)
+                # lower lane: a + b (mine + partner); upper lane: a - b (partner - mine)
+                vals[i] = (other - mine) if upper else (mine + other)
+
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQp: cute.Tensor, mQs: cute.Tensor,
                mKp: cute.Tensor, mKs: cute.Tensor, mVp: cute.Tensor, mVs: cute.Tensor, mKm: cute.Tensor,
@@ -141,22 +183,31 @@ class QuantKernel:
         raw = cute.make_rmem_tensor((16,), self.dtype)
         pk = cute.make_rmem_tensor((8,), Uint8)
         sc = cute.make_rmem_tensor((1,), Uint8)
-        if item < nQ + nK:
-            isq = item < nQ
-            it = item if isq else item - nQ
-            S = mQ.shape[1] if isq else mK.shape[1]
-            H = mQ.shape[2] if isq else mK.shape[2]
-            g = it % G
-            r = it // G
-            h = r % H
-            r = r // H
-            s = r % S
-            b = r // S
+        isqk = item < nQ + nK
+        isq = item < nQ
+        it = item if isq else item - nQ
+        S = mQ.shape[1] if isq else mK.shape[1]
+        H = mQ.shape[2] if isq else mK.shape[2]
+        g = it % G
+        r = it // G
+        h = r % H
+        r = r // H
+        s = r % S
+        b = r // S
+        if isqk:
             if isq:
                 cute.autovec_copy(cute.local_tile(mQ[b, s, h, None], (16,), (g,)), raw)
             if not isq:
                 cute.autovec_copy(cute.local_tile(mK[b, s, h, None], (16,), (g,)), raw)
             vals.store(raw.load().to(Float32))
+        if const_expr(self.rotate):
+            if not isqk:  # V / past-the-end items: zeros through the shuffles (results unused)
+                vals.fill(0.0)
+            self.rotate16(vals, tidx)
+            # * fp32(1/sqrt(D)), round to the input dtype (cvt.rn), back to fp32: quant.rotation's numerics
+            raw.store((vals.load() * Float32(self.inv_sqrt_d)).to(self.dtype))
+            vals.store(raw.load().to(Float32))
+        if isqk:
             self.quant16(vals, pk, sc)
             if isq:
                 cute.autovec_copy(pk, cute.local_tile(mQp[b, s, h, None], (8,), (g,)))
@@ -220,5 +271,5 @@ def fake_args(dtype, head_dim: int):
             make_fake_stream())
 
 
-def compile_quant(dtype, head_dim: int, with_dq: bool = False):
-    return cute.compile(QuantKernel(dtype, head_dim, with_dq), *fake_args(dtype, head_dim))
+def compile_quant(dtype, head_dim: int, with_dq: bool = False, rotate: bool = False):
+    return cute.compile(QuantKernel(dtype, head_dim, with_dq, rotate), *fake_args(dtype, head_dim))

@@ -3,7 +3,7 @@ with fake tensors, ptxas reports 0 spill bytes, and the sm_120a PTX carries the 
 (kind::mxf4nvf4.block_scale) next to the 16-bit m16n8k16 MMA of the FP16 phase.
 
 Each arch compiles in a subprocess (the DSL reads CUTE_DSL_ARCH at import).  Budget: 3 prefill kernels + the
-quantizer per arch.
+quantizer (with and without the Hadamard rotation) per arch.
 """
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ _SCRIPT = textwrap.dedent("""
         D = 128 if i != 1 else 64
         out[name] = save(compile_prefill(dt, D, i != 2, sch, arch), name)
     out["quant"] = save(compile_quant(cutlass.BFloat16, 128, True), "quant")  # with the dq(K)/dq(V) outputs
+    # Hadamard rotation of Q/K (qk_rotation="hadamard", the default): D=128 with dq (3 shuffle stages), D=64 without
+    out["quant_rot"] = save(compile_quant(cutlass.BFloat16, 128, True, True), "quant_rot")
+    out["quant_rot64"] = save(compile_quant(cutlass.Float16, 64, False, True), "quant_rot64")
     print("RESULT" + json.dumps(out))
 """)
 
@@ -82,7 +85,13 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
         spills, regs = _ptxas(arch, path)
         print(arch, name, "registers", regs, "spill bytes", spills)
         assert spills and all(s == 0 for s in spills), f"{arch} {name}: spills {spills}"
-        if name == "quant":
+        if name.startswith("quant"):
+            # rotation: strides 16, 32 (, 64) by full-mask butterfly shuffles, 16 values each; none without it
+            n_shfl = len(re.findall(r"shfl\.sync\.bfly\.b32\s+%r\d+, %r\d+, \d+, 31, -1;", text))
+            want = {"quant": 0, "quant_rot": 16 * 3, "quant_rot64": 16 * 2}[name]
+            assert n_shfl == want, f"{name}: {n_shfl} shuffles, expected {want}"
+            # IEEE fp32 butterflies (no flush to zero), as torch computes them
+            assert not re.search(r"(add|sub|mul)(\.rn)?\.ftz\.f32", text), name
             continue
         assert re.search(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(f16|bf16)\.(f16|bf16)\.f32", text), name
         if arch == "sm_120a":
