@@ -176,7 +176,13 @@ def _check_gs_value(fn: str, global_scale, device) -> torch.Tensor:
 ScaleRule = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
-def quantize_grouped(fn: str, x, dim, global_scale, *, group: int, scale_dtype, scale_rule: ScaleRule):
+# A scale refiner (optional) revisits the rule's scales with the group values: (groups fp32 [r, ng, group],
+# stored scales, fp32 scales, usable mask [r, ng]) -> (stored scales, fp32 scales). Used by NVFP4's "mse" rule.
+ScaleRefiner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def quantize_grouped(fn: str, x, dim, global_scale, *, group: int, scale_dtype, scale_rule: ScaleRule,
+                     refine: ScaleRefiner | None = None):
     check_float_input(fn, "x", x)
     d = norm_dim(fn, dim, x.dim())
     gs = _resolve_global_scale(fn, x, global_scale)
@@ -201,6 +207,8 @@ def quantize_grouped(fn: str, x, dim, global_scale, *, group: int, scale_dtype, 
         amax = xg.abs().amax(dim=-1)  # NaN if the group has a NaN, Inf if it has an Inf
         s_store, s_f32 = scale_rule(amax)
         ok = torch.isfinite(amax) & (s_f32 > 0)
+        if refine is not None:
+            s_store, s_f32 = refine(xg, s_store, s_f32, ok)
         div = torch.where(ok, s_f32, torch.ones((), device=x.device))
         codes = e2m1_encode(xg / div.unsqueeze(-1))  # fp32 true division
         codes = torch.where(ok.unsqueeze(-1), codes, torch.zeros((), dtype=torch.uint8, device=x.device))
@@ -251,8 +259,8 @@ def dequantize_grouped(fn: str, packed, scales, dim, dtype, global_scale, *, gro
     return out.reshape(*lead, npk * 2).movedim(-1, d).contiguous()
 
 
-def fake_quantize_grouped(x, dim, global_scale, quantize, dequantize) -> torch.Tensor:
-    res = quantize(x, dim, global_scale=global_scale)
+def fake_quantize_grouped(x, dim, global_scale, quantize, dequantize, **qkw) -> torch.Tensor:
+    res = quantize(x, dim, global_scale=global_scale, **qkw)
     d = dim % x.dim()
     y = dequantize(res.packed, res.scales, d, torch.float32, global_scale=res[2] if len(res) == 3 else None)
     return y.narrow(d, 0, x.shape[d]).contiguous()

@@ -23,6 +23,18 @@ E2M1 values packed two per uint8 (element 2i in the low nibble, 2i+1 in the high
   and the group flushes (tests/test_codecs.py pins both behaviours).
 * Relative L2 of fake_quantize on Gaussian data: ~0.095.
 
+Scale rule "mse" (`scale_rule="mse"`, an encoder choice: the format and the decoder are unchanged):
+  the "amax" scale above is only the first candidate. Candidates, in this order: the amax scale's E4M3 code
+  c, then c+1, c+2, c+3, c+4, c-1 (E4M3 codes step by one mantissa ulp; codes outside [1, 126] are skipped).
+  For each, the group is encoded as above and its squared error err = sum_i (e2m1(code_i)*scale - x_i)^2
+  is accumulated in fp32 in element order, one multiply then one add per element (no FMA), so every
+  implementation (CPU, CUDA, the CuTe quant kernel) picks the same candidate; the smallest err wins, the
+  earlier candidate on ties. Groups whose amax scale is 0 (flushed) or NaN are
+  left as they are. Why: RNE(amax/6) puts the group max on the grid's top point but can leave
+  the bulk of the group between coarse grid points; a slightly larger scale often fits the bulk better
+  (and 1 ulp smaller trades a clipped max for finer steps). Measured on SmolLM2 attention (profiling/
+  RESULTS.md, levers): Q/K/V with "mse" cut the FP4 attention error of thrift 5% + Hadamard by ~12%.
+
 NaN/Inf policy: a group containing a NaN or +-Inf gets the E4M3 NaN scale (0x7F) and codes 0, so the
 whole group dequantizes to NaN -- never silently finite, and never polluting other groups.
 (Note: torch 2.13's float->float8_e4m3fn conversion itself maps Inf and anything above 448 to 448 and
@@ -85,13 +97,57 @@ def e4m3_scale(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s8, s8.float()
 
 
-def quantize(x: torch.Tensor, dim: int = -1, *, global_scale=None):
+# Candidate E4M3 code offsets of the "mse" scale rule after the amax scale itself, in tie-break order.
+MSE_SCALE_STEPS = (1, 2, 3, 4, -1)
+SCALE_RULES = ("amax", "mse")
+
+
+def group_sse(xg: torch.Tensor, s_f32: torch.Tensor) -> torch.Tensor:
+    """Squared NVFP4 encoding error of each group [..., 16] at scale s_f32 [...] (> 0): sum over the group, in
+    element order, of (e2m1(RNE(x/s)) * s - x)^2 with one fp32 multiply and one add per element (the order the
+    kernels use, so all implementations agree bit for bit)."""
+    q = e2m1_decode(e2m1_encode(xg / s_f32.unsqueeze(-1))) * s_f32.unsqueeze(-1)  # exact products
+    e = q - xg
+    err = torch.zeros_like(s_f32)
+    for i in range(xg.shape[-1]):
+        ei = e[..., i]
+        err = err + ei * ei
+    return err
+
+
+def mse_refine(xg, s8, sf, ok):
+    """The "mse" scale rule (module docstring): best of the amax scale and its E4M3 neighbours per group."""
+    base = s8.view(torch.uint8).to(torch.int32)
+    one = torch.ones((), device=xg.device)
+    best_err = group_sse(xg, torch.where(ok, sf, one))
+    best8, bestf = s8, sf
+    for d in MSE_SCALE_STEPS:
+        c = base + d
+        valid = ok & (c >= 1) & (c <= 126)
+        c8 = c.clamp(1, 126).to(torch.uint8).view(SCALE_DTYPE)
+        cf = c8.float()
+        err = group_sse(xg, torch.where(valid, cf, one))
+        take = valid & (err < best_err)
+        best_err = torch.where(take, err, best_err)
+        best8 = torch.where(take, c8.view(torch.uint8), best8.view(torch.uint8)).view(SCALE_DTYPE)
+        bestf = torch.where(take, cf, bestf)
+    return best8, bestf
+
+
+def _check_rule(fn: str, scale_rule) -> None:
+    if scale_rule not in SCALE_RULES:
+        raise ValueError(f"{fn}: scale_rule must be one of {SCALE_RULES}, got {scale_rule!r}")
+
+
+def quantize(x: torch.Tensor, dim: int = -1, *, global_scale=None, scale_rule: str = "amax"):
     """NVFP4-quantize `x` in groups of 16 along `dim` (tail zero-padded).
 
-    Returns QuantResult(packed uint8, scales float8_e4m3fn) -- or QuantResultGS(packed, scales,
-    global_scale) when `global_scale` is given ("auto" or a positive float). See the module docstring."""
+    scale_rule: "amax" (E4M3_RNE(amax/6), the standard encoder) or "mse" (the best of that scale and five E4M3
+    neighbours per group; module docstring). Returns QuantResult(packed uint8, scales float8_e4m3fn) -- or
+    QuantResultGS(packed, scales, global_scale) when `global_scale` is given ("auto" or a positive float)."""
+    _check_rule("nvfp4.quantize", scale_rule)
     return quantize_grouped("nvfp4.quantize", x, dim, global_scale, group=GROUP, scale_dtype=SCALE_DTYPE,
-                            scale_rule=e4m3_scale)
+                            scale_rule=e4m3_scale, refine=mse_refine if scale_rule == "mse" else None)
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, dim: int = -1, dtype: torch.dtype = torch.float32, *,
@@ -101,6 +157,6 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, dim: int = -1, dtype:
                               scale_dtype=SCALE_DTYPE)
 
 
-def fake_quantize(x: torch.Tensor, dim: int = -1, *, global_scale=None) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, dim: int = -1, *, global_scale=None, scale_rule: str = "amax") -> torch.Tensor:
     """dequantize(quantize(x)) in fp32, cut back to x's shape."""
-    return fake_quantize_grouped(x, dim, global_scale, quantize, dequantize)
+    return fake_quantize_grouped(x, dim, global_scale, quantize, dequantize, scale_rule=scale_rule)
