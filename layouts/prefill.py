@@ -7,6 +7,9 @@ aliased region on a 1024 B boundary):
     [0, q16)                sQ: 16-bit Q tile (Tm x D, 128 B-swizzled rows).  Phase 1 holds the
                             decoded FP4 Q (exact fp16/bf16 values of dq(Q)); phase 2 overwrites it with
                             the real fp16/bf16 Q (loaded only if the CTA has a selected tile).
+                            (qk_rotation="hadamard", the default: the FP4 Q/K -- Qp/Qs, Kp/Ks, dq(K) -- are
+                            of the Hadamard-rotated Q/K, quant/rotation.py; the 16-bit Q and K are unrotated.
+                            Q.K^T is the same either way, so the kernel does not know.)
     [R, R + region)         the aliased region, R = round_up(q16, 1024):
       phase 1 (FP4)   R + 0             kdec: decoded K tile, 16-bit, same layout as a phase-2 K tile
                       R + kv16          vdec: decoded V^T tile (D x Tn, keys contiguous), 16-bit
