@@ -34,8 +34,11 @@ Levers (issue 7), options of the emulation, all exact at budget 1.0 (the FP16 pa
   v_smooth  "block"/"global": FP4 V = dq(v - mu); the FP4 part adds back sum_b rowsum_b(P~) mu_b in fp32
             (P~ unquantized), so O is unchanged without quantization and the P-quantization row-sum bias no
             longer scales the mean component of V.
-  hadamard  rotate Q and K by the normalized Hadamard matrix along D before FP4 quantization (Q.K^T unchanged).
+  hadamard  rotate Q and K by the normalized Hadamard matrix along D before FP4 quantization (Q.K^T unchanged;
+            quant.rotation.hadamard_rotate, the kernels' qk_rotation="hadamard", bit for bit).
   global_scale  NVFP4 second-level per-(head) fp32 scale for Q/K/V ("auto" amax/(448*6)).
+  scale_rule  "mse": NVFP4 group scales of Q, K and V chosen by quant.nvfp4's "mse" encoder (the best of the
+            amax scale and 5 E4M3 neighbours per 16-group); P keeps the standard two-level encoder.
   selection "submax": max over the 4 16-row sub-blocks' mean q of q_sub.mean(K block) (sharper than block_mean);
             force_sink_diag: key block 0 and the diagonal block always FP16 (they count against k; with k = 1 only
             the sink); force_diag_first: the same with the diagonal block first (k = 1: only the diagonal).
@@ -54,6 +57,7 @@ from typing import Any
 import torch
 
 from kernels.selection import block_means, block_visibility, select_blocks, selection_mask, topk_for_budget
+from quant.rotation import hadamard_rotate
 
 SELECTIONS = ("block_mean", "quest", "local", "random", "submax")
 MODES = ("thrift", "exact", "sparse")
@@ -79,6 +83,7 @@ class ThriftConfig:
     v_smooth: str | None = None
     hadamard: bool = False
     global_scale: bool = False
+    scale_rule: str = "amax"
     force_sink_diag: bool = False
     force_diag_first: bool = False
     device_policy: str = "auto"
@@ -90,7 +95,7 @@ class ThriftConfig:
             raise ValueError(f"{w}: budget must be a number in [0, 1], got {self.budget!r}")
         for name, val, allowed in (("selection", self.selection, SELECTIONS), ("mode", self.mode, MODES),
                                    ("fmt", self.fmt, ("nvfp4", "mxfp4")), ("k_smooth", self.k_smooth, SMOOTH),
-                                   ("v_smooth", self.v_smooth, SMOOTH),
+                                   ("v_smooth", self.v_smooth, SMOOTH), ("scale_rule", self.scale_rule, ("amax", "mse")),
                                    ("device_policy", self.device_policy, ("auto", "reference", "kernel"))):
             if val not in allowed:
                 raise ValueError(f"{w}: {name} must be one of {allowed}, got {val!r}")
@@ -103,7 +108,8 @@ class ThriftConfig:
 
     @property
     def has_levers(self) -> bool:
-        return bool(self.k_smooth or self.v_smooth or self.hadamard or self.global_scale or self.force_sink_diag
+        return bool(self.k_smooth or self.v_smooth or self.hadamard or self.global_scale or self.scale_rule != "amax"
+                    or self.force_sink_diag
                     or self.force_diag_first or self.selection == "submax" or self.mode == "sparse")
 
     def replace(self, **kw) -> "ThriftConfig":
@@ -157,7 +163,7 @@ def get_variant(name: str) -> ThriftConfig:
         base, *levers = name.split("+")
         cfg = get_variant(base)
         opts = {"ksmooth": dict(k_smooth="block"), "vsmooth": dict(v_smooth="block"), "hadamard": dict(hadamard=True),
-                "gscale": dict(global_scale=True), "submax": dict(selection="submax"),
+                "gscale": dict(global_scale=True), "submax": dict(selection="submax"), "mse": dict(scale_rule="mse"),
                 "sinkdiag": dict(force_sink_diag=True), "diagsink": dict(force_diag_first=True), "kglobal": dict(k_smooth="global"),
                 "vglobal": dict(v_smooth="global")}
         for lv in levers:
@@ -305,7 +311,11 @@ def _block_mean_rows(x: torch.Tensor, bs: int) -> torch.Tensor:
     return block_means(x[None, :, None, :], bs)[0, :, 0, :]
 
 
-def _fq(fmt_obj, x: torch.Tensor, dim: int, gs: bool) -> torch.Tensor:
+def _fq(fmt_obj, x: torch.Tensor, dim: int, gs: bool, rule: str = "amax") -> torch.Tensor:
+    if rule != "amax":
+        if fmt_obj.name != "nvfp4":
+            raise ValueError(f"scale_rule={rule!r} exists for nvfp4 only, got fmt={fmt_obj.name!r}")
+        return fmt_obj.fake_quantize(x, dim, global_scale="auto" if gs else None, scale_rule=rule)
     return fmt_obj.fake_quantize(x, dim, global_scale="auto" if gs else None)
 
 
@@ -332,7 +342,7 @@ def emulated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: T
     any_sel = selected.shape[-1] > 0 and bool((selected >= 0).any())
     group = Hq // Hkv
     key_blk = torch.arange(Skv, device=dev) // bs
-    H = hadamard_matrix(D, dev) if cfg.hadamard else None
+    rotate = cfg.hadamard  # quant.rotation.hadamard_rotate: the reference's and the kernels' exact definition
     row_chunk = max(bs, row_chunk // bs * bs)
     out = torch.empty((B, Sq, Hq, D), dtype=dt, device=dev)
     sparse = cfg.mode == "sparse"
@@ -354,20 +364,20 @@ def emulated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: T
             elif cfg.v_smooth == "global":
                 mv = vf.mean(0, keepdim=True).expand(nkb, D)
                 vx = vf - mv[key_blk]
-            if H is not None:
-                kx = kx @ H
-            kq = _fq(fq, kx, -1, cfg.global_scale) if not sparse else None
+            if rotate:  # unsmoothed: rotate the input-dtype K exactly as the reference / quantizer kernel do
+                kx = hadamard_rotate(kx if mk is not None else k[b, :, hk])
+            kq = _fq(fq, kx, -1, cfg.global_scale, cfg.scale_rule) if not sparse else None
             # FP16-path K/V as 64-token blocks plus one zero block (the target of -1 selection padding).
             kb_pad = torch.nn.functional.pad(kf, (0, 0, 0, (nkb + 1) * bs - Skv)).view(nkb + 1, bs, D)
             vb_pad = torch.nn.functional.pad(vf, (0, 0, 0, (nkb + 1) * bs - Skv)).view(nkb + 1, bs, D)
-            vq = _fq(fq, vx, 0, cfg.global_scale) if not sparse else None
+            vq = _fq(fq, vx, 0, cfg.global_scale, cfg.scale_rule) if not sparse else None
             # All query heads of this KV head at once: rows are (head, query) pairs.
             h0, h1 = hk * group, (hk + 1) * group
             qf = q[b, :, h0:h1].float().transpose(0, 1)  # [G, Sq, D]
             qq = None
             if not sparse:
-                qx = qf @ H if H is not None else qf
-                qq = _fq(fq, qx.reshape(group * Sq, D), -1, cfg.global_scale).view(group, Sq, D)
+                qx = hadamard_rotate(q[b, :, h0:h1].transpose(0, 1)) if rotate else qf
+                qq = _fq(fq, qx.reshape(group * Sq, D), -1, cfg.global_scale, cfg.scale_rule).view(group, Sq, D)
             for r0 in range(0, Sq, row_chunk):
                 r1 = min(Sq, r0 + row_chunk)
                 R = r1 - r0
@@ -535,7 +545,7 @@ def _kernels_usable(q: torch.Tensor, cfg: ThriftConfig) -> bool:
             raise ThriftUnsupported(f"thrift attention: device_policy='kernel' needs CUDA tensors, got {q.device}")
         return False
     why = None
-    if cfg.has_levers or cfg.mode != "thrift" or cfg.fmt != "nvfp4" or cfg.p_tile != 64:
+    if cfg.replace(hadamard=False).has_levers or cfg.mode != "thrift" or cfg.fmt != "nvfp4" or cfg.p_tile != 64:
         why = "levers / non-default options are implemented in the reference only"
     elif q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
         why = f"the kernels take fp16/bf16 and head_dim 64/128 (got {q.dtype}, D={q.shape[-1]})"
@@ -557,14 +567,16 @@ def _dispatch(q, k, v, cfg: ThriftConfig, *, causal: bool, scale, layer_idx=None
         Sq = q.shape[1]
         cache = getattr(_STATE, "cache", None)
         fp4 = cache.fp4_layer(layer_idx) if (cache is not None and layer_idx is not None) else None
-        if Sq == 1 and causal and fp4 is not None and fp4.batch == q.shape[0] and fp4.lengths == [k.shape[1]] * fp4.batch:
+        rot = "hadamard" if cfg.hadamard else "none"
+        if Sq == 1 and causal and fp4 is not None and fp4.batch == q.shape[0] and fp4.lengths == [k.shape[1]] * fp4.batch \
+                and fp4.qk_rotation == rot:
             # Decode over the FP16 + FP4 mirror (kernel selection rule: per KV head, complete blocks, the partial
             # last block in FP16 -- see kernels/decode_interface.py).
             from kernels.decode_interface import thrift_decode
             return thrift_decode(q.contiguous(), fp4, budget=cfg.budget, selection=cfg.selection, softmax_scale=scale)
         from kernels.interface import thrift_attention
         return thrift_attention(q.contiguous(), k.contiguous(), v.contiguous(), budget=cfg.budget, causal=causal,
-                                selection=cfg.selection, fmt=cfg.fmt, softmax_scale=scale)
+                                selection=cfg.selection, fmt=cfg.fmt, softmax_scale=scale, qk_rotation=rot)
     return emulated_attention(q, k, v, cfg, causal=causal, softmax_scale=scale)
 
 
@@ -596,10 +608,12 @@ def make_thrift_cache(config=None, *, keep_fp4: bool = True):
                 from kernels.kv_cache import ThriftKVCache
                 c = self._fp4.get(layer_idx)
                 B, Hkv, T, D = key_states.shape
-                if c is None:
+                if c is None:  # FP4 K stored rotated iff the active config rotates (else decode falls back)
+                    cfg = active_config()
+                    rot = "hadamard" if (cfg is not None and cfg.hadamard) else "none"
                     c = self._fp4[layer_idx] = ThriftKVCache(B, Hkv, D, dtype=key_states.dtype,
                                                              device=key_states.device,
-                                                             capacity=max(1024, T))
+                                                             capacity=max(1024, T), qk_rotation=rot)
                 c.append(key_states.transpose(1, 2).contiguous(), value_states.transpose(1, 2).contiguous())
             _STATE.cache = self
             return out

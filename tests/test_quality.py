@@ -48,11 +48,13 @@ def test_emulation_matches_reference(Sq, Skv, dtype, budget, sel, rng_seed):
     q = torch.randn(1, Sq, 6, 64, generator=g).to(dtype)
     k = (torch.randn(1, Skv, 2, 64, generator=g) + 2 * torch.randn(64, generator=g)).to(dtype)
     v = torch.randn(1, Skv, 2, 64, generator=g).to(dtype)
-    ref = thrift_attention_ref(q, k, v, budget=budget, selection=sel)
-    out = hb.emulated_attention(q, k, v, hb.ThriftConfig(budget=budget, selection=sel), row_chunk=128)
-    assert out.dtype == dtype and not torch.isnan(out).any()
     tol = 1e-5 if dtype == torch.float32 else 4e-3  # 16-bit outputs: an ulp flip of one element
-    assert rel_l2(out, ref) <= tol
+    for rot in ("none", "hadamard"):  # ThriftConfig(hadamard=) <-> the reference's qk_rotation
+        ref = thrift_attention_ref(q, k, v, budget=budget, selection=sel, qk_rotation=rot)
+        out = hb.emulated_attention(q, k, v, hb.ThriftConfig(budget=budget, selection=sel, hadamard=rot == "hadamard"),
+                                    row_chunk=128)
+        assert out.dtype == dtype and not torch.isnan(out).any()
+        assert rel_l2(out, ref) <= tol, rot
 
 
 def test_quantize_p_fused_bit_identical(rng_seed):
@@ -88,7 +90,7 @@ def test_levers_exact_without_quantization(monkeypatch, rng_seed):
     k = torch.randn(1, 200, 2, 64, generator=g) + 3 * torch.randn(64, generator=g)
     v = torch.randn(1, 200, 2, 64, generator=g) + 2 * torch.randn(64, generator=g)
     ref = attention_exact(q, k, v)
-    monkeypatch.setattr(hb, "_fq", lambda f, x, d, gs: x.float())
+    monkeypatch.setattr(hb, "_fq", lambda f, x, d, gs, rule="amax": x.float())
     monkeypatch.setattr(hb, "quantize_p_fast", lambda p, fmt, p_tile: p)
     for cfg in (hb.ThriftConfig(budget=0.0, k_smooth="block", v_smooth="block", hadamard=True),
                 hb.ThriftConfig(budget=0.0, k_smooth="global", v_smooth="global"),
