@@ -38,7 +38,7 @@ Levers (issue 7), options of the emulation, all exact at budget 1.0 (the FP16 pa
             quant.rotation.hadamard_rotate, the kernels' qk_rotation="hadamard", bit for bit).
   global_scale  NVFP4 second-level per-(head) fp32 scale for Q/K/V ("auto" amax/(448*6)).
   scale_rule  "mse": NVFP4 group scales of Q, K and V chosen by quant.nvfp4's "mse" encoder (the best of the
-            amax scale and 5 E4M3 neighbours per 16-group); P keeps the standard two-level encoder.
+            amax scale and its E4M3 neighbours -1, +1, +2 per 16-group); P keeps the standard two-level encoder.
   selection "submax": max over the 4 16-row sub-blocks' mean q of q_sub.mean(K block) (sharper than block_mean);
             force_sink_diag: key block 0 and the diagonal block always FP16 (they count against k; with k = 1 only
             the sink); force_diag_first: the same with the diagonal block first (k = 1: only the diagonal).

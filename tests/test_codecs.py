@@ -635,7 +635,7 @@ def test_mse_rule_never_worse_per_group_and_better_on_average(gen):
     e_mse = ((y_mse - x) ** 2).view(2048, 8, 16).sum(-1)
     assert bool((e_mse <= e_amax * (1 + 1e-6) + 1e-30).all())
     r_amax, r_mse = rel_l2(y_amax, x), rel_l2(y_mse, x)
-    assert 0.090 < r_amax < 0.100 and r_mse < 0.088, (r_amax, r_mse)  # measured 0.0954 -> 0.0838 on N(0, 1)
+    assert 0.090 < r_amax < 0.100 and r_mse < 0.95 * r_amax, (r_amax, r_mse)  # measured 0.0954 -> 0.0863 on N(0, 1)
     # the chosen scale is one of the candidates
     d = nvfp4.quantize(x, scale_rule="mse")[1].view(torch.uint8).int() - nvfp4.quantize(x)[1].view(torch.uint8).int()
     assert set(d.unique().tolist()) <= {0, *nvfp4.MSE_SCALE_STEPS}
