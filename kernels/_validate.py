@@ -126,3 +126,15 @@ def softmax_scale_or_default(softmax_scale, head_dim: int, *, where: str = "") -
     if not (math.isfinite(s) and s > 0):
         raise ValueError(f"{_fn(where)}softmax_scale must be positive and finite, got {softmax_scale}")
     return s
+
+
+#: NVFP4 encoder scale rules of Q, K and V (quant.nvfp4 module docstring); "mse" is the default everywhere.
+SCALE_RULES = ("mse", "amax")
+DEFAULT_SCALE_RULE = "mse"
+
+
+def check_scale_rule(scale_rule, where: str = "") -> str:
+    """Validate the scale_rule option ("mse" | "amax"); ValueError naming it otherwise."""
+    if not isinstance(scale_rule, str) or scale_rule not in SCALE_RULES:
+        raise ValueError(f"{_fn(where)}scale_rule must be one of {SCALE_RULES}, got {scale_rule!r}")
+    return scale_rule

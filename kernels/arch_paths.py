@@ -15,7 +15,9 @@ Paths:
     stages (helper module kernels/fp4_mma_sm120.py).  See its docstring for status.
 
 Also here: the small PTX helpers (ex2, E4M3/E2M1 round-to-nearest-even, FP4x8 -> half2x4 decode)
-that both paths share.
+that both paths share, and ``nvfp4_mse_scale``: the one device implementation of quant.nvfp4's "mse" scale rule
+(used by the prefill quantizer, quant/quant_kernel.py, and the decode kernel's query quantization; P keeps the
+amax rule everywhere).
 """
 from __future__ import annotations
 
@@ -55,6 +57,13 @@ def e4m3_rne(x, *, loc=None, ip=None) -> Float32:
         "=f,f"))
 
 
+def _e2m1_rne_ptx(dst: str, src: str) -> str:
+    """PTX of e2m1_rne (a scoped block): dst <- E2M1 RNE of src >= 0 (fp32 registers or $n operands)."""
+    return ("{\n\t.reg .b32 c;\n\t.reg .f32 r;\n\t"
+            f"max.f32 r, {src}, 0f3F800000;\n\tmov.b32 c, r;\n\tand.b32 c, c, 0x7F800000;\n\tadd.s32 c, c, 0x0B000000;\n\t"
+            f"mov.b32 r, c;\n\tadd.rn.f32 r, {src}, r;\n\tsub.rn.f32 r, r, c;\n\tmin.f32 {dst}, r, 0f40C00000;\n\t}}")
+
+
 @dsl_user_op
 def e2m1_rne(y, *, loc=None, ip=None) -> Float32:
     """Round y >= 0 to the nearest E2M1 value {0,.5,1,1.5,2,3,4,6} (ties to even code, saturate at 6), 6 instr.
@@ -64,12 +73,112 @@ def e2m1_rne(y, *, loc=None, ip=None) -> Float32:
     the E2M1 spacing (0.5 below 2, 1 in [2, 4), 2 in [4, 8)) -- with RNE, whose tie rule (even multiple) is the
     E2M1 one (even code); sub.rn(., c) is exact; min(., 6) saturates (7 -> 8 -> 6).  Checked on the CPU
     against quant's E2M1 encoder at every decision point and its fp32 neighbours (tests/test_prefill_compile.py)."""
-    return Float32(_asm(
-        T.f32(), [Float32(y).ir_value(loc=loc, ip=ip)],
-        "{\n\t.reg .b32 c;\n\t.reg .f32 r;\n\t"
-        "max.f32 r, $1, 0f3F800000;\n\tmov.b32 c, r;\n\tand.b32 c, c, 0x7F800000;\n\tadd.s32 c, c, 0x0B000000;\n\t"
-        "mov.b32 r, c;\n\tadd.rn.f32 r, $1, r;\n\tsub.rn.f32 r, r, c;\n\tmin.f32 $0, r, 0f40C00000;\n\t}",
-        "=f,f"))
+    return Float32(_asm(T.f32(), [Float32(y).ir_value(loc=loc, ip=ip)], _e2m1_rne_ptx("$0", "$1"), "=f,f"))
+
+
+# ------------------------------------------------------------------------------- NVFP4 "mse" scale rule
+# The one device implementation of quant.nvfp4's "mse" encoder rule (module docstring there), shared by the prefill
+# quantizer (quant/quant_kernel.py: Q, K, V groups) and the decode kernel's in-register query quantization
+# (kernels/decode.py). P (softmax probabilities) is never quantized with it: the kernels keep the amax rule for P.
+
+def mse_scale_steps():
+    """The candidate E4M3 code offsets after the amax code, read from quant.nvfp4.MSE_SCALE_STEPS (the kernels take
+    them at construction, so a compiled kernel and its cache key follow the codec's tuple)."""
+    from quant.nvfp4 import MSE_SCALE_STEPS
+
+    steps = tuple(int(d) for d in MSE_SCALE_STEPS)
+    if any(d == 0 or abs(d) > 125 for d in steps):
+        raise ValueError(f"quant.nvfp4.MSE_SCALE_STEPS must hold non-zero code offsets, got {MSE_SCALE_STEPS!r}")
+    return steps
+
+
+@dsl_user_op
+def _fabs(x, *, loc=None, ip=None) -> Float32:
+    """|x| (IEEE abs.f32: subnormals kept)."""
+    return Float32(_asm(T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "abs.f32 $0, $1;", "=f,f"))
+
+
+@dsl_user_op
+def _e4m3_code_of(s, *, loc=None, ip=None) -> Uint32:
+    """E4M3 code (0..126) of an fp32 that is an E4M3 value (exact conversion)."""
+    return Uint32(_asm(T.i32(), [Float32(s).ir_value(loc=loc, ip=ip)],
+                       "{\n\t.reg .b16 e;\n\tcvt.rn.satfinite.e4m3x2.f32 e, $1, $1;\n\tcvt.u32.u16 $0, e;\n\t"
+                       "and.b32 $0, $0, 255;\n\t}", "=r,f"))
+
+
+@dsl_user_op
+def _e4m3_candidate(code, step: int, *, loc=None, ip=None):
+    """(code + step as u32, the fp32 value of its low byte as E4M3). Out-of-range codes give garbage values that
+    _mse_pick never takes."""
+    res = _asm(llvm.StructType.get_literal([T.i32(), T.f32()]), [Uint32(code).ir_value(loc=loc, ip=ip)],
+               "{\n\t.reg .b16 e;\n\t.reg .b32 h2, w;\n\t.reg .f16 h;\n\t"
+               f"add.s32 $0, $2, {int(step)};\n\tand.b32 w, $0, 255;\n\tcvt.u16.u32 e, w;\n\t"
+               "cvt.rn.f16x2.e4m3x2 h2, e;\n\tmov.b32 {h, _}, h2;\n\tcvt.f32.f16 $1, h;\n\t}",
+               "=r,=f,r")
+    return (Uint32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip)),
+            Float32(llvm.extractvalue(T.f32(), res, [1], loc=loc, ip=ip)))
+
+
+def _sse16_ptx() -> str:
+    """PTX of the squared error of one 16-element group at scale $17 (inputs $1..$16 = |x|): per element in order
+    y = |x| / s (div.rn: IEEE true division), m = E2M1_RNE(y), e = m*s - |x|, acc = acc + e*e -- every step an
+    explicit .rn instruction, which ptxas never contracts into an FMA (the codec's one-multiply-then-one-add order;
+    |e| equals |q - x| of the codec since the code's sign is x's). The mse_e / mse_acc names make it countable in
+    the PTX (tests/test_prefill_compile.py, tests/test_decode_compile.py)."""
+    body = "{\n\t.reg .f32 mse_y, mse_m, mse_e, mse_acc;\n\tmov.b32 mse_acc, 0f00000000;\n\t"
+    for i in range(1, 17):
+        body += (f"div.rn.f32 mse_y, ${i}, $17;\n\t" + _e2m1_rne_ptx("mse_m", "mse_y") + "\n\t"
+                 f"mul.rn.f32 mse_m, mse_m, $17;\n\tsub.rn.f32 mse_e, mse_m, ${i};\n\t"
+                 "mul.rn.f32 mse_e, mse_e, mse_e;\n\tadd.rn.f32 mse_acc, mse_acc, mse_e;\n\t")
+    return body + "mov.b32 $0, mse_acc;\n\t}"
+
+
+_SSE16 = _sse16_ptx()
+
+
+@dsl_user_op
+def _sse16(ax, s, *, loc=None, ip=None) -> Float32:
+    """Squared NVFP4 error of a group (ax: 16 fp32 |x|) at the fp32 scale s > 0 (see _sse16_ptx)."""
+    args = [Float32(a).ir_value(loc=loc, ip=ip) for a in ax] + [Float32(s).ir_value(loc=loc, ip=ip)]
+    return Float32(_asm(T.f32(), args, _SSE16, "=f," + ",".join(["f"] * 17)))
+
+
+@dsl_user_op
+def _mse_pick(err, best_err, ok, code, best_code, s, best_s, *, loc=None, ip=None):
+    """Take the candidate iff ok != 0, 1 <= code <= 126 and err < best_err (strictly: earlier candidates win ties;
+    a NaN err never wins). Returns (best_err, best_code, best_s)."""
+    args = [Float32(err).ir_value(loc=loc, ip=ip), Float32(best_err).ir_value(loc=loc, ip=ip),
+            Int32(ok).ir_value(loc=loc, ip=ip), Uint32(code).ir_value(loc=loc, ip=ip),
+            Uint32(best_code).ir_value(loc=loc, ip=ip), Float32(s).ir_value(loc=loc, ip=ip),
+            Float32(best_s).ir_value(loc=loc, ip=ip)]
+    res = _asm(llvm.StructType.get_literal([T.f32(), T.i32(), T.f32()]), args,
+               "{\n\t.reg .pred p, q;\n\tsetp.lt.f32 p, $3, $4;\n\tsetp.ne.s32 q, $5, 0;\n\tand.pred p, p, q;\n\t"
+               "setp.ge.s32 q, $6, 1;\n\tand.pred p, p, q;\n\tsetp.le.s32 q, $6, 126;\n\tand.pred p, p, q;\n\t"
+               "selp.f32 $0, $3, $4, p;\n\tselp.b32 $1, $6, $7, p;\n\tselp.f32 $2, $8, $9, p;\n\t}",
+               "=f,=r,=f,f,f,r,r,r,f,f")
+    return (Float32(llvm.extractvalue(T.f32(), res, [0], loc=loc, ip=ip)),
+            Uint32(llvm.extractvalue(T.i32(), res, [1], loc=loc, ip=ip)),
+            Float32(llvm.extractvalue(T.f32(), res, [2], loc=loc, ip=ip)))
+
+
+def nvfp4_mse_scale(xs, s, ok, steps=None):
+    """The NVFP4 "mse" scale rule on one group, in registers: xs = the group's 16 fp32 values, s = its amax scale
+    (E4M3_RNE(min(amax/6, 448)) as fp32), ok = the group is finite and s > 0 (Int32/Boolean; else s is kept).
+    Candidates: the amax code c, then c + d for d in `steps` (default quant.nvfp4.MSE_SCALE_STEPS), codes outside
+    [1, 126] skipped; the strictly smallest fixed-order fp32 squared error wins, the earlier on ties -- exactly
+    quant.nvfp4.mse_refine. Returns (E4M3 code as Uint32, scale as Float32). Straight-line (no branches), so every
+    lane of a warp may call it; cost ~(1 + len(steps)) * 16 IEEE divisions."""
+    steps = mse_scale_steps() if steps is None else tuple(steps)
+    ax = [_fabs(x) for x in xs]
+    if len(ax) != 16:
+        raise ValueError(f"nvfp4_mse_scale: a group has 16 values, got {len(ax)}")
+    okw = Int32(ok)
+    code = _e4m3_code_of(s)
+    best_err, best_code, best_s = _sse16(ax, s), code, Float32(s)
+    for d in steps:
+        cd, sd = _e4m3_candidate(code, d)
+        best_err, best_code, best_s = _mse_pick(_sse16(ax, sd), best_err, okw, cd, best_code, sd, best_s)
+    return best_code, best_s
 
 
 # E2M1 magnitude code (0..7) -> the two bytes of its fp16 / bf16 value, as prmt lookup tables

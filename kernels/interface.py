@@ -3,19 +3,22 @@
 Pipeline per call (all on torch.cuda.current_stream()):
   1. selection  = kernels.selection.select_blocks(q, k, ...)          (torch; shared with the reference)
   2. one CuTe launch: Qp/Qs, Kp/Ks, Vp/Vs (+ K block means)           (quant/quant_kernel.py; with qk_rotation=
-     "hadamard", the default, Q and K are Hadamard-rotated in registers first: quant/rotation.py)
+     "hadamard", the default, Q and K are Hadamard-rotated in registers first: quant/rotation.py; with
+     scale_rule="mse", the default, the NVFP4 group scales of Q, K and V follow quant.nvfp4's "mse" encoder rule.
+     P, quantized inside the prefill kernel per tile, always keeps the amax rule)
   3. the selection as a bitmask [B, Hq, nqb, ceil(nkb/32)] int32 (torch scatter)
   4. one CuTe launch: ThriftPrefillKernel                               (kernels/prefill.py)
 
 Compile cache: one entry per (arch, dtype, head_dim, causal, fmt, schedule, lse) for the prefill and per
-(arch, dtype, head_dim, with_dq, rotate) for the quantizer; batch, lengths, head counts and the GQA ratio are runtime values.
+(arch, dtype, head_dim, with_dq, rotate, scale_rule, quant.nvfp4.MSE_SCALE_STEPS) for the quantizer; batch, lengths,
+head counts and the GQA ratio are runtime values.
 """
 from __future__ import annotations
 
 import torch
 
 from kernels._validate import KERNEL_DTYPES, KERNEL_HEAD_DIMS, SELECTION_METHODS, check_bool, check_budget, \
-    check_choice, check_qkv, softmax_scale_or_default
+    check_choice, check_qkv, check_scale_rule, softmax_scale_or_default
 from kernels.schedules import PrefillSchedule, get_schedule
 from quant.rotation import check_qk_rotation
 from profiling.nvtx_ranges import phase  # NVTX "<variant>/<phase>/<shape>" ranges (no-op without a profiler)
@@ -56,10 +59,11 @@ def _torch_to_cutlass(dt):
     return {torch.float16: cutlass.Float16, torch.bfloat16: cutlass.BFloat16}[dt]
 
 
-def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False):
+def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse"):
     """Run the CuTe quantizer: returns (Qp, Qs, Kp, Ks, Vp, Vs, Kmean) in the contract layouts (scales as uint8 bits);
     with_dq also (Kd, Vd): dq(K), dq(V) [B, Skv, Hkv, D] in q's dtype (exact; the SM90 prefill's dq16 K/V source).
-    rotate: Qp/Qs, Kp/Ks (and Kd) are of quant.rotation.hadamard_rotate(q), (k); Kmean stays of the unrotated k."""
+    rotate: Qp/Qs, Kp/Ks (and Kd) are of quant.rotation.hadamard_rotate(q), (k); Kmean stays of the unrotated k.
+    scale_rule: "mse" (default) or "amax": the outputs equal quant.nvfp4.quantize(..., scale_rule=scale_rule)."""
     import cutlass.cute as cute
     from cutlass import Float32  # noqa: F401
 
@@ -81,10 +85,15 @@ def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False):
     Kd, Vd = (torch.empty_like(k), torch.empty_like(v)) if with_dq else (k, v)
     args = [_cute(q), _cute(k), _cute(v), _cute(Qp), _cute(Qs), _cute(Kp), _cute(Ks),
             _cute(Vp, True, 32), _cute(Vs, True, 4), _cute(Km), _cute(Kd), _cute(Vd)]
-    key = (_arch(dev), q.dtype, D, bool(with_dq), bool(rotate))
+    check_scale_rule(scale_rule, "quantize_for_prefill")
+    from quant.nvfp4 import MSE_SCALE_STEPS
+
+    # the candidate tuple is part of the key: a changed quant.nvfp4.MSE_SCALE_STEPS gets a fresh kernel
+    key = (_arch(dev), q.dtype, D, bool(with_dq), bool(rotate), scale_rule,
+           tuple(MSE_SCALE_STEPS) if scale_rule == "mse" else ())
     fn = _QUANT_CACHE.get(key)
     if fn is None:
-        kern = QuantKernel(_torch_to_cutlass(q.dtype), D, bool(with_dq), bool(rotate))
+        kern = QuantKernel(_torch_to_cutlass(q.dtype), D, bool(with_dq), bool(rotate), scale_rule)
         fn = _QUANT_CACHE[key] = cute.compile(kern, *args, _stream())
     fn(*args, _stream())
     if with_dq:
@@ -108,7 +117,7 @@ def selection_bitmask(sel: torch.Tensor, n_kv_blocks: int) -> torch.Tensor:
 
 
 def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSchedule, fmt: str, out=None, lse=None,
-                 qk_rotation: str = "hadamard"):
+                 qk_rotation: str = "hadamard", scale_rule: str = "mse"):
     import math
 
     import cutlass.cute as cute
@@ -123,7 +132,7 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
     nkb = -(-Skv // 64)
     dq16 = schedule.uses_dq16(arch)
     with phase("quantize"):
-        qo = quantize_for_prefill(q, k, v, with_dq=dq16, rotate=qk_rotation == "hadamard")
+        qo = quantize_for_prefill(q, k, v, with_dq=dq16, rotate=qk_rotation == "hadamard", scale_rule=scale_rule)
     Qp, Qs, Kp, Ks, Vp, Vs = qo[:6]
     Kd, Vd = (qo[7], qo[8]) if dq16 else (k, v)  # without dq16 the kernel never reads them
     with phase("select"):
@@ -152,7 +161,7 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
 @torch.library.custom_op("thrift::prefill", mutates_args=())
 def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float, causal: bool, selection: str,
                 fmt: str, softmax_scale: float, schedule: str,
-                qk_rotation: str = "hadamard") -> tuple[torch.Tensor, torch.Tensor]:
+                qk_rotation: str = "hadamard", scale_rule: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
     from kernels.selection import select_blocks
 
     tm, tn, nw, st, ms, dq = (int(x) for x in schedule.split(","))
@@ -160,11 +169,12 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float
     with phase("select"):
         sel = select_blocks(q, k, budget=budget, causal=causal, method=selection)
     return _run_prefill(q.contiguous(), k.contiguous(), v.contiguous(), sel, causal, softmax_scale, sch, fmt,
-                        qk_rotation=qk_rotation)
+                        qk_rotation=qk_rotation, scale_rule=scale_rule)
 
 
 @_prefill_op.register_fake
-def _prefill_fake(q, k, v, budget, causal, selection, fmt, softmax_scale, schedule, qk_rotation="hadamard"):
+def _prefill_fake(q, k, v, budget, causal, selection, fmt, softmax_scale, schedule, qk_rotation="hadamard",
+                  scale_rule="mse"):
     B, Sq, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
@@ -186,7 +196,7 @@ def check_device(q: torch.Tensor, where: str = "thrift_attention") -> None:
 
 
 def thrift_attention(q, k, v, *, budget=0.05, causal=True, selection="block_mean", fmt="nvfp4", softmax_scale=None,
-                     return_lse=False, schedule=None, selected=None, qk_rotation="hadamard"):
+                     return_lse=False, schedule=None, selected=None, qk_rotation="hadamard", scale_rule="mse"):
     """ThriftAttention prefill: FP4 attention with the top-`budget` 64x64 block pairs in fp16/bf16.
 
     q [B, Sq, Hq, D], k/v [B, Skv, Hkv, D] (fp16/bf16, D in {64, 128}, Hq % Hkv == 0). Returns O (q's dtype) and,
@@ -194,6 +204,9 @@ def thrift_attention(q, k, v, *, budget=0.05, causal=True, selection="block_mean
     (used by tests to share a selection with the reference; not supported under torch.compile).
     qk_rotation: "hadamard" (default; quant/rotation.py) rotates Q and K along head_dim before FP4 quantization (the
     FP4 path only; the FP16 path and the selection see the unrotated values), "none" quantizes them as they are.
+    scale_rule: "mse" (default) chooses each NVFP4 group scale of Q, K and V by quant.nvfp4's "mse" encoder rule (best
+    of the amax scale and its E4M3 neighbours, quant.nvfp4.MSE_SCALE_STEPS); "amax" is the standard E4M3_RNE(amax/6).
+    P always uses the amax rule (it is quantized per tile inside the kernel). Same option as thrift_attention_ref.
     """
     where = "thrift_attention"
     B, Sq, Hq, D, Skv, Hkv = check_qkv(q, k, v, dtypes=KERNEL_DTYPES, head_dims=KERNEL_HEAD_DIMS, where=where)
@@ -205,11 +218,12 @@ def thrift_attention(q, k, v, *, budget=0.05, causal=True, selection="block_mean
         raise ValueError(f"{where}: fmt must be 'nvfp4' (the CuTe prefill kernel implements NVFP4 only), got {fmt!r}")
     scale = softmax_scale_or_default(softmax_scale, D, where=where)
     check_qk_rotation(qk_rotation, where)
+    check_scale_rule(scale_rule, where)
     sch = get_schedule(schedule)
     check_device(q, where)
     if selected is not None:
         out, lse = _run_prefill(q.contiguous(), k.contiguous(), v.contiguous(), selected.to(torch.int32).contiguous(),
-                                causal, scale, sch, fmt, qk_rotation=qk_rotation)
+                                causal, scale, sch, fmt, qk_rotation=qk_rotation, scale_rule=scale_rule)
     else:
-        out, lse = _prefill_op(q, k, v, f, causal, selection, fmt, scale, _sched_str(sch), qk_rotation)
+        out, lse = _prefill_op(q, k, v, f, causal, selection, fmt, scale, _sched_str(sch), qk_rotation, scale_rule)
     return (out, lse) if return_lse else out

@@ -8,7 +8,8 @@ heaviest-first.  Per CTA:
       through a ``schedule.stages``-deep cp.async ring (tile j+1 loads while tile j computes).
       S = dq(Q) dq(K)^T (exact FP4 products, fp32 accumulation), online softmax in fp32 (exp2 with
       log2(e) folded into the scale), then P~ is quantized with the two-level scheme of the contract:
-      s1 = rowmax_tile(P~)/2688, x = P~/s1, E4M3 scale per 16 keys (amax via quad shuffles),
+      s1 = rowmax_tile(P~)/2688, x = P~/s1, E4M3 scale per 16 keys (amax via quad shuffles; P always
+      uses this amax rule -- the "mse" scale rule of Q, K, V is the quantizer's, quant/quant_kernel.py),
       E2M1 values; P' = e2m1*e4m3 (exact in 16 bit) feeds the MMA, and s1 is applied in fp32 by
       keeping the O accumulator in units of the last tile's s1 (``c``): acc <- acc*alpha*c_old/s1 + P'V'.
   Phase 2 (FP16): only if the CTA has selected tiles: the real fp16/bf16 Q is loaded now (over the

@@ -9,7 +9,9 @@ aliased region on a 1024 B boundary):
                             the real fp16/bf16 Q (loaded only if the CTA has a selected tile).
                             (qk_rotation="hadamard", the default: the FP4 Q/K -- Qp/Qs, Kp/Ks, dq(K) -- are
                             of the Hadamard-rotated Q/K, quant/rotation.py; the 16-bit Q and K are unrotated.
-                            Q.K^T is the same either way, so the kernel does not know.)
+                            Q.K^T is the same either way, so the kernel does not know. Likewise the E4M3
+                            group scales of Qp/Kp/Vp are chosen by the quantizer's scale_rule -- "mse" by
+                            default, quant.nvfp4 -- an encoder choice: the stored format is unchanged.)
     [R, R + region)         the aliased region, R = round_up(q16, 1024):
       phase 1 (FP4)   R + 0             kdec: decoded K tile, 16-bit, same layout as a phase-2 K tile
                       R + kv16          vdec: decoded V^T tile (D x Tn, keys contiguous), 16-bit

@@ -2,10 +2,10 @@
 plus the fp32 K block means (selection), bit-identical to quant.nvfp4.
 
 Outputs (contract layouts, see layouts/prefill.py):
-    Qp [B,Sq,Hq,D/2] u8, Qs [B,Sq,Hq,D/16] u8 (E4M3 bits)      = nvfp4.quantize(q, dim=-1)
-    Kp [B,Skv,Hkv,D/2], Ks [B,Skv,Hkv,D/16]                      = nvfp4.quantize(k, dim=-1)
+    Qp [B,Sq,Hq,D/2] u8, Qs [B,Sq,Hq,D/16] u8 (E4M3 bits)      = nvfp4.quantize(q, dim=-1, scale_rule=rule)
+    Kp [B,Skv,Hkv,D/2], Ks [B,Skv,Hkv,D/16]                      = nvfp4.quantize(k, dim=-1, scale_rule=rule)
     Vp [B,Hkv,D,Skv_pad/2], Vs [B,Hkv,D,Skv_pad/16] (Skv_pad = round_up(Skv, 64), zero padded)
-                                                                 = nvfp4.quantize(pad(v).permute(0,2,3,1), dim=-1)
+                                          = nvfp4.quantize(pad(v).permute(0,2,3,1), dim=-1, scale_rule=rule)
     Kmean [B, nkb, Hkv, D] fp32: mean of each 64-key block over its valid keys (always of the UNrotated K).
     rotate=True (qk_rotation="hadamard"): Q and K are rotated first, Qp/Qs = nvfp4.quantize(hadamard_rotate(q)),
     Kp/Ks likewise (and Kd = dq of the rotated K); see "Rotation" below.
@@ -31,6 +31,12 @@ predicated, the shuffles are not); a V lane is never the partner of a Q/K lane (
 Numerics (fp32): scale = E4M3_RNE(amax/6) with saturation at 448 (cvt.rn.satfinite), code = E2M1_RNE(x/scale)
 by true division, sign kept for values rounding to 0; scale 0 -> codes 0; a group with NaN/Inf gets scale
 0x7F (NaN) and codes 0.
+Scale rule (scale_rule, static): "mse" (the default) replaces the amax scale of every finite, non-flushed Q, K (after
+the rotation) and V group by the best of it and its E4M3 neighbours quant.nvfp4.MSE_SCALE_STEPS (read at construction)
+under the fixed-order fp32 squared error -- kernels/arch_paths.nvfp4_mse_scale, the device twin of
+quant.nvfp4.mse_refine, so the outputs equal nvfp4.quantize(..., scale_rule="mse") bit for bit; the codes are then
+encoded with the chosen scale as above. "amax" keeps E4M3_RNE(amax/6). Cost of "mse": ~16 * (1 + len(steps)) extra
+IEEE divisions per group. (P, quantized inside the prefill kernel, always uses the amax rule.)
 """
 from __future__ import annotations
 
@@ -42,6 +48,9 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32, Uint8, Uint32, const_expr
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
+
+from kernels._validate import check_scale_rule
+from kernels.arch_paths import mse_scale_steps, nvfp4_mse_scale
 
 THREADS = 128
 BLOCK = 64
@@ -97,14 +106,18 @@ def _e2m1_value(code, *, loc=None, ip=None) -> Float32:
 
 
 class QuantKernel:
-    """Static config: dtype (Float16/BFloat16), head_dim, with_dq (also write dq(K), dq(V) in 16 bit) and rotate
-    (Hadamard-rotate Q and K along head_dim before quantizing them)."""
+    """Static config: dtype (Float16/BFloat16), head_dim, with_dq (also write dq(K), dq(V) in 16 bit), rotate
+    (Hadamard-rotate Q and K along head_dim before quantizing them) and scale_rule ("mse", the default: the NVFP4
+    group scales of Q, K and V chosen by quant.nvfp4's "mse" encoder rule, candidates quant.nvfp4.MSE_SCALE_STEPS read
+    here at construction; "amax": the standard E4M3_RNE(amax/6))."""
 
-    def __init__(self, dtype, head_dim: int, with_dq: bool = False, rotate: bool = False):
+    def __init__(self, dtype, head_dim: int, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse"):
         self.dtype = dtype
         self.D = head_dim
         self.with_dq = with_dq
         self.rotate = bool(rotate)
+        self.scale_rule = check_scale_rule(scale_rule, "QuantKernel")
+        self.mse_steps = mse_scale_steps() if scale_rule == "mse" else ()
         if self.rotate and not (16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0):
             raise ValueError(f"QuantKernel: rotate needs head_dim a power of two in [16, 256], got {head_dim}")
         # fp32(1/sqrt(D)), the constant of quant.rotation (a Python float holding the exact fp32 value)
@@ -135,6 +148,10 @@ class QuantKernel:
         finite = amax < Float32.inf  # False for NaN / Inf
         code, s = _e4m3_byte(amax / Float32(6.0))
         ok = finite & (s > Float32(0.0))
+        if const_expr(self.scale_rule == "mse"):
+            # best of the amax scale and its E4M3 neighbours (kernels/arch_paths.nvfp4_mse_scale); keeps ok: the
+            # candidates are codes in [1, 126], so the chosen scale is finite and > 0 whenever the amax one is
+            code, s = nvfp4_mse_scale([vals[i] for i in range(16)], s, ok, self.mse_steps)
         div = s if ok else Float32(1.0)
         for i in cutlass.range_constexpr(8):
             lo = _e2m1_code(vals[2 * i] / div)
@@ -271,5 +288,5 @@ def fake_args(dtype, head_dim: int):
             make_fake_stream())
 
 
-def compile_quant(dtype, head_dim: int, with_dq: bool = False, rotate: bool = False):
-    return cute.compile(QuantKernel(dtype, head_dim, with_dq, rotate), *fake_args(dtype, head_dim))
+def compile_quant(dtype, head_dim: int, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse"):
+    return cute.compile(QuantKernel(dtype, head_dim, with_dq, rotate, scale_rule), *fake_args(dtype, head_dim))

@@ -3,7 +3,9 @@ with fake tensors, ptxas reports 0 spill bytes, and the sm_120a PTX carries the 
 (kind::mxf4nvf4.block_scale) next to the 16-bit m16n8k16 MMA of the FP16 phase.
 
 Each arch compiles in a subprocess (the DSL reads CUTE_DSL_ARCH at import).  Budget: 3 prefill kernels + the
-quantizer (with and without the Hadamard rotation) per arch.
+quantizer (with and without the Hadamard rotation; scale_rule "mse" -- the default -- and "amax") per arch.
+The "mse" quantizers' PTX must carry the rule's squared error as explicit mul.rn / add.rn pairs (never an FMA):
+16 per candidate scale per group, 5 inlined group quantizations (1 Q/K item + 4 V groups).
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ _SCRIPT = textwrap.dedent("""
     # Hadamard rotation of Q/K (qk_rotation="hadamard", the default): D=128 with dq (3 shuffle stages), D=64 without
     out["quant_rot"] = save(compile_quant(cutlass.BFloat16, 128, True, True), "quant_rot")
     out["quant_rot64"] = save(compile_quant(cutlass.Float16, 64, False, True), "quant_rot64")
+    # the standard amax scale rule (scale_rule="amax"; the others use the default "mse")
+    out["quant_amax"] = save(compile_quant(cutlass.BFloat16, 128, False, True, "amax"), "quant_amax")
     print("RESULT" + json.dumps(out))
 """)
 
@@ -88,8 +92,15 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
         if name.startswith("quant"):
             # rotation: strides 16, 32 (, 64) by full-mask butterfly shuffles, 16 values each; none without it
             n_shfl = len(re.findall(r"shfl\.sync\.bfly\.b32\s+%r\d+, %r\d+, \d+, 31, -1;", text))
-            want = {"quant": 0, "quant_rot": 16 * 3, "quant_rot64": 16 * 2}[name]
+            want = {"quant": 0, "quant_rot": 16 * 3, "quant_rot64": 16 * 2, "quant_amax": 16 * 3}[name]
             assert n_shfl == want, f"{name}: {n_shfl} shuffles, expected {want}"
+            # "mse" scale rule: the per-element SSE step e*e then acc + e, both explicitly rounded (no contraction)
+            from quant.nvfp4 import MSE_SCALE_STEPS
+
+            n_sse = len(re.findall(r"mul\.rn\.f32 mse_e, mse_e, mse_e;\s*add\.rn\.f32 mse_acc, mse_acc, mse_e;", text))
+            want_sse = 0 if name == "quant_amax" else 5 * 16 * (1 + len(MSE_SCALE_STEPS))
+            assert n_sse == want_sse, f"{name}: {n_sse} SSE steps, expected {want_sse}"
+            assert "fma" not in text, f"{name}: an FMA in the quantizer (the codec's numerics have none)"
             # IEEE fp32 butterflies (no flush to zero), as torch computes them
             assert not re.search(r"(add|sub|mul)(\.rn)?\.ftz\.f32", text), name
             continue

@@ -92,7 +92,8 @@ def test_public_entry_and_compile(rng_seed):
     assert _rel(f(q, k, v), ref) <= TOL
 
 
-def test_quant_kernel_bit_exact(rng_seed):
+@pytest.mark.parametrize("rule", ["mse", "amax"])
+def test_quant_kernel_bit_exact(rule, rng_seed):
     from kernels.interface import quantize_for_prefill
     from kernels.selection import block_means
     from quant import nvfp4
@@ -103,17 +104,17 @@ def test_quant_kernel_bit_exact(rng_seed):
     v = torch.randn(2, 130, 2, 128, device="cuda", dtype=torch.bfloat16)
     q[0, 0, 0, :16] = 0  # zero group
     q[0, 1, 0, :16] = 1e-6  # underflowing group
-    Qp, Qs, Kp, Ks, Vp, Vs, Km = quantize_for_prefill(q, k, v)
-    rq = nvfp4.quantize(q, dim=-1)
-    rk = nvfp4.quantize(k, dim=-1)
+    Qp, Qs, Kp, Ks, Vp, Vs, Km = quantize_for_prefill(q, k, v, scale_rule=rule)
+    rq = nvfp4.quantize(q, dim=-1, scale_rule=rule)
+    rk = nvfp4.quantize(k, dim=-1, scale_rule=rule)
     vpad = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 192 - 130))
-    rv = nvfp4.quantize(vpad.permute(0, 2, 3, 1), dim=-1)
+    rv = nvfp4.quantize(vpad.permute(0, 2, 3, 1), dim=-1, scale_rule=rule)
     assert torch.equal(Qp, rq.packed) and torch.equal(Qs, rq.scales.view(torch.uint8))
     assert torch.equal(Kp, rk.packed) and torch.equal(Ks, rk.scales.view(torch.uint8))
     assert torch.equal(Vp, rv.packed) and torch.equal(Vs, rv.scales.view(torch.uint8))
     assert torch.allclose(Km, block_means(k), rtol=1e-6, atol=1e-6)
     # with_dq (SM90 dq16 schedules): also dq(K), dq(V) in the input dtype, == nvfp4.dequantize exactly
-    out = quantize_for_prefill(q, k, v, with_dq=True)
+    out = quantize_for_prefill(q, k, v, with_dq=True, scale_rule=rule)
     assert all(torch.equal(a, b) for a, b in zip(out[:6], (Qp, Qs, Kp, Ks, Vp, Vs)))
     Kd, Vd = out[7], out[8]
     dk = nvfp4.dequantize(rk.packed, rk.scales, dim=-1)
