@@ -12,7 +12,9 @@ share the CTA, so each cache byte is read once. The warp streams its 64-token ti
         S^T = K' Q'^T,    O^T += V'^T P'^T   (P'^T is turned into the B operand with movmatrix.trans).
     P uses the contract's two-level scheme: per head and tile, x = 2688 * exp(S - tilemax) (= P~/s1 with
     s1 = rowmax/(448*6)), NVFP4 of x over 16 keys -- each thread holds exactly one 16-key group per head, so
-    the group amax needs one shuffle -- and O += s1 * (P'.V') with s1 = exp(tilemax - m)/2688 in fp32.
+    the group amax needs one shuffle -- and O += s1 * (P'.V') with s1 = exp(tilemax - m)/2688 in fp32. P's group
+    scales always use the amax rule; the query (quantized once per CTA in registers) uses the cache's scale_rule
+    ("mse" by default, the rule the cache's K and V scales were chosen with; kernels/arch_paths.nvfp4_mse_scale).
   * FP16 tiles (selected blocks, and the partial last block which is always FP16): K and V read straight from
     the 16-bit cache with 16-byte loads (keys beyond the length predicated off -> S = -inf, V = 0),
     S = q.k in fp32, P~ = exp(S - m) rounded to the input dtype, O^T += V^T P~^T.
@@ -60,7 +62,8 @@ from cutlass import Float32, Int32, Int64, Uint32, const_expr
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
-from .arch_paths import e2m1_rne, e4m3_rne, ex2
+from ._validate import check_scale_rule
+from .arch_paths import e2m1_rne, e4m3_rne, ex2, mse_scale_steps, nvfp4_mse_scale
 from .kv_cache import DEFAULT_FP4_LAYOUT, tile_bytes
 
 LOG2E = math.log2(math.e)
@@ -299,10 +302,15 @@ class ThriftDecodeSplitKV:
     the FP4 tiles (the Hadamard-rotated query when the cache stores rotated K, else q16 again); flags uint8 [B, Hkv, NBLK]
     (1 = read this block from the FP16 cache); lens int32 [B]; o_part fp32 [B, Hq, NS, D]; lse_part fp32
     [B, Hq, NS]. Scalars: scale_log2 = softmax_scale * log2(e); tiles_per_split.
+    scale_rule (static): the NVFP4 scale rule of the in-register query quantization -- "mse" (the cache's default:
+    kernels/arch_paths.nvfp4_mse_scale with quant.nvfp4.MSE_SCALE_STEPS read at construction) or "amax". P always
+    uses the amax rule (quantized per tile in registers).
     """
 
     def __init__(self, head_dim: int, group: int, is_bf16: bool, arch: int = 90, prefetch: int = DEFAULT_PREFETCH,
-                 fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = DEFAULT_STAGES):
+                 fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = DEFAULT_STAGES, scale_rule: str = "mse"):
+        self.scale_rule = check_scale_rule(scale_rule, "ThriftDecodeSplitKV")
+        self.mse_steps = mse_scale_steps() if scale_rule == "mse" else ()
         if stages not in (2, 3):
             raise ValueError(f"stages (cp.async shared-memory stages of FP4 tiles) must be 2 or 3, got {stages}")
         if 0 < prefetch < stages and prefetch >= 2:
@@ -412,7 +420,8 @@ class ThriftDecodeSplitKV:
         # ---- (while the first tile is in flight) query fragments (B operand of S^T = K Q^T): head g = 8*ng + r, channels t*D/4 + 4*kc + 0..3.
         # dq(NVFP4(qr)) computed here (qr = the rotated query when the cache holds rotated K): this lane's D/4 channels are whole 16-channel groups, so it quantizes them
         # alone, with the codec's numerics (scale = E4M3_RNE(amax/6), code = E2M1_RNE(|x|/scale) by fp32 true
-        # division, sign kept); the values are exact in fp16.
+        # division, sign kept); the values are exact in fp16. scale_rule "mse": the scale is then the best of that one
+        # and its E4M3 neighbours (arch_paths.nvfp4_mse_scale, the cache's K/V rule), before the codes.
         qf4 = cute.make_rmem_tensor((NG, NKC, 2), Uint32)
         for ng in cutlass.range_constexpr(NG):
             g = 8 * ng + r
@@ -429,6 +438,8 @@ class ThriftDecodeSplitKV:
                 for i in cutlass.range_constexpr(16):
                     amax = cute.arch.fmax(amax, abs(xs[16 * grp + i]))
                 sc = e4m3_rne(amax / Float32(6.0))
+                if const_expr(self.scale_rule == "mse"):
+                    _, sc = nvfp4_mse_scale(xs[16 * grp:16 * grp + 16], sc, sc > Float32(0.0), self.mse_steps)
                 sc_div = cute.arch.fmax(sc, Float32(1e-30))  # scale 0 -> codes saturate, times sc = 0 -> zeros
                 for i in cutlass.range_constexpr(16):
                     x = xs[16 * grp + i]
@@ -823,13 +834,14 @@ def fake_args(head_dim: int, num_kv_heads: int, group: int, dtype_name: str):
 
 def compile_decode(head_dim: int, num_kv_heads: int, group: int, dtype_name: str = "f16", arch: int = 90,
                    tvm_ffi: bool = False, prefetch: int = DEFAULT_PREFETCH,
-                   fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = DEFAULT_STAGES):
-    """cute.compile the decode and combine kernels for the current DSL target. Returns (decode, combine)."""
+                   fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = DEFAULT_STAGES, scale_rule: str = "mse"):
+    """cute.compile the decode and combine kernels for the current DSL target. Returns (decode, combine).
+    scale_rule: the query's NVFP4 scale rule ("mse" | "amax", ThriftDecodeSplitKV)."""
     dec_args, comb_args = fake_args(head_dim, num_kv_heads, group, dtype_name)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True) if tvm_ffi else cute.runtime.make_fake_stream()
     opts = "--enable-tvm-ffi" if tvm_ffi else None
     kw = {"options": opts} if opts else {}
     bf = dtype_name == "bf16"
-    dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch, prefetch, fp4_layout, stages), *dec_args, Float32(1.0), Int32(1), stream, **kw)
+    dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch, prefetch, fp4_layout, stages, scale_rule), *dec_args, Float32(1.0), Int32(1), stream, **kw)
     comb = cute.compile(ThriftDecodeCombine(head_dim, bf), *comb_args, stream, **kw)
     return dec, comb

@@ -7,8 +7,9 @@ always read in FP16 -- it holds the newest tokens, is at most 63 keys, and its F
 So budget=0 means "all complete blocks FP4". The reference (`thrift_decode_ref`) feeds exactly this selection to
 kernels.reference.thrift_attention_ref (Sq = 1, bottom-right causal: the query sees every cached key).
 
-The GPU work is a torch.library custom op `thrift::decode_fwd` (tensors only; selection and the NVFP4 quantization
-of q happen before it in torch).
+The GPU work is a torch.library custom op `thrift::decode_fwd` (tensors only; selection and the query's Hadamard
+rotation happen before it in torch; the query's NVFP4 quantization happens inside the kernel, with the cache's
+scale_rule: "mse" by default, kernels/arch_paths.nvfp4_mse_scale, or "amax").
 """
 from __future__ import annotations
 
@@ -34,12 +35,16 @@ def _arch(device) -> int:
 
 
 def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int, prefetch: int | None = None,
-                 fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int | None = None):
+                 fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int | None = None, scale_rule: str = "mse"):
+    from quant.nvfp4 import MSE_SCALE_STEPS
+
     from .decode import DEFAULT_PREFETCH, DEFAULT_STAGES
 
     prefetch = DEFAULT_PREFETCH if prefetch is None else prefetch
     stages = DEFAULT_STAGES if stages is None else stages
-    key = (D, hkv, G, dtype, arch, prefetch, fp4_layout, stages)
+    # the query's scale rule and its candidate tuple (quant.nvfp4.MSE_SCALE_STEPS) are compiled in
+    key = (D, hkv, G, dtype, arch, prefetch, fp4_layout, stages, scale_rule,
+           tuple(MSE_SCALE_STEPS) if scale_rule == "mse" else ())
     if key not in _COMPILED:
         from .decode import compile_decode
 
@@ -48,7 +53,8 @@ def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int, prefet
         except ImportError as e:
             raise RuntimeError("thrift_decode needs apache-tvm-ffi (pip install apache-tvm-ffi)") from e
         _COMPILED[key] = compile_decode(D, hkv, G, "bf16" if dtype == torch.bfloat16 else "f16", arch,
-                                        tvm_ffi=True, prefetch=prefetch, fp4_layout=fp4_layout, stages=stages)
+                                        tvm_ffi=True, prefetch=prefetch, fp4_layout=fp4_layout, stages=stages,
+                                        scale_rule=scale_rule)
     return _COMPILED[key]
 
 
@@ -75,17 +81,19 @@ def plan_splits(max_tiles: int, batch: int, num_kv_heads: int, num_sms: int, sch
 def decode_fwd(q16: torch.Tensor, q_rot: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: torch.Tensor,
                flags: torch.Tensor, lens: torch.Tensor, softmax_scale: float, num_splits: int,
                tiles_per_split: int, prefetch: int = -1,
-               fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+               fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = -1,
+               scale_rule: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV decode + LSE combine. q16 [B, Hq, D] (the FP16 tiles' query); q_rot [B, Hq, D] the same type: the
     query NVFP4-quantized inside the kernel for the FP4 tiles (hadamard_rotate(q16), or q16 itself without rotation);
     tiles/k16/v16/flags/lens from the cache; prefetch: L2 prefetch distance in tiles (-1 = the default);
     fp4_layout: the bit order of the tiles' code words (the cache's fp4_layout); stages: cp.async stages of FP4
-    tiles (2 or 3, -1 = the default).
+    tiles (2 or 3, -1 = the default); scale_rule: the NVFP4 scale rule of the in-kernel query quantization (the
+    cache's scale_rule: "mse" or "amax").
     Returns O [B, 1, Hq, D] (q16's dtype) and LSE fp32 [B, Hq]."""
     B, HQ, D = q16.shape
     hkv = tiles.shape[2]
     dec, comb = _get_kernels(D, hkv, HQ // hkv, q16.dtype, _arch(q16.device), None if prefetch < 0 else prefetch,
-                             fp4_layout, None if stages < 0 else stages)
+                             fp4_layout, None if stages < 0 else stages, scale_rule)
     o_part = torch.empty((B, HQ, num_splits, D), dtype=torch.float32, device=q16.device)
     lse_part = torch.empty((B, HQ, num_splits), dtype=torch.float32, device=q16.device)
     out = torch.empty((B, 1, HQ, D), dtype=q16.dtype, device=q16.device)
@@ -99,7 +107,7 @@ def decode_fwd(q16: torch.Tensor, q_rot: torch.Tensor, tiles: torch.Tensor, k16:
 
 @decode_fwd.register_fake
 def _(q16, q_rot, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split, prefetch=-1,
-      fp4_layout=DEFAULT_FP4_LAYOUT, stages=-1):
+      fp4_layout=DEFAULT_FP4_LAYOUT, stages=-1, scale_rule="mse"):
     B, HQ, D = q16.shape
     return q16.new_empty((B, 1, HQ, D)), q16.new_empty((B, HQ), dtype=torch.float32)
 
@@ -174,7 +182,7 @@ def _flags_to_selected(flags_b, L, G):
 def thrift_decode_ref(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean", softmax_scale=None,
                       return_lse=False, flags=None):
     """Reference decode: the same selection (or the given `flags`) through kernels.reference.thrift_attention_ref,
-    one sequence at a time on its valid tokens, with the cache's qk_rotation. Returns O [B, 1, Hq, D] (and LSE fp32
+    one sequence at a time on its valid tokens, with the cache's qk_rotation and scale_rule (Q, K, V). Returns O [B, 1, Hq, D] (and LSE fp32
     [B, Hq])."""
     from .reference import thrift_attention_ref
 
@@ -189,7 +197,8 @@ def thrift_decode_ref(q, cache: ThriftKVCache, *, budget=0.05, selection="block_
             continue
         sel = _flags_to_selected(flags[b].cpu(), L, G).to(q.device)
         o, l = thrift_attention_ref(q[b:b + 1], cache.keys(b), cache.values(b), causal=True, selected=sel,
-                                    softmax_scale=softmax_scale, return_lse=True, qk_rotation=cache.qk_rotation)
+                                    softmax_scale=softmax_scale, return_lse=True, qk_rotation=cache.qk_rotation,
+                                    scale_rule=cache.scale_rule)
         out[b:b + 1] = o
         lse[b] = l[0, :, 0]
     return (out, lse) if return_lse else out
@@ -229,5 +238,5 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
     if st not in (-1, 2, 3):
         raise ValueError(f"{where}: schedule['stages'] must be 2 or 3, got {st}")
     out, lse = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, cache.lengths_tensor(q.device),
-                          float(scale), ns, tps, pf, cache.fp4_layout, st)
+                          float(scale), ns, tps, pf, cache.fp4_layout, st, cache.scale_rule)
     return (out, lse) if return_lse else out

@@ -7,6 +7,7 @@ Per layer it keeps, for a batch of sequences with their own lengths:
     sequence, from key 0) with their E4M3 scales, one contiguous *decode tile* per (sequence, 64-token block,
     KV head) -- the byte image the decode kernel copies to shared memory with 16-byte cp.async, laid out so that
     every thread then reads its MMA fragments with conflict-free 16-byte loads (see ``tile_layout`` below);
+    the group scales follow the cache's ``scale_rule`` (quant.nvfp4's "mse" encoder rule by default, or "amax");
   * ``kmean``     fp32 [B, cap/64, Hkv, D]: per-block K means over the valid tokens (selection).
 
 Appends (prefill chunks or single tokens, per-sequence counts) re-quantize every 64-token block they touch from
@@ -166,10 +167,11 @@ def unpack_tiles(tiles, fp4_layout: str = DEFAULT_FP4_LAYOUT):
     return kp, ks, vp, vs
 
 
-def quantize_blocks(k, v, fp4_layout: str = DEFAULT_FP4_LAYOUT):
-    """One-shot NVFP4 of whole blocks: k, v [N, nb*64, H, D] (zero beyond the valid tokens) -> decode tiles."""
-    kp, ks = nvfp4.quantize(k, dim=-1)
-    vp, vs = nvfp4.quantize(v.permute(0, 2, 3, 1), dim=-1)
+def quantize_blocks(k, v, fp4_layout: str = DEFAULT_FP4_LAYOUT, scale_rule: str = "mse"):
+    """One-shot NVFP4 of whole blocks: k, v [N, nb*64, H, D] (zero beyond the valid tokens) -> decode tiles.
+    scale_rule: quant.nvfp4's encoder rule of the K and V group scales ("mse" default, or "amax")."""
+    kp, ks = nvfp4.quantize(k, dim=-1, scale_rule=scale_rule)
+    vp, vs = nvfp4.quantize(v.permute(0, 2, 3, 1), dim=-1, scale_rule=scale_rule)
     return pack_tiles(kp, ks, vp, vs, fp4_layout)
 
 
@@ -188,11 +190,14 @@ class ThriftKVCache:
     qk_rotation: "hadamard" (default) stores NVFP4 of quant.rotation.hadamard_rotate(k) in the FP4 tiles (thrift_decode
     then rotates q the same way for its FP4 path); "none" stores NVFP4 of k. The FP16 copy and the K block means
     (selection) are always of the unrotated k.
+    scale_rule: "mse" (default) chooses the NVFP4 group scales of the FP4 K and V by quant.nvfp4's "mse" encoder rule
+    (each group on its own, so appends stay bit-identical to one-shot quantization); "amax" is E4M3_RNE(amax/6).
+    thrift_decode quantizes the query with the same rule inside the kernel, thrift_decode_ref uses it for Q, K, V.
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, *, capacity: int = 1024,
                  dtype=torch.float16, device=None, growth: float = 2.0,
-                 fp4_layout: str = DEFAULT_FP4_LAYOUT, qk_rotation: str = "hadamard"):
+                 fp4_layout: str = DEFAULT_FP4_LAYOUT, qk_rotation: str = "hadamard", scale_rule: str = "mse"):
         for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads), ("capacity", capacity)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"ThriftKVCache: {name} must be a positive int, got {val!r}")
@@ -206,6 +211,9 @@ class ThriftKVCache:
         from quant.rotation import check_qk_rotation
 
         self.qk_rotation = check_qk_rotation(qk_rotation, "ThriftKVCache")
+        from ._validate import check_scale_rule
+
+        self.scale_rule = check_scale_rule(scale_rule, "ThriftKVCache")
         self.fp4_layout = fp4_layout
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         dev = torch.device(device or "cpu")
@@ -295,7 +303,8 @@ class ThriftKVCache:
         from quant.rotation import maybe_rotate
 
         # per-row rotation: token-by-token appends and one append give the same tiles bit for bit
-        self.tiles[b:b + 1, blk0:blk1] = quantize_blocks(maybe_rotate(kb, self.qk_rotation), vb, self.fp4_layout)
+        self.tiles[b:b + 1, blk0:blk1] = quantize_blocks(maybe_rotate(kb, self.qk_rotation), vb, self.fp4_layout,
+                                                         self.scale_rule)
         L = self.lengths[b]
         self.kmean[b:b + 1, blk0:blk1] = block_means(self.k16[b:b + 1, t0:L])
 

@@ -7,14 +7,17 @@
                                                 qk_rotation="hadamard" (the default) Q and K are first rotated by
                                                 quant.rotation.hadamard_rotate (x H_D / sqrt(D), fixed fp32
                                                 butterfly order, rounded to the input dtype): dq(rot(Q)).dq(rot(K))^T
-                                                approximates q.k^T since H is orthogonal
+                                                approximates q.k^T since H is orthogonal; scale_rule="mse" (the
+                                                default) picks each NVFP4 group scale of Q, K (and V below) by
+                                                quant.nvfp4's "mse" encoder rule, "amax" is E4M3_RNE(amax/6)
     S   = S16 on selected (query block, key block) pairs, S4 elsewhere; -inf where causally masked
     m   = max_j S (over all visible keys)       one softmax per row, shared by both paths
     P~  = exp(S - m)                            fp32
     l   = sum_j P~                              fp32, unquantized, over all visible keys
     num = P~[sel].to(input dtype) . v           FP16 path: the MMA multiplies 16-bit P~ by 16-bit V, fp32 accumulate
         + quantize_p(P~[~sel]) . dq(V)          FP4 path: SageAttention3 two-level P (per-row, per-p_tile-key-tile
-                                                scale), V fake-quantized along the sequence in groups starting at key 0
+                                                scale; always the amax rule), V fake-quantized along the sequence in
+                                                groups starting at key 0 (with scale_rule)
     O   = (num / l).to(input dtype);  LSE = m + log(l)  (fp32, [B, Hq, Sq])
 
 Fully masked rows (causal with Sq > Skv) give O = 0 and LSE = -inf. budget = 0 is pure FP4 (SageAttention3
@@ -38,6 +41,7 @@ from ._validate import (
     SELECTION_METHODS,
     check_bool,
     check_budget,
+    check_scale_rule,
     check_choice,
     check_fmt,
     check_int,
@@ -100,7 +104,7 @@ def _check_selected(selected, B: int, Hq: int, nqb: int, nkb: int, device) -> to
 
 def thrift_attention_ref(q, k, v, *, budget=0.05, causal=True, selection="block_mean", fmt="nvfp4",
                          block_size=64, softmax_scale=None, return_lse=False, p_tile=64, selected=None,
-                         top_k=None, qk_rotation="hadamard"):
+                         top_k=None, qk_rotation="hadamard", scale_rule="mse"):
     """ThriftAttention reference (see the module docstring for the exact numerics).
 
     q: [B, Sq, Hq, D]; k, v: [B, Skv, Hkv, D]; fp16/bf16/fp32, D a multiple of 16, Hq % Hkv == 0.
@@ -109,6 +113,9 @@ def thrift_attention_ref(q, k, v, *, budget=0.05, causal=True, selection="block_
     p_tile: key-tile width of P's per-row scale (a multiple of the format's group).
     qk_rotation: "hadamard" (default) rotates Q and K along head_dim before FP4 quantization (FP4 path only; the
     FP16 path and the selection use the unrotated values); "none" quantizes them as they are.
+    scale_rule: "mse" (default) or "amax", the NVFP4 encoder rule of Q, K and V (quant.nvfp4 module docstring; the
+    kernels use the same rule bit for bit). P keeps the amax rule (the kernels quantize it per tile in registers).
+    With fmt="mxfp4" the rule does not apply (MXFP4 has one scale rule, UE8M0 rounded up): "mse" falls back to it.
     Returns O [B, Sq, Hq, D] in q's dtype, and with return_lse=True also LSE fp32 [B, Hq, Sq].
     """
     where = "thrift_attention_ref"
@@ -124,6 +131,9 @@ def thrift_attention_ref(q, k, v, *, budget=0.05, causal=True, selection="block_
         raise ValueError(f"{where}: p_tile must be a multiple of {fmt}'s group size {fq.group}, got {p_tile}")
     scale = softmax_scale_or_default(softmax_scale, D, where=where)
     check_rotation_for(qk_rotation, D, where)
+    check_scale_rule(scale_rule, where)
+    # the "mse" rule is an NVFP4 encoder option; MXFP4's codec has no scale_rule argument (documented fallback)
+    qkw = {"scale_rule": scale_rule} if fq.name == "nvfp4" else {}
     nqb, nkb = -(-Sq // block_size), -(-Skv // block_size)
     if selected is None:
         selected = select_blocks(q, k, budget=f, causal=causal, method=selection, block_size=block_size,
@@ -146,11 +156,11 @@ def thrift_attention_ref(q, k, v, *, budget=0.05, causal=True, selection="block_
         for hk in range(Hkv):
             kf, vf = k[b, :, hk].float(), v[b, :, hk].float()  # exact copies of the input-dtype values
             # [Skv, D], FP4 groups along head_dim (of the rotated K with qk_rotation="hadamard")
-            kq = fq.fake_quantize(maybe_rotate(k[b, :, hk], qk_rotation), dim=-1)
-            vq = fq.fake_quantize(v[b, :, hk], dim=0)  # [Skv, D], FP4 groups along the sequence from key 0
+            kq = fq.fake_quantize(maybe_rotate(k[b, :, hk], qk_rotation), dim=-1, **qkw)
+            vq = fq.fake_quantize(v[b, :, hk], dim=0, **qkw)  # [Skv, D], FP4 groups along the sequence from key 0
             for h in range(hk * group, (hk + 1) * group):
                 qf = q[b, :, h].float()
-                qq = fq.fake_quantize(maybe_rotate(q[b, :, h], qk_rotation), dim=-1)
+                qq = fq.fake_quantize(maybe_rotate(q[b, :, h], qk_rotation), dim=-1, **qkw)
                 for i, r0, r1, kend in chunks:
                     if kend == 0:  # every row of the block is fully masked
                         out[b, r0:r1, h] = 0

@@ -14,15 +14,15 @@ _SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     from kernels.decode import compile_decode
-    compile_decode({d}, {hkv}, {g}, {dt!r}, {arch}, fp4_layout={layout!r}, stages={stages})
+    compile_decode({d}, {hkv}, {g}, {dt!r}, {arch}, fp4_layout={layout!r}, stages={stages}, scale_rule={rule!r})
 """)
 
 
-def _compile(tmp_path, arch, d, hkv, g, dt, layout="nibble", stages=2):
+def _compile(tmp_path, arch, d, hkv, g, dt, layout="nibble", stages=2, rule="mse"):
     dump = tmp_path / f"dump_{arch}"
     dump.mkdir()
     env = dict(os.environ, CUTE_DSL_ARCH=f"sm_{arch}a", CUTE_DSL_KEEP="ptx,cubin", CUTE_DSL_DUMP_DIR=str(dump))
-    code = _SCRIPT.format(root=ROOT, d=d, hkv=hkv, g=g, dt=dt, arch=arch, layout=layout, stages=stages)
+    code = _SCRIPT.format(root=ROOT, d=d, hkv=hkv, g=g, dt=dt, arch=arch, layout=layout, stages=stages, rule=rule)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     ptx = sorted(p for p in dump.iterdir() if p.suffix == ".ptx")
@@ -33,12 +33,20 @@ def _compile(tmp_path, arch, d, hkv, g, dt, layout="nibble", stages=2):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("arch,d,hkv,g,dt,layout,stages", [
-    (90, 128, 8, 4, "f16", "nibble", 2), (90, 64, 3, 3, "bf16", "nibble", 2), (120, 128, 8, 4, "f16", "nibble", 2),
-    (120, 64, 2, 16, "bf16", "nibble", 2), (90, 128, 8, 4, "bf16", "bits", 3), (120, 64, 2, 16, "f16", "bits", 2)])
-def test_decode_compiles(tmp_path, arch, d, hkv, g, dt, layout, stages):
-    dec, comb = _compile(tmp_path, arch, d, hkv, g, dt, layout, stages)
+@pytest.mark.parametrize("arch,d,hkv,g,dt,layout,stages,rule", [
+    (90, 128, 8, 4, "f16", "nibble", 2, "mse"), (90, 64, 3, 3, "bf16", "nibble", 2, "amax"),
+    (120, 128, 8, 4, "f16", "nibble", 2, "mse"), (120, 64, 2, 16, "bf16", "nibble", 2, "mse"),
+    (90, 128, 8, 4, "bf16", "bits", 3, "mse"), (120, 64, 2, 16, "f16", "bits", 2, "amax")])
+def test_decode_compiles(tmp_path, arch, d, hkv, g, dt, layout, stages, rule):
+    dec, comb = _compile(tmp_path, arch, d, hkv, g, dt, layout, stages, rule)
     text = dec.read_text()
+    # the query's "mse" scale rule (arch_paths.nvfp4_mse_scale): per lane D/64 groups per n8 head tile, 16 SSE steps
+    # (explicit mul.rn then add.rn, never contracted to an FMA) per candidate scale
+    from quant.nvfp4 import MSE_SCALE_STEPS
+
+    n_sse = len(re.findall(r"mul\.rn\.f32 mse_e, mse_e, mse_e;\s*add\.rn\.f32 mse_acc, mse_acc, mse_e;", text))
+    want = 0 if rule == "amax" else (d // 64) * ((g + 7) // 8) * 16 * (1 + len(MSE_SCALE_STEPS))
+    assert n_sse == want, (n_sse, want)
     assert re.search(rf"cp\.async\.wait_group\s+{stages - 1};", text)
     if layout == "bits":  # the shift-and-mask decode of kv_cache's "bits" word layout, no table lookup
         assert "0x8E008E00" in text and "0x0E000E00" in text

@@ -71,9 +71,9 @@ def test_token_by_token_equals_one_shot(dtype, rot, rng_seed):
         torch.testing.assert_close(c.kmean[:, :nb], block_means(k), rtol=1e-6, atol=1e-6)
     # the unpacked contract layouts are the codecs' outputs for the same tokens
     kp, ks, vp, vs = c1.fp4_contract(0)
-    kp_ref, ks_ref = nvfp4.quantize(maybe_rotate(k, rot), dim=-1)
+    kp_ref, ks_ref = nvfp4.quantize(maybe_rotate(k, rot), dim=-1, scale_rule="mse")  # the cache's default rule
     assert torch.equal(kp[:, :L], kp_ref) and torch.equal(ks[:, :L].view(torch.uint8), ks_ref.view(torch.uint8))
-    vp_ref, vs_ref = nvfp4.quantize(v.permute(0, 2, 3, 1), dim=-1)  # [1, H, D, pad16(L)/2]
+    vp_ref, vs_ref = nvfp4.quantize(v.permute(0, 2, 3, 1), dim=-1, scale_rule="mse")  # [1, H, D, pad16(L)/2]
     n2, n16 = vp_ref.shape[-1], vs_ref.shape[-1]
     assert torch.equal(vp[..., :n2], vp_ref) and torch.equal(vs[..., :n16].view(torch.uint8), vs_ref.view(torch.uint8))
     assert not vp[..., n2:].any()

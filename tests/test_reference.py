@@ -109,6 +109,8 @@ def _brute(q, k, v, blk_mask, *, causal, fmt, p_tile, block_size=64):
     """Per-row loop, written independently of the reference: per key the FP16 or FP4 score, one softmax, FP16 keys'
     P~ rounded to the input dtype, FP4 keys' P~ quantized tile by tile with an explicit s1 = max/(448*6)."""
     f = get_format(fmt)
+    # Q, K, V with the reference's default NVFP4 scale rule "mse" (MXFP4 has one rule); P always with amax
+    qkw = {"scale_rule": "mse"} if fmt == "nvfp4" else {}
     B, Sq, Hq, D = q.shape
     Skv, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D)
@@ -118,12 +120,12 @@ def _brute(q, k, v, blk_mask, *, causal, fmt, p_tile, block_size=64):
         for h in range(Hq):
             hk = h // (Hq // Hkv)
             K, V = k[b, :, hk].float(), v[b, :, hk].float()
-            Kd, Vd = f.fake_quantize(k[b, :, hk], dim=-1), f.fake_quantize(v[b, :, hk], dim=0)
+            Kd, Vd = f.fake_quantize(k[b, :, hk], dim=-1, **qkw), f.fake_quantize(v[b, :, hk], dim=0, **qkw)
             for i in range(Sq):
                 n_vis = min(Skv, i + Skv - Sq + 1) if causal else Skv
                 if n_vis <= 0:
                     continue
-                qi, qid = q[b, i, h].float(), f.fake_quantize(q[b, i, h], dim=-1)
+                qi, qid = q[b, i, h].float(), f.fake_quantize(q[b, i, h], dim=-1, **qkw)
                 is16 = blk_mask[b, h, i // block_size][torch.arange(n_vis) // block_size]
                 s = torch.where(is16, (K[:n_vis] @ qi) * scale, (Kd[:n_vis] @ qid) * scale)
                 m = s.max()

@@ -96,11 +96,12 @@ def _fp4_only(q, k, v, rot):
     for b in range(B):
         for h in range(Hq):
             hk = h // (Hq // Hkv)
-            qq = nvfp4.fake_quantize(maybe_rotate(q[b, :, h], rot))
-            kq = nvfp4.fake_quantize(maybe_rotate(k[b, :, hk], rot))
+            # the reference's default NVFP4 scale rule is "mse" (tests/test_scale_rule.py covers both rules)
+            qq = nvfp4.fake_quantize(maybe_rotate(q[b, :, h], rot), scale_rule="mse")
+            kq = nvfp4.fake_quantize(maybe_rotate(k[b, :, hk], rot), scale_rule="mse")
             s = qq @ kq.T / math.sqrt(D)
             p = torch.exp(s - s.amax(-1, keepdim=True))
-            out[b, :, h] = quantize_p(p) @ nvfp4.fake_quantize(v[b, :, hk], dim=0) / p.sum(-1, keepdim=True)
+            out[b, :, h] = quantize_p(p) @ nvfp4.fake_quantize(v[b, :, hk], dim=0, scale_rule="mse") / p.sum(-1, keepdim=True)
     return out
 
 
@@ -165,7 +166,7 @@ def test_decode_reference_follows_the_cache(rng_seed):
         c = caches[rot] = ThriftKVCache(2, H, D, capacity=64, qk_rotation=rot)
         c.append(k, v, num_new=[L, 200])
         kp, ks, _, _ = c.fp4_contract(0)
-        rk = nvfp4.quantize(maybe_rotate(k[:1], rot), dim=-1)
+        rk = nvfp4.quantize(maybe_rotate(k[:1], rot), dim=-1, scale_rule="mse")  # the cache's default rule
         assert torch.equal(kp[:, :L], rk.packed) and torch.equal(ks[:, :L].view(torch.uint8), rk.scales.view(torch.uint8))
         assert torch.equal(c.kmean, caches["none"].kmean)  # selection: block means of the unrotated K
     flags = select_decode_blocks(q, caches["none"], 0.0)
@@ -196,8 +197,8 @@ def test_quant_kernel_rotation_bit_exact(D, dtype, rng_seed):
     q[0, 0, 0] = 0  # zero row
     q[0, 1, 0] = 1e-6  # underflowing row
     Qp, Qs, Kp, Ks, Vp, Vs, Km, Kd, Vd = quantize_for_prefill(q, k, v, with_dq=True, rotate=True)
-    rq = nvfp4.quantize(hadamard_rotate(q), dim=-1)
-    rk = nvfp4.quantize(hadamard_rotate(k), dim=-1)
+    rq = nvfp4.quantize(hadamard_rotate(q), dim=-1, scale_rule="mse")  # the quantizer's default rule
+    rk = nvfp4.quantize(hadamard_rotate(k), dim=-1, scale_rule="mse")
     assert torch.equal(Qp, rq.packed) and torch.equal(Qs, rq.scales.view(torch.uint8))
     assert torch.equal(Kp, rk.packed) and torch.equal(Ks, rk.scales.view(torch.uint8))
     assert torch.equal(Kd, nvfp4.dequantize(rk.packed, rk.scales, dim=-1).to(dtype))
