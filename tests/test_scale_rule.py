@@ -127,7 +127,8 @@ def test_budget_one_unaffected(rng_seed):
 
 def test_mse_lowers_fp4_error(rng_seed):
     """The lever, on random data (a test that can fail): rel L2 vs exact attention at budget 0 (and 0.05) is lower
-    with "mse". Measured on seeds 0..5 (CPU, 2026-11-22): mse/amax = 0.88-0.92 at budget 0, 0.87-0.93 at 0.05."""
+    with "mse". Measured on seeds 0..25 (CPU, 2026-11-22, MSE_SCALE_STEPS = (-1, 1, 2)): mse/amax <= 0.951 at
+    budget 0, <= 0.958 at 0.05 (with the earlier 5 candidates: 0.88-0.92 and 0.87-0.93 on seeds 0..5)."""
     g = torch.Generator().manual_seed(rng_seed)
     q = torch.randn(1, 200, 4, 64, generator=g).half()
     k, v = (torch.randn(1, 200, 1, 64, generator=g).half() for _ in range(2))
@@ -136,8 +137,8 @@ def test_mse_lowers_fp4_error(rng_seed):
     err5 = {r: rel_l2(thrift_attention_ref(q, k, v, budget=0.05, scale_rule=r), e) for r in ("amax", "mse")}
     print(f"rel L2 vs exact, budget 0: amax {err['amax']:.4f} mse {err['mse']:.4f}; budget 0.05: amax "
           f"{err5['amax']:.4f} mse {err5['mse']:.4f}")
-    assert err["mse"] < 0.96 * err["amax"]
-    assert err5["mse"] < 0.97 * err5["amax"]
+    assert err["mse"] < 0.975 * err["amax"]
+    assert err5["mse"] < 0.985 * err5["amax"]
 
 
 def test_bad_values_and_mxfp4_fallback(rng_seed):
