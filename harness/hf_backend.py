@@ -545,7 +545,9 @@ def _kernels_usable(q: torch.Tensor, cfg: ThriftConfig) -> bool:
             raise ThriftUnsupported(f"thrift attention: device_policy='kernel' needs CUDA tensors, got {q.device}")
         return False
     why = None
-    if cfg.replace(hadamard=False).has_levers or cfg.mode != "thrift" or cfg.fmt != "nvfp4" or cfg.p_tile != 64:
+    # hadamard and scale_rule are kernel options (qk_rotation, scale_rule); the other levers are emulation-only
+    if cfg.replace(hadamard=False, scale_rule="amax").has_levers or cfg.mode != "thrift" or cfg.fmt != "nvfp4" \
+            or cfg.p_tile != 64:
         why = "levers / non-default options are implemented in the reference only"
     elif q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
         why = f"the kernels take fp16/bf16 and head_dim 64/128 (got {q.dtype}, D={q.shape[-1]})"
@@ -569,14 +571,15 @@ def _dispatch(q, k, v, cfg: ThriftConfig, *, causal: bool, scale, layer_idx=None
         fp4 = cache.fp4_layer(layer_idx) if (cache is not None and layer_idx is not None) else None
         rot = "hadamard" if cfg.hadamard else "none"
         if Sq == 1 and causal and fp4 is not None and fp4.batch == q.shape[0] and fp4.lengths == [k.shape[1]] * fp4.batch \
-                and fp4.qk_rotation == rot:
+                and fp4.qk_rotation == rot and fp4.scale_rule == cfg.scale_rule:
             # Decode over the FP16 + FP4 mirror (kernel selection rule: per KV head, complete blocks, the partial
             # last block in FP16 -- see kernels/decode_interface.py).
             from kernels.decode_interface import thrift_decode
             return thrift_decode(q.contiguous(), fp4, budget=cfg.budget, selection=cfg.selection, softmax_scale=scale)
         from kernels.interface import thrift_attention
         return thrift_attention(q.contiguous(), k.contiguous(), v.contiguous(), budget=cfg.budget, causal=causal,
-                                selection=cfg.selection, fmt=cfg.fmt, softmax_scale=scale, qk_rotation=rot)
+                                selection=cfg.selection, fmt=cfg.fmt, softmax_scale=scale, qk_rotation=rot,
+                                scale_rule=cfg.scale_rule)
     return emulated_attention(q, k, v, cfg, causal=causal, softmax_scale=scale)
 
 
@@ -608,12 +611,13 @@ def make_thrift_cache(config=None, *, keep_fp4: bool = True):
                 from kernels.kv_cache import ThriftKVCache
                 c = self._fp4.get(layer_idx)
                 B, Hkv, T, D = key_states.shape
-                if c is None:  # FP4 K stored rotated iff the active config rotates (else decode falls back)
+                if c is None:  # FP4 K/V encoded as the active config says (decode falls back on a mismatch)
                     cfg = active_config()
                     rot = "hadamard" if (cfg is not None and cfg.hadamard) else "none"
+                    rule = cfg.scale_rule if cfg is not None else "amax"
                     c = self._fp4[layer_idx] = ThriftKVCache(B, Hkv, D, dtype=key_states.dtype,
                                                              device=key_states.device,
-                                                             capacity=max(1024, T), qk_rotation=rot)
+                                                             capacity=max(1024, T), qk_rotation=rot, scale_rule=rule)
                 c.append(key_states.transpose(1, 2).contiguous(), value_states.transpose(1, 2).contiguous())
             _STATE.cache = self
             return out

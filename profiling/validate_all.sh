@@ -21,6 +21,11 @@ for sel in fp16_d64_causal fp16_d64_full fp16_d128_causal fp16_d128_full bf16_d6
 done
 timeout 400 python -m pytest -q -p no:cacheprovider -rfE -s tests/test_decode_gpu.py > $W/t_decode.log 2>&1 & pids+=($!)
 timeout 400 python -m pytest -q -p no:cacheprovider -rfE -s -m gpu tests/test_codecs.py > $W/t_codecs.log 2>&1 & pids+=($!)
+# the other GPU-marked files (rotation / scale-rule lever tests, the transformers backend on the kernels)
+for f in $(grep -l "mark.gpu\|pytestmark = pytest.mark.gpu" tests/test_*.py); do
+  case $f in tests/test_prefill_gpu.py|tests/test_decode_gpu.py|tests/test_codecs.py) continue ;; esac
+  timeout 400 python -m pytest -q -p no:cacheprovider -rfE -s -m gpu $f > $W/t_$(basename $f .py).log 2>&1 & pids+=($!)
+done
 for tool in memcheck racecheck; do
   (timeout 300 compute-sanitizer --tool $tool --report-api-errors no python profiling/prefill/sanitize_case.py > $W/prefill_$tool.log 2>&1) & pids+=($!)
   (timeout 300 compute-sanitizer --tool $tool --report-api-errors no --kernel-name kns=Thrift \
@@ -32,6 +37,13 @@ touch $FLAG; wait $BENCH
 timeout 200 python -m kernels.decode_bench --out $W/decode_bench.json --ctas-per-sm 8 10 --stages 2 3 --no-fa4 \
   > $W/decode_bench.log 2>&1
 echo "phase B done $(date -u)" >> $W/device.txt
+# Phase C: Nsight Compute --set full of one split-KV decode launch, B=1, L=128k, budget 0.05 (the issue-4 goal shape)
+if [ "${SKIP_NCU:-0}" != 1 ]; then
+  OUTDIR=$W/ncu timeout 300 bash profiling/ncu/run.sh full thrift-decode-f0.05 1,1,131072,32,8,128 decode \
+    > $W/ncu_decode.log 2>&1
+  for r in $W/ncu/*.ncu-rep; do [ -f "$r" ] && ncu --import "$r" --page details > ${r%.ncu-rep}.details.txt 2>&1; done
+  echo "phase C done $(date -u)" >> $W/device.txt
+fi
 {
   echo "== device"; cat $W/device.txt
   echo "== test results (file: last line)"
@@ -41,6 +53,8 @@ echo "phase B done $(date -u)" >> $W/device.txt
   echo "== sanitizers"; for f in $W/*memcheck.log $W/*racecheck.log; do echo "$(basename $f): $(grep -E 'SUMMARY' $f | tail -1)"; done
   echo "== prefill bench"; grep -E "S=|\|" $W/prefill_bench.log | tail -30
   echo "== decode bench"; tail -n 40 $W/decode_bench.log
+  echo "== ncu decode (B=1, 128k, b=0.05)"; tail -n 5 $W/ncu_decode.log 2>/dev/null
+  grep -hE "^  [A-Z].*(Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issued Ipc|Warp Cycles Per Issued|No Eligible|Theoretical Occupancy) " $W/ncu/*.details.txt 2>/dev/null | head -20
 } > $OUT/summary.txt 2>&1
 tar -C $W -czf $OUT/validate.tar.gz .
 cat $OUT/summary.txt

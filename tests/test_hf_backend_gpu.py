@@ -28,19 +28,22 @@ def _tiny_llama():
     return m
 
 
-def test_prefill_kernel_path_matches_exact_and_reference():
+@pytest.mark.parametrize("levers", [{}, {"hadamard": True, "scale_rule": "mse"}], ids=["paper", "hadamard+mse"])
+def test_prefill_kernel_path_matches_exact_and_reference(levers):
+    """Paper numerics and the kernels' defaults (Hadamard Q/K rotation + mse scale rule) on the kernel path."""
     model = _tiny_llama()
     ids = torch.randint(0, 101, (1, 333), device="cuda")  # not a multiple of 64
     with torch.no_grad():
         ref = model(ids).logits.float()
-        with hb.use_thrift(model, hb.ThriftConfig(budget=1.0, device_policy="kernel")):
+        with hb.use_thrift(model, hb.ThriftConfig(budget=1.0, device_policy="kernel", **levers)):
             k100 = model(ids).logits.float()
-        with hb.use_thrift(model, hb.ThriftConfig(budget=0.05, device_policy="kernel")):
+        with hb.use_thrift(model, hb.ThriftConfig(budget=0.05, device_policy="kernel", **levers)):
             k5 = model(ids).logits.float()
-        with hb.use_thrift(model, hb.ThriftConfig(budget=0.05, device_policy="reference")):
+        with hb.use_thrift(model, hb.ThriftConfig(budget=0.05, device_policy="reference", **levers)):
             r5 = model(ids).logits.float()
     e100, e5, d5 = rel_l2(k100, ref), rel_l2(k5, r5), rel_l2(r5, ref)
-    print(f"budget 1.0 kernel vs sdpa {e100:.2e}; budget 0.05 kernel vs reference {e5:.2e}; reference vs sdpa {d5:.2e}")
+    print(f"{levers}: budget 1.0 kernel vs sdpa {e100:.2e}; budget 0.05 kernel vs reference {e5:.2e}; "
+          f"reference vs sdpa {d5:.2e}")
     assert e100 <= 5e-3
     assert d5 > 1e-3  # FP4 really changes the logits, so the kernel/reference comparison means something
     assert e5 <= 0.1 * d5  # the kernel path computes the reference's numbers, not something else

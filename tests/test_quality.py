@@ -49,12 +49,14 @@ def test_emulation_matches_reference(Sq, Skv, dtype, budget, sel, rng_seed):
     k = (torch.randn(1, Skv, 2, 64, generator=g) + 2 * torch.randn(64, generator=g)).to(dtype)
     v = torch.randn(1, Skv, 2, 64, generator=g).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 4e-3  # 16-bit outputs: an ulp flip of one element
-    for rot in ("none", "hadamard"):  # ThriftConfig(hadamard=) <-> the reference's qk_rotation
-        ref = thrift_attention_ref(q, k, v, budget=budget, selection=sel, qk_rotation=rot)
-        out = hb.emulated_attention(q, k, v, hb.ThriftConfig(budget=budget, selection=sel, hadamard=rot == "hadamard"),
-                                    row_chunk=128)
+    # ThriftConfig(hadamard=, scale_rule=) <-> the reference's qk_rotation / scale_rule (paper numerics and the
+    # kernels' defaults)
+    for rot, rule in (("none", "amax"), ("hadamard", "mse")):
+        ref = thrift_attention_ref(q, k, v, budget=budget, selection=sel, qk_rotation=rot, scale_rule=rule)
+        cfg = hb.ThriftConfig(budget=budget, selection=sel, hadamard=rot == "hadamard", scale_rule=rule)
+        out = hb.emulated_attention(q, k, v, cfg, row_chunk=128)
         assert out.dtype == dtype and not torch.isnan(out).any()
-        assert rel_l2(out, ref) <= tol, rot
+        assert rel_l2(out, ref) <= tol, (rot, rule)
 
 
 def test_quantize_p_fused_bit_identical(rng_seed):
