@@ -108,11 +108,12 @@ def _e4m3_code_of(s, *, loc=None, ip=None) -> Uint32:
 
 @dsl_user_op
 def _e4m3_candidate(code, step: int, *, loc=None, ip=None):
-    """(code + step as u32, the fp32 value of its low byte as E4M3). Out-of-range codes give garbage values that
-    _mse_pick never takes."""
+    """(code + step as u32, the fp32 E4M3 value of that code clamped to [1, 126]). Out-of-range codes are never
+    taken by _mse_pick; the clamp only keeps their (discarded) SSE off the NaN / zero divisors of div.rn's slow
+    path."""
     res = _asm(llvm.StructType.get_literal([T.i32(), T.f32()]), [Uint32(code).ir_value(loc=loc, ip=ip)],
                "{\n\t.reg .b16 e;\n\t.reg .b32 h2, w;\n\t.reg .f16 h;\n\t"
-               f"add.s32 $0, $2, {int(step)};\n\tand.b32 w, $0, 255;\n\tcvt.u16.u32 e, w;\n\t"
+               f"add.s32 $0, $2, {int(step)};\n\tmax.s32 w, $0, 1;\n\tmin.s32 w, w, 126;\n\tcvt.u16.u32 e, w;\n\t"
                "cvt.rn.f16x2.e4m3x2 h2, e;\n\tmov.b32 {h, _}, h2;\n\tcvt.f32.f16 $1, h;\n\t}",
                "=r,=f,r")
     return (Uint32(llvm.extractvalue(T.i32(), res, [0], loc=loc, ip=ip)),
@@ -161,6 +162,14 @@ def _mse_pick(err, best_err, ok, code, best_code, s, best_s, *, loc=None, ip=Non
             Float32(llvm.extractvalue(T.f32(), res, [2], loc=loc, ip=ip)))
 
 
+@dsl_user_op
+def _select_f32(pred, a, b, *, loc=None, ip=None) -> Float32:
+    """a if pred != 0 else b."""
+    return Float32(_asm(T.f32(), [Int32(pred).ir_value(loc=loc, ip=ip), Float32(a).ir_value(loc=loc, ip=ip),
+                                  Float32(b).ir_value(loc=loc, ip=ip)],
+                        "{\n\t.reg .pred p;\n\tsetp.ne.s32 p, $1, 0;\n\tselp.f32 $0, $2, $3, p;\n\t}", "=f,r,f,f"))
+
+
 def nvfp4_mse_scale(xs, s, ok, steps=None):
     """The NVFP4 "mse" scale rule on one group, in registers: xs = the group's 16 fp32 values, s = its amax scale
     (E4M3_RNE(min(amax/6, 448)) as fp32), ok = the group is finite and s > 0 (Int32/Boolean; else s is kept).
@@ -174,7 +183,11 @@ def nvfp4_mse_scale(xs, s, ok, steps=None):
         raise ValueError(f"nvfp4_mse_scale: a group has 16 values, got {len(ax)}")
     okw = Int32(ok)
     code = _e4m3_code_of(s)
-    best_err, best_code, best_s = _sse16(ax, s), code, Float32(s)
+    # groups that keep their scale anyway (!ok: flushed, NaN) evaluate at 1.0, not at 0 / NaN: their results are
+    # discarded, and a zero or NaN divisor would send all 16 divisions into div.rn's slow path (e.g. the decode
+    # kernel's zero-padded query heads)
+    s_eval = _select_f32(okw, s, Float32(1.0))
+    best_err, best_code, best_s = _sse16(ax, s_eval), code, Float32(s)
     for d in steps:
         cd, sd = _e4m3_candidate(code, d)
         best_err, best_code, best_s = _mse_pick(_sse16(ax, sd), best_err, okw, cd, best_code, sd, best_s)

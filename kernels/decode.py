@@ -302,14 +302,20 @@ class ThriftDecodeSplitKV:
     the FP4 tiles (the Hadamard-rotated query when the cache stores rotated K, else q16 again); flags uint8 [B, Hkv, NBLK]
     (1 = read this block from the FP16 cache); lens int32 [B]; o_part fp32 [B, Hq, NS, D]; lse_part fp32
     [B, Hq, NS]. Scalars: scale_log2 = softmax_scale * log2(e); tiles_per_split.
-    scale_rule (static): the NVFP4 scale rule of the in-register query quantization -- "mse" (the cache's default:
-    kernels/arch_paths.nvfp4_mse_scale with quant.nvfp4.MSE_SCALE_STEPS read at construction) or "amax". P always
-    uses the amax rule (quantized per tile in registers).
+    scale_rule (static): how qr becomes the FP4 tiles' query. "pre" (what kernels.thrift_decode uses): qr already
+    holds dq(NVFP4(q)) in the input dtype (exact: E2M1 x E4M3 products fit fp16/bf16), quantized once per call by the
+    prefill quantizer kernel (decode_interface.prequantize_query) -- not once per CTA, which with 128 splits per
+    head repeated the same work 128 times on every CTA's critical path (the "mse" rule made that prologue ~18 us
+    longer at B=1, 128k). "mse" / "amax": qr is quantized here in registers with that rule (kernels/arch_paths
+    .nvfp4_mse_scale with quant.nvfp4.MSE_SCALE_STEPS read at construction). P always uses the amax rule
+    (quantized per tile in registers).
     """
 
     def __init__(self, head_dim: int, group: int, is_bf16: bool, arch: int = 90, prefetch: int = DEFAULT_PREFETCH,
                  fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = DEFAULT_STAGES, scale_rule: str = "mse"):
-        self.scale_rule = check_scale_rule(scale_rule, "ThriftDecodeSplitKV")
+        if scale_rule != "pre":  # "pre": qr already holds dq(NVFP4(q)), quantized before the launch
+            check_scale_rule(scale_rule, "ThriftDecodeSplitKV")
+        self.scale_rule = scale_rule
         self.mse_steps = mse_scale_steps() if scale_rule == "mse" else ()
         if stages not in (2, 3):
             raise ValueError(f"stages (cp.async shared-memory stages of FP4 tiles) must be 2 or 3, got {stages}")
@@ -433,7 +439,9 @@ class ThriftDecodeSplitKV:
             for w in qw:
                 xs += unpack2(w, bf)
             dq = [None] * (D // 4)
-            for grp in cutlass.range_constexpr(D // 64):
+            if const_expr(self.scale_rule == "pre"):  # qr = dq(NVFP4(q)) already (exact in fp16)
+                dq = xs
+            for grp in cutlass.range_constexpr(0 if self.scale_rule == "pre" else D // 64):
                 amax = Float32(0.0)
                 for i in cutlass.range_constexpr(16):
                     amax = cute.arch.fmax(amax, abs(xs[16 * grp + i]))

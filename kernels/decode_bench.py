@@ -46,7 +46,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from kernels.decode import DEFAULT_PREFETCH
-    from kernels.decode_interface import _arch, _get_kernels, decode_fwd, plan_splits, select_decode_blocks, thrift_decode
+    from kernels.decode_interface import _arch, _get_kernels, decode_fwd, plan_splits, prequantize_query, select_decode_blocks, thrift_decode
     from kernels.kv_cache import BLOCK, ThriftKVCache, relayout_tiles, tile_bytes
     from quant.rotation import maybe_rotate
 
@@ -56,7 +56,7 @@ def main(argv=None):
 
     def kernels_pf(pf, layout=None, stages=None):  # (decode, combine) compiled with L2 prefetch distance pf
         return _get_kernels(args.d, args.hkv, args.hq // args.hkv, torch.bfloat16, _arch(dev), pf,
-                            layout or cache.fp4_layout, stages)
+                            layout or cache.fp4_layout, stages, scale_rule="pre")
 
     def time_pair(pf, flags, ns_, tps_, layout=None, tiles=None, stages=None):
         kd_, kc_ = kernels_pf(pf, layout, stages)
@@ -123,7 +123,9 @@ def main(argv=None):
                     row["fa4_err"] = repr(e)[:200]
             del kt, vt, qt
             q16 = q[:, 0].contiguous()
-            q_rot = maybe_rotate(q16, cache.qk_rotation).contiguous()  # the query of the FP4 tiles
+            # the FP4 tiles' query, quantized once per call as thrift_decode does (its time is reported separately)
+            q_rot = prequantize_query(q16, cache.qk_rotation, cache.scale_rule)
+            row["q_prequantize_ms"] = _bench(lambda: prequantize_query(q16, cache.qk_rotation, cache.scale_rule))
             ns, tps = plan_splits(-(-L // BLOCK), B, H, props.multi_processor_count)
             lens = cache.lengths_tensor(dev)
             for bud in args.budgets:
@@ -137,7 +139,7 @@ def main(argv=None):
                 lse_part = torch.empty((B, HQ, ns), dtype=torch.float32, device=dev)
                 o_out = torch.empty((B, 1, HQ, D), dtype=dt, device=dev)
                 l_out = torch.empty((B, HQ), dtype=torch.float32, device=dev)
-                kd, kc = _get_kernels(D, H, HQ // H, dt, _arch(dev), None, cache.fp4_layout)
+                kd, kc = _get_kernels(D, H, HQ // H, dt, _arch(dev), None, cache.fp4_layout, scale_rule="pre")
 
                 def fk():
                     kd(cache.tiles, cache.k16, cache.v16, q16, q_rot, flags, lens, o_part, lse_part,
@@ -145,10 +147,10 @@ def main(argv=None):
                     kc(o_part, lse_part, o_out, l_out)
                 fk()
                 ref_o = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
-                                   cache.fp4_layout)[0]
+                                   cache.fp4_layout, -1, "pre")[0]
                 assert torch.equal(ref_o, o_out)
                 fo = lambda: decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,  # noqa: E731
-                                        cache.fp4_layout)
+                                        cache.fp4_layout, -1, "pre")
                 fe = lambda: thrift_decode(q, cache, budget=bud)  # noqa: E731
                 tk = _bench(fk)
                 te = _bench(fe)
@@ -156,6 +158,13 @@ def main(argv=None):
                     row["b0.05_decode_only_ms"] = _bench(lambda: kd(cache.tiles, cache.k16, cache.v16, q16, q_rot, flags, lens,
                                                                     o_part, lse_part, scale * math.log2(math.e), tps))
                     row["b0.05_combine_only_ms"] = _bench(lambda: kc(o_part, lse_part, o_out, l_out))
+                    # A/B: the query quantized in every CTA with the cache's rule (the path before "pre")
+                    kd_in, _ = _get_kernels(D, H, HQ // H, dt, _arch(dev), None, cache.fp4_layout,
+                                            scale_rule=cache.scale_rule)
+                    q_r = maybe_rotate(q16, cache.qk_rotation).contiguous()
+                    row["b0.05_decode_only_inkernel_q_ms"] = _bench(
+                        lambda: kd_in(cache.tiles, cache.k16, cache.v16, q16, q_r, flags, lens, o_part, lse_part,
+                                      scale * math.log2(math.e), tps))
                 row[f"b{bud}_kernel_ms"] = tk
                 row[f"b{bud}_op_ms"] = _bench(fo)
                 row[f"b{bud}_e2e_ms"] = te
@@ -179,9 +188,9 @@ def main(argv=None):
                             -(-L // BLOCK), B, H, props.multi_processor_count, {"ctas_per_sm": c_})
                         row[f"b0.05_st{st}_ns{n2}_kernel_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2, stages=st)
                     o_st = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
-                                      cache.fp4_layout, st)
+                                      cache.fp4_layout, st, "pre")
                     o_2 = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
-                                     cache.fp4_layout, 2)
+                                     cache.fp4_layout, 2, "pre")
                     row[f"st{st}_bit_identical_to_st2"] = torch.equal(o_st[0], o_2[0]) and torch.equal(o_st[1], o_2[1])
             lay_tiles = {}
             if args.fp4_layout:  # same codes, other word layouts; outputs must agree bit for bit
@@ -195,7 +204,7 @@ def main(argv=None):
                         row[f"b0.05_{lay}_ns{n2}_kernel_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2, lay,
                                                                           lay_tiles[lay])
                     outs[lay] = decode_fwd(q16, q_rot, lay_tiles[lay], cache.k16, cache.v16, flags, lens, scale, ns, tps,
-                                           -1, lay)
+                                           -1, lay, -1, "pre")
                 ref_lay = outs[args.fp4_layout[0]]
                 row["fp4_layouts_bit_identical"] = all(torch.equal(o[0], ref_lay[0]) and torch.equal(o[1], ref_lay[1])
                                                        for o in outs.values())

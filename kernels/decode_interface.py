@@ -77,6 +77,21 @@ def plan_splits(max_tiles: int, batch: int, num_kv_heads: int, num_sms: int, sch
     return -(-max_tiles // tps), tps
 
 
+def prequantize_query(q16: torch.Tensor, qk_rotation: str, scale_rule: str) -> torch.Tensor:
+    """dq(NVFP4(rotated q16)) [B, Hq, D] in q16's dtype (exact), for the decode kernel's scale_rule="pre" query:
+    one launch of the prefill quantizer kernel (Hadamard rotation and the scale rule in registers, bit-identical to
+    quant.nvfp4.quantize(hadamard_rotate(q16), scale_rule=...)) on a [B, 1, Hq, D] view plus a dequantize -- once
+    per call instead of once per split-KV CTA."""
+    from quant import nvfp4
+
+    from .interface import quantize_for_prefill
+
+    B, HQ, D = q16.shape
+    kv = q16.new_zeros((B, 1, 1, D))  # the quantizer also takes K/V: one zero token, its outputs are dropped
+    qp, qs = quantize_for_prefill(q16[:, None], kv, kv, rotate=qk_rotation == "hadamard", scale_rule=scale_rule)[:2]
+    return nvfp4.dequantize(qp, qs.view(torch.float8_e4m3fn)).to(q16.dtype)[:, 0].contiguous()
+
+
 @torch.library.custom_op("thrift::decode_fwd", mutates_args=())
 def decode_fwd(q16: torch.Tensor, q_rot: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: torch.Tensor,
                flags: torch.Tensor, lens: torch.Tensor, softmax_scale: float, num_splits: int,
@@ -87,8 +102,8 @@ def decode_fwd(q16: torch.Tensor, q_rot: torch.Tensor, tiles: torch.Tensor, k16:
     query NVFP4-quantized inside the kernel for the FP4 tiles (hadamard_rotate(q16), or q16 itself without rotation);
     tiles/k16/v16/flags/lens from the cache; prefetch: L2 prefetch distance in tiles (-1 = the default);
     fp4_layout: the bit order of the tiles' code words (the cache's fp4_layout); stages: cp.async stages of FP4
-    tiles (2 or 3, -1 = the default); scale_rule: the NVFP4 scale rule of the in-kernel query quantization (the
-    cache's scale_rule: "mse" or "amax").
+    tiles (2 or 3, -1 = the default); scale_rule: "pre" (q_rot = prequantize_query(...), what thrift_decode passes)
+    or the NVFP4 rule of an in-kernel quantization of q_rot ("mse" or "amax", the cache's scale_rule).
     Returns O [B, 1, Hq, D] (q16's dtype) and LSE fp32 [B, Hq]."""
     B, HQ, D = q16.shape
     hkv = tiles.shape[2]
@@ -98,7 +113,7 @@ def decode_fwd(q16: torch.Tensor, q_rot: torch.Tensor, tiles: torch.Tensor, k16:
     lse_part = torch.empty((B, HQ, num_splits), dtype=torch.float32, device=q16.device)
     out = torch.empty((B, 1, HQ, D), dtype=q16.dtype, device=q16.device)
     lse = torch.empty((B, HQ), dtype=torch.float32, device=q16.device)
-    with phase("attention"):  # split-KV kernel (q's NVFP4 quantization happens inside it)
+    with phase("attention"):  # split-KV kernel
         dec(tiles, k16, v16, q16, q_rot, flags, lens, o_part, lse_part, softmax_scale * math.log2(math.e), tiles_per_split)
     with phase("combine"):
         comb(o_part, lse_part, out, lse)
@@ -223,11 +238,10 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
             flags = select_decode_blocks(q, cache, budget, selection)
     B, H = cache.batch, cache.num_kv_heads
     q16 = q[:, 0].contiguous()
-    # the FP4 tiles hold NVFP4 of the rotated K (cache.qk_rotation): the kernel quantizes q_rot for them, the FP16
-    # tiles keep q16. "none": q16 twice (the same compiled kernel).
-    from quant.rotation import maybe_rotate
-
-    q_rot = maybe_rotate(q16, cache.qk_rotation).contiguous()
+    # the FP4 tiles hold NVFP4 of the rotated K (cache.qk_rotation) with the cache's scale rule: their query is
+    # dq(NVFP4(rotated q)) with the same rule, computed once here; the FP16 tiles keep q16.
+    with phase("quantize"):  # once per call, not per CTA (ThriftDecodeSplitKV scale_rule="pre")
+        q_rot = prequantize_query(q16, cache.qk_rotation, cache.scale_rule)
     max_tiles = max(1, -(-cache.max_length // BLOCK))
     ns, tps = plan_splits(max_tiles, B, H, torch.cuda.get_device_properties(q.device).multi_processor_count,
                           schedule)
@@ -238,5 +252,5 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
     if st not in (-1, 2, 3):
         raise ValueError(f"{where}: schedule['stages'] must be 2 or 3, got {st}")
     out, lse = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, cache.lengths_tensor(q.device),
-                          float(scale), ns, tps, pf, cache.fp4_layout, st, cache.scale_rule)
+                          float(scale), ns, tps, pf, cache.fp4_layout, st, "pre")
     return (out, lse) if return_lse else out

@@ -358,3 +358,23 @@ def test_decode_mse_appends_bit_identical(rng_seed):
     assert c1.scale_rule == "mse" and torch.equal(c1.tiles[:, :4], c2.tiles[:, :4])
     q = torch.randn((1, 1, 4 * H, D), generator=g, device="cuda").half()
     assert torch.equal(thrift_decode(q, c1, budget=0.3), thrift_decode(q, c2, budget=0.3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rot,rule", [("hadamard", "mse"), ("none", "amax"), ("hadamard", "amax")])
+def test_decode_prequantized_query_bit_identical(dt, rot, rule, rng_seed):
+    """thrift_decode's query for the FP4 tiles (decode_interface.prequantize_query: the prefill quantizer kernel on a
+    [B, 1, Hq, D] view, then dequantize) == the codec on the rotated query, bit for bit, incl. zero and tiny groups."""
+    from kernels.decode_interface import prequantize_query
+    from quant import nvfp4
+    from quant.rotation import maybe_rotate
+    g = torch.Generator(device="cuda").manual_seed(rng_seed)
+    for D in (64, 128):
+        q = (torch.randn((5, 12, D), generator=g, device="cuda") * 3).to(dt)
+        q[0, 0] = 0
+        q[1, 1] *= 2.0 ** -12  # E4M3-subnormal group scales
+        got = prequantize_query(q.contiguous(), rot, rule)
+        want = nvfp4.fake_quantize(maybe_rotate(q, rot), -1, scale_rule=rule).to(dt)
+        assert got.dtype == dt and got.shape == q.shape
+        assert torch.equal(got, want), (D, (got != want).sum().item())
