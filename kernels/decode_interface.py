@@ -77,19 +77,67 @@ def plan_splits(max_tiles: int, batch: int, num_kv_heads: int, num_sms: int, sch
     return -(-max_tiles // tps), tps
 
 
+_QPRE: dict = {}  # compiled query quantizers, keyed on everything that changes the code
+_QPRE_SCRATCH: dict = {}  # their never-read outputs (Qp/Qs/Kp/Ks/Vp/Vs/Km/Vd) per shape
+
+
+def _query_quantizer(D: int, dtype: torch.dtype, arch: int, rotate: bool, scale_rule: str):
+    """The prefill quantizer kernel (quant/quant_kernel.py, with_dq=True) compiled once with fake tensors for TVM FFI
+    (torch tensors straight in, current stream: no per-call from_dlpack), for [B, S, 1, D] inputs."""
+    from quant.nvfp4 import MSE_SCALE_STEPS
+
+    key = (D, dtype, arch, bool(rotate), scale_rule, tuple(MSE_SCALE_STEPS) if scale_rule == "mse" else ())
+    fn = _QPRE.get(key)
+    if fn is None:
+        import cutlass
+        import cutlass.cute as cute
+        from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+        from quant.quant_kernel import QuantKernel
+
+        dt = cutlass.BFloat16 if dtype == torch.bfloat16 else cutlass.Float16
+        u8 = cutlass.Uint8
+        B, S, NKB = cute.sym_int(), cute.sym_int(), cute.sym_int()
+        VP, VS = cute.sym_int(divisibility=32), cute.sym_int(divisibility=4)
+
+        def f(t, shape):
+            return make_fake_compact_tensor(t, shape, stride_order=tuple(range(len(shape) - 1, -1, -1)),
+                                            assumed_align=16)
+        x = f(dt, (B, S, 1, D))
+        args = (x, x, x, f(u8, (B, S, 1, D // 2)), f(u8, (B, S, 1, D // 16)), f(u8, (B, S, 1, D // 2)),
+                f(u8, (B, S, 1, D // 16)), f(u8, (B, 1, D, VP)), f(u8, (B, 1, D, VS)),
+                f(cutlass.Float32, (B, NKB, 1, D)), f(dt, (B, S, 1, D)), f(dt, (B, S, 1, D)))
+        kern = QuantKernel(dt, D, with_dq=True, rotate=rotate, scale_rule=scale_rule)
+        fn = _QPRE[key] = cute.compile(kern, *args, make_fake_stream(use_tvm_ffi_env_stream=True),
+                                       options="--enable-tvm-ffi")
+    return fn
+
+
 def prequantize_query(q16: torch.Tensor, qk_rotation: str, scale_rule: str) -> torch.Tensor:
-    """dq(NVFP4(rotated q16)) [B, Hq, D] in q16's dtype (exact), for the decode kernel's scale_rule="pre" query:
-    one launch of the prefill quantizer kernel (Hadamard rotation and the scale rule in registers, bit-identical to
-    quant.nvfp4.quantize(hadamard_rotate(q16), scale_rule=...)) on a [B, 1, Hq, D] view plus a dequantize -- once
-    per call instead of once per split-KV CTA."""
-    from quant import nvfp4
+    """dq(NVFP4(rotated q16)) [B, Hq, D] in q16's dtype (exact), for the decode kernel's scale_rule="pre" query.
 
-    from .interface import quantize_for_prefill
-
+    One launch of the prefill quantizer kernel with q16 viewed as a [B, Hq, 1, D] "K": its with_dq output dq(K) is
+    exactly nvfp4.fake_quantize(hadamard_rotate(q16), scale_rule=...) (rotation and scale rule in registers, bit for
+    bit); the same view fills the Q/V slots (their outputs go to scratch). Once per call instead of once per
+    split-KV CTA, and through TVM FFI, so the host cost is one launch."""
     B, HQ, D = q16.shape
-    kv = q16.new_zeros((B, 1, 1, D))  # the quantizer also takes K/V: one zero token, its outputs are dropped
-    qp, qs = quantize_for_prefill(q16[:, None], kv, kv, rotate=qk_rotation == "hadamard", scale_rule=scale_rule)[:2]
-    return nvfp4.dequantize(qp, qs.view(torch.float8_e4m3fn)).to(q16.dtype)[:, 0].contiguous()
+    dev = q16.device
+    fn = _query_quantizer(D, q16.dtype, _arch(dev), qk_rotation == "hadamard", scale_rule)
+    x = q16.view(B, HQ, 1, D)
+    skey = (dev, q16.dtype, B, HQ, D)
+    sc = _QPRE_SCRATCH.get(skey)
+    if sc is None:
+        u8 = torch.uint8
+        skp = -(-HQ // 64) * 64
+        sc = _QPRE_SCRATCH[skey] = (
+            torch.empty((B, HQ, 1, D // 2), dtype=u8, device=dev), torch.empty((B, HQ, 1, D // 16), dtype=u8, device=dev),
+            torch.empty((B, HQ, 1, D // 2), dtype=u8, device=dev), torch.empty((B, HQ, 1, D // 16), dtype=u8, device=dev),
+            torch.empty((B, 1, D, skp // 2), dtype=u8, device=dev), torch.empty((B, 1, D, skp // 16), dtype=u8, device=dev),
+            torch.empty((B, skp // 64, 1, D), dtype=torch.float32, device=dev), torch.empty_like(x))
+    qp, qs, kp, ks, vp, vs, km, vd = sc  # written, never read (a race between streams on them is harmless)
+    kd = torch.empty_like(x)
+    fn(x, x, x, qp, qs, kp, ks, vp, vs, km, kd, vd)
+    return kd.view(B, HQ, D)
 
 
 @torch.library.custom_op("thrift::decode_fwd", mutates_args=())

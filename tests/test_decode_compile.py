@@ -72,3 +72,28 @@ def test_decode_compiles(tmp_path, arch, d, hkv, g, dt, layout, stages, rule):
         assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", info), info
         regs = int(re.search(r"Used (\d+) registers", info).group(1))
         assert regs <= 255
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch", [90, 120])
+def test_query_prequantizer_compiles(tmp_path, arch):
+    """thrift_decode's query quantizer (decode_interface._query_quantizer: the prefill quantizer, with_dq, TVM FFI)
+    compiles with fake tensors, with the Hadamard shuffles and the mse SSE in its PTX and 0 spills."""
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    env = dict(os.environ, CUTE_DSL_ARCH=f"sm_{arch}a", CUTE_DSL_KEEP="ptx,cubin", CUTE_DSL_DUMP_DIR=str(dump))
+    code = (f"import sys, torch; sys.path.insert(0, {ROOT!r}); import kernels.decode_interface as di; "
+            f"di._query_quantizer(128, torch.bfloat16, {arch}, True, 'mse')")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ptx = [p for p in dump.iterdir() if p.suffix == ".ptx"]
+    assert len(ptx) == 1, ptx
+    text = ptx[0].read_text()
+    assert "shfl.sync.bfly" in text and "mul.rn.f32 mse_e, mse_e, mse_e;" in text
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        pytest.skip("ptxas not on PATH")
+    out = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", str(ptx[0]), "-o", os.devnull], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", out.stdout + out.stderr)
