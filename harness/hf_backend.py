@@ -20,8 +20,10 @@ selected blocks, SageAttention3 two-level P quantization and FP4 V elsewhere -- 
 reference loop thanks to a fused (torch.compile) NVFP4 P quantizer that is bit-identical to
 ``quant.softmax_p.quantize_p`` (tests/test_quality.py compares the emulation with ``thrift_attention_ref``).
 CUDA with ``device_policy="auto"``: ``kernels.thrift_attention`` for prefill and ``kernels.thrift_decode`` over the
-cache's ``kernels.kv_cache.ThriftKVCache`` for decode (fp16/bf16 models only), when importable; levers and
-non-default options are reference-only and raise on the kernel path.
+cache's ``kernels.kv_cache.ThriftKVCache`` for decode (fp16/bf16 models only), when importable. The ``hadamard`` and
+``scale_rule`` levers are kernel options too (``qk_rotation`` / ``scale_rule``, the kernels' defaults); the other levers
+and non-default options are reference-only and raise on the kernel path. ThriftConfig's own defaults are the paper's
+numerics (levers off), so variant names like "thrift-5" keep meaning what the quality tables measured.
 
 Refused with a clear error, never computed differently: padding or any non-causal custom mask, sliding window,
 softcap, output_attentions, dropout/training, autograd (inputs requiring grad), position bias (ALiBi & co.).
@@ -548,7 +550,7 @@ def _kernels_usable(q: torch.Tensor, cfg: ThriftConfig) -> bool:
     # hadamard and scale_rule are kernel options (qk_rotation, scale_rule); the other levers are emulation-only
     if cfg.replace(hadamard=False, scale_rule="amax").has_levers or cfg.mode != "thrift" or cfg.fmt != "nvfp4" \
             or cfg.p_tile != 64:
-        why = "levers / non-default options are implemented in the reference only"
+        why = "these levers / non-default options are implemented in the reference only"
     elif q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
         why = f"the kernels take fp16/bf16 and head_dim 64/128 (got {q.dtype}, D={q.shape[-1]})"
     else:

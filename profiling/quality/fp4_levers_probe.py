@@ -7,10 +7,10 @@ Two subcommands on SmolLM2-135M over the Austen corpus (same windows as `python 
           combination; the others stay exact): which quantization dominates the error.
           python -m profiling.quality.fp4_levers_probe parts --variants fp4,thrift-5,thrift-5+hadamard --parts qkvp,qk,q,k,v,p
   nll     mean NLL and recovery of the FP4 -> exact gap (exact and fp4 rows from the same run) at one context,
-          with the "mse" scale rule's candidate set overridden (--mse-steps "1,2;-1,1,2": one row per set) and/or
+          with the "mse" scale rule's candidate set overridden (--mse-steps="1,2;-1,1,2": one row per set) and/or
           one more row with the "4/6" rule (per 16-group: scale from amax/6 or amax/4, the lower squared error
           wins; --four-six) instead of mse for Q/K/V.
-          python -m profiling.quality.fp4_levers_probe nll --variants thrift-5+hadamard+mse --mse-steps "1,2;-1,1,2" --four-six
+          python -m profiling.quality.fp4_levers_probe nll --variants thrift-5+hadamard+mse --mse-steps="1,2;-1,1,2" --four-six
 
 Both monkeypatch the emulation's quantizer hooks (harness.hf_backend._fq / quantize_p_fast) in this process only.
 """
