@@ -249,16 +249,6 @@ def quantize_p_fast(p: torch.Tensor, *, fmt: str = "nvfp4", p_tile: int = 64) ->
 
 
 # --------------------------------------------------------------------------------------------- selection
-def hadamard_matrix(d: int, device=None) -> torch.Tensor:
-    """Normalized Sylvester Hadamard matrix [d, d] (d a power of two), fp32, orthogonal (H H^T = I)."""
-    if d <= 0 or d & (d - 1):
-        raise ValueError(f"hadamard_matrix: d must be a power of two, got {d}")
-    h = torch.ones((1, 1))
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(d)).to(device=device, dtype=torch.float32)
-
-
 def select_for(q: torch.Tensor, k: torch.Tensor, cfg: ThriftConfig, causal: bool) -> torch.Tensor:
     """select_blocks result for cfg (int32 [B, Hq, nqb, k]), with the issue-7 selection levers."""
     bs = cfg.block_size

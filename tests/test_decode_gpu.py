@@ -83,20 +83,23 @@ def test_prefetch_distances(prefetch, rng_seed):
     _check(c, 32, 0.25, rng_seed, schedule={"prefetch": prefetch})
 
 
-def test_token_appends_match_one_shot_on_gpu(rng_seed):
-    """Token-by-token appends give the same FP4 tiles as one append, and the same decode output bit for bit."""
-    H, D, L = 2, 64, 200
+@pytest.mark.parametrize("D,dt", [(64, torch.float16), (128, torch.float16), (128, torch.bfloat16)])
+def test_token_appends_match_one_shot_on_gpu(D, dt, rng_seed):
+    """Token-by-token appends give the same FP4 tiles as one append, and the same decode output bit for bit (with the
+    cache's defaults: Hadamard-rotated K, mse scale rule)."""
+    H, L = 2, 200
     g = torch.Generator(device="cuda").manual_seed(rng_seed)
-    k = torch.randn((1, L, H, D), generator=g, device="cuda").half()
-    v = torch.randn((1, L, H, D), generator=g, device="cuda").half()
-    c1 = ThriftKVCache(1, H, D, capacity=64, dtype=torch.float16, device="cuda")
-    c2 = ThriftKVCache(1, H, D, capacity=256, dtype=torch.float16, device="cuda")
+    k = torch.randn((1, L, H, D), generator=g, device="cuda").to(dt)
+    v = torch.randn((1, L, H, D), generator=g, device="cuda").to(dt)
+    c1 = ThriftKVCache(1, H, D, capacity=64, dtype=dt, device="cuda")
+    c2 = ThriftKVCache(1, H, D, capacity=256, dtype=dt, device="cuda")
     for i in range(L):
         c1.append(k[:, i:i + 1], v[:, i:i + 1])
     c2.append(k, v)
+    assert c1.qk_rotation == "hadamard" and c1.scale_rule == "mse"
     nb = -(-L // 64)
     assert torch.equal(c1.tiles[:, :nb], c2.tiles[:, :nb])
-    q = torch.randn((1, 1, 2 * H, D), generator=g, device="cuda").half()
+    q = torch.randn((1, 1, 2 * H, D), generator=g, device="cuda").to(dt)
     o1 = thrift_decode(q, c1, budget=0.3)
     o2 = thrift_decode(q, c2, budget=0.3)
     assert torch.equal(o1, o2)

@@ -342,25 +342,6 @@ def test_decode_scale_rule_matches_reference(case, budget, rng_seed):
 
 
 @pytest.mark.gpu
-def test_decode_mse_appends_bit_identical(rng_seed):
-    from kernels.decode_interface import thrift_decode
-    from kernels.kv_cache import ThriftKVCache
-
-    H, D, L = 2, 128, 200
-    g = torch.Generator(device="cuda").manual_seed(rng_seed)
-    k = torch.randn((1, L, H, D), generator=g, device="cuda").half()
-    v = torch.randn((1, L, H, D), generator=g, device="cuda").half()
-    c1 = ThriftKVCache(1, H, D, capacity=64, dtype=torch.float16, device="cuda")
-    c2 = ThriftKVCache(1, H, D, capacity=256, dtype=torch.float16, device="cuda")
-    for i in range(L):
-        c1.append(k[:, i:i + 1], v[:, i:i + 1])
-    c2.append(k, v)
-    assert c1.scale_rule == "mse" and torch.equal(c1.tiles[:, :4], c2.tiles[:, :4])
-    q = torch.randn((1, 1, 4 * H, D), generator=g, device="cuda").half()
-    assert torch.equal(thrift_decode(q, c1, budget=0.3), thrift_decode(q, c2, budget=0.3))
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rot,rule", [("hadamard", "mse"), ("none", "amax"), ("hadamard", "amax")])
 def test_decode_prequantized_query_bit_identical(dt, rot, rule, rng_seed):
