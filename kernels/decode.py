@@ -2,8 +2,10 @@
 
 One CTA = one warp = (sequence b, KV head, split of the sequence). All G = Hq/Hkv query heads of the KV head
 share the CTA, so each cache byte is read once. The warp streams its 64-token tiles in order:
-  * FP4 tiles (not selected): the 72*D-byte decode tile is copied to shared memory with 16-byte cp.async,
-    double-buffered (tile i+1 in flight while tile i is computed); each thread then reads its fragments with
+  * FP4 tiles (not selected): the 72*D-byte decode tile is copied to shared memory with 16-byte cp.async
+    through a ring of `stages` slots (DecodeConfig): by default the tile goes as its K half and its V half, so
+    the K half's slot is refilled while P.V still runs and 3 half-tile slots keep a whole tile in flight (13.9
+    KB at D=128 instead of 18.4 for two whole-tile stages); each thread then reads its fragments with
     16-byte ld.shared (the cache layout makes them conflict-free), decodes E2M1 x E4M3 to exact fp16 in
     registers (the SM90 path: no FP4 tensor cores) -- with the cache's default "bits" word layout each f16x2 is
     a shift and a mask of the code word (s<<15 | (e1 e0 m)<<9 = E2M1 * 2^-14 in fp16) times scale * 2^7, the 2^7
@@ -13,14 +15,16 @@ share the CTA, so each cache byte is read once. The warp streams its 64-token ti
     P uses the contract's two-level scheme: per head and tile, x = 2688 * exp(S - tilemax) (= P~/s1 with
     s1 = rowmax/(448*6)), NVFP4 of x over 16 keys -- each thread holds exactly one 16-key group per head, so
     the group amax needs one shuffle -- and O += s1 * (P'.V') with s1 = exp(tilemax - m)/2688 in fp32. P's group
-    scales always use the amax rule; the query (quantized once per CTA in registers) uses the cache's scale_rule
-    ("mse" by default, the rule the cache's K and V scales were chosen with; kernels/arch_paths.nvfp4_mse_scale).
+    scales always use the amax rule; the query is dq(NVFP4(q)) with the cache's scale_rule, quantized once per
+    call before the launch ("pre"; or in registers per CTA, scale_rule "mse"/"amax").
   * FP16 tiles (selected blocks, and the partial last block which is always FP16): K and V read straight from
-    the 16-bit cache with 16-byte loads (keys beyond the length predicated off -> S = -inf, V = 0),
-    S = q.k in fp32, P~ = exp(S - m) rounded to the input dtype, O^T += V^T P~^T.
-Which tiles are FP4 is known up front: the CTA turns its selection flags into warp ballots, 32 tiles per
-global load (a 64-bit window), instead of a dependent flag load before every copy. An optional L2 bulk prefetch
-of tile it+d (`prefetch`, schedule key) exists but is off: it measured slower on an H100 at every shape.
+    the 16-bit cache with 16-byte loads, f16_depth m-tiles ahead (keys beyond the length predicated off ->
+    S = -inf, V = 0), S = q.k in fp32, P~ = exp(S - m) rounded to the input dtype, O^T += V^T P~^T.
+Which tiles a CTA takes: by default (f16_cost > 0) it finds its own contiguous range from the flags so that every
+split carries the same cost (an FP16 tile counts f16_cost FP4 tiles): two 16-flags-per-lane scans of the head's
+flags. Which tiles are FP4 is then known up front: the CTA turns its flags into warp ballots, 32 tiles per global
+load (a 64-bit window), instead of a dependent flag load before every copy. (An L2 bulk prefetch of the tiles
+ahead, FP4 and FP16, and of the FP16 tiles alone, was tried and removed: slower on an H100 at every shape.)
 Partial results (O/l, LSE) of each split go to an fp32 workspace; a second small kernel (B*Hq*D/32 CTAs,
 programmatic dependent launch) combines the splits through their LSEs. Softmax runs in the log2 domain; l sums
 the unquantized P~ (as the reference).
@@ -55,6 +59,7 @@ Arch difference (kept in `fp4_math_path`): both sm_90a and sm_120a run the regis
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
@@ -69,18 +74,56 @@ from .kv_cache import DEFAULT_FP4_LAYOUT, tile_bytes
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 P_SCALE = 448.0 * 6.0  # two-level P: x = P~ / s1, s1 = rowmax / (448 * 6)
-# L2 bulk prefetch distance in tiles (0 = off; d >= 2: tile it+d -> L2 while tile it+1 -> smem by cp.async).
-# Off by default: on an H100 (2026-11-22, profiling/RESULTS.md decode section) distances 2/3/4 were slower at every
-# shape, more so the deeper (B=8, 128k, budget 0.05: 547 / 630 / 719 / 821 us for 0 / 2 / 3 / 4).
-DEFAULT_PREFETCH = 0
 # "bits" FP4 word layout (kv_cache.fp4_layout): decoded K'/V' are E2M1 * scale * 2^(FP4_EXP - 14) in fp16 (exact:
 # the product's last bit is >= 2^-10 * 2^-7 = 2^-17 > 2^-24, and 6 * 448 * 2^-7 < 65504); the 2^(14 - FP4_EXP) goes
 # into the fp32 factors (softmax scale of S, s1 of O), which makes the result bit-identical to the "nibble" path.
 # 7 rather than 0 keeps most products fp16-normal (subnormal only below 2^-7), 1 extra HMUL2 per 16-group.
 FP4_EXP = 7
-# cp.async shared-memory stages for FP4 tiles (schedule['stages']): 2 = double buffering (measured default); 3 keeps
-# two tiles in flight per warp (+72*D B smem per CTA; 8 CTAs of 27.8 KB still fit an H100 SM). 3 is UNMEASURED.
-DEFAULT_STAGES = 2
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Static schedule of the split-KV kernel (every field changes the generated code; part of the compile key).
+
+    parts: how an FP4 tile (72*D bytes: K codes + K scales | V codes + V scales) is staged in shared memory. 1: whole
+      tiles; 2: K half and V half separately, so the K half's slot is refilled while P.V still runs and a ring of
+      `stages` halves keeps one whole tile in flight with 3 slots (13.8 KB at D=128) instead of 2 whole-tile stages
+      (18.4 KB): more one-warp CTAs fit an SM.
+    stages: ring slots of parts (cp.async groups in flight = stages - 1). parts=1: 2 or 3; parts=2: 3 or 4.
+    f16_cost: 0 = splits of equal tile count (tiles_per_split); w >= 1 = each CTA finds its own range of tiles from the
+      flags so that every split carries the same cost, an FP16 tile (K+V at 16 bits, 3.6x an FP4 tile's bytes, read
+      by synchronous loads) counting w FP4 tiles. With equal counts a few CTAs draw several selected blocks and set the
+      kernel's time.
+    min_ctas: .minnctapersm hint (0 = none): caps registers so that many one-warp CTAs fit an SM (15 at D=128 with
+      parts=2, stages=3 -> <= 136 registers).
+    f16_depth: m-tiles (16 keys) of K, then of V, in flight in the FP16 tiles' synchronous loads (1 or 2).
+    fp4_layout / scale_rule: the cache's code-word layout and the query's NVFP4 rule ("pre" = quantized before launch).
+    """
+    fp4_layout: str = DEFAULT_FP4_LAYOUT
+    scale_rule: str = "pre"
+    parts: int = 2
+    stages: int = 3
+    f16_cost: int = 3
+    min_ctas: int = 0
+    f16_depth: int = 2
+
+    def __post_init__(self):
+        if self.fp4_layout not in ("nibble", "bits"):
+            raise ValueError(f"fp4_layout must be 'nibble' or 'bits', got {self.fp4_layout!r}")
+        if self.scale_rule != "pre":  # "pre": qr already holds dq(NVFP4(q)), quantized before the launch
+            check_scale_rule(self.scale_rule, "ThriftDecodeSplitKV")
+        ok = {1: (2, 3), 2: (3, 4)}
+        if self.parts not in ok:
+            raise ValueError(f"parts (shared-memory pieces of an FP4 tile) must be 1 or 2, got {self.parts}")
+        if self.stages not in ok[self.parts]:
+            raise ValueError(f"stages (ring slots) must be in {ok[self.parts]} with parts={self.parts}, got {self.stages}")
+        if not 0 <= self.f16_cost <= 16:
+            raise ValueError(f"f16_cost (cost of an FP16 tile in FP4 tiles, 0 = equal-count splits) must be in [0, 16], "
+                             f"got {self.f16_cost}")
+        if self.f16_depth not in (1, 2):
+            raise ValueError(f"f16_depth (m-tiles of FP16 K/V loads in flight) must be 1 or 2, got {self.f16_depth}")
+        if not 0 <= self.min_ctas <= 32:
+            raise ValueError(f"min_ctas (.minnctapersm, 0 = none) must be in [0, 32], got {self.min_ctas}")
 
 
 def fp4_math_path(arch: int) -> str:
@@ -106,22 +149,6 @@ def cp_async16(saddr, gaddr, *, loc=None, ip=None):
     """16-byte cp.async global -> shared (L2 only, .cg)."""
     _asm(None, [Int32(saddr).ir_value(loc=loc, ip=ip), Int64(gaddr).ir_value(loc=loc, ip=ip)],
          "cp.async.cg.shared.global [$0], [$1], 16;", "r,l", side=True, loc=loc, ip=ip)
-
-
-@dsl_user_op
-def prefetch_l2_bulk(gaddr, nbytes: int, *, loc=None, ip=None):
-    """Prefetch nbytes (multiple of 16, 16-byte aligned) of global memory into L2 (sm_90+, fire and forget:
-    no register, shared memory or barrier is tied up while the bytes travel)."""
-    _asm(None, [Int64(gaddr).ir_value(loc=loc, ip=ip)], f"cp.async.bulk.prefetch.L2.global [$0], {nbytes};", "l",
-         side=True, loc=loc, ip=ip)
-
-
-@dsl_user_op
-def prefetch_l2_bulk_pred(gaddr, nbytes: int, pred, *, loc=None, ip=None):
-    """prefetch_l2_bulk if pred != 0."""
-    _asm(None, [Int64(gaddr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)],
-         "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $1, 0;\n\t"
-         f"@p cp.async.bulk.prefetch.L2.global [$0], {nbytes};\n\t}}", "l,r", side=True, loc=loc, ip=ip)
 
 
 @dsl_user_op
@@ -311,25 +338,16 @@ class ThriftDecodeSplitKV:
     (quantized per tile in registers).
     """
 
-    def __init__(self, head_dim: int, group: int, is_bf16: bool, arch: int = 90, prefetch: int = DEFAULT_PREFETCH,
-                 fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = DEFAULT_STAGES, scale_rule: str = "mse"):
-        if scale_rule != "pre":  # "pre": qr already holds dq(NVFP4(q)), quantized before the launch
-            check_scale_rule(scale_rule, "ThriftDecodeSplitKV")
-        self.scale_rule = scale_rule
-        self.mse_steps = mse_scale_steps() if scale_rule == "mse" else ()
-        if stages not in (2, 3):
-            raise ValueError(f"stages (cp.async shared-memory stages of FP4 tiles) must be 2 or 3, got {stages}")
-        if 0 < prefetch < stages and prefetch >= 2:
-            raise ValueError(f"prefetch distance {prefetch} must be 0 or >= stages ({stages}): nearer tiles are "
-                             "already in flight to shared memory")
-        self.NST = stages
-        if fp4_layout not in ("nibble", "bits"):
-            raise ValueError(f"fp4_layout must be 'nibble' or 'bits', got {fp4_layout!r}")
-        self.bits = fp4_layout == "bits"
+    def __init__(self, head_dim: int, group: int, is_bf16: bool, arch: int = 90,
+                 config: DecodeConfig = DecodeConfig()):
+        if not isinstance(config, DecodeConfig):
+            raise TypeError(f"config must be a DecodeConfig, got {type(config).__name__}")
+        self.cfg = config
+        self.scale_rule = config.scale_rule
+        self.mse_steps = mse_scale_steps() if config.scale_rule == "mse" else ()
+        self.bits = config.fp4_layout == "bits"
         # fp32 factor that undoes the 2^(FP4_EXP - 14) of the "bits" decode (1 for "nibble")
         self.FOLD = float(2 ** (14 - FP4_EXP)) if self.bits else 1.0
-        if not 0 <= prefetch <= 8:
-            raise ValueError(f"prefetch (L2 prefetch distance in tiles, 0 = off) must be in [0, 8], got {prefetch}")
         if head_dim not in (64, 128):
             raise ValueError(f"head_dim must be 64 or 128, got {head_dim}")
         if not 1 <= group <= 16:
@@ -337,9 +355,10 @@ class ThriftDecodeSplitKV:
         self.D, self.G, self.is_bf16 = head_dim, group, bool(is_bf16)
         self.NG = (group + 7) // 8  # n8 tiles of query heads
         self.TB = tile_bytes(head_dim)
+        self.P = config.parts
+        self.PB = self.TB // self.P  # bytes of one part (K half = [0, 36D), V half = [36D, 72D))
+        self.NSL = config.stages  # ring slots of parts
         self.path = fp4_math_path(arch)
-        # bulk L2 prefetch is sm_90+; distance 1 would duplicate the cp.async of the next tile -> off
-        self.PF = prefetch if (arch >= 90 and prefetch >= 2) else 0
 
     @cute.jit
     def __call__(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor,
@@ -348,12 +367,14 @@ class ThriftDecodeSplitKV:
         B = mLens.shape[0]
         hkv = mTiles.shape[2]
         nsplit = mLse.shape[2]
+        # G > 8 (two n8 head tiles): .minnctapersm 1 lets ptxas use the whole register file -- without it sm_120a
+        # D=64 G=16 spilled 24 B at 168 registers. G <= 8: the config's hint (none by default: ptxas then takes
+        # ~161 registers; with min_ctas it caps them so that more one-warp CTAs fit). preferred_smem_carveout=100
+        # (max shared memory) comes with any hint > 1 so the DSL does not query a device at compile time.
+        minb = 1 if self.NG == 2 else self.cfg.min_ctas
         self.kernel(mTiles, mK16, mV16, mQ16, mQr, mFlags, mLens, mOp, mLse, scale_log2, tiles_per_split).launch(
-            grid=(nsplit, hkv, B), block=(32, 1, 1), smem=self.NST * self.TB + 128, stream=stream,
-            # G > 8 (two n8 head tiles): .minnctapersm 1 lets ptxas use the whole register file -- without it
-            # sm_120a D=64 G=16 spilled 24 B at 168 registers. Not for G <= 8: there ptxas then takes 255
-            # registers instead of ~161 and 11 one-warp CTAs per SM no longer fit.
-            min_blocks_per_mp=1 if self.NG == 2 else 0)
+            grid=(nsplit, hkv, B), block=(32, 1, 1), smem=self.NSL * self.PB + 128, stream=stream,
+            min_blocks_per_mp=minb, preferred_smem_carveout=100 if minb > 1 else None)
 
     @cute.kernel
     def kernel(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor,
@@ -374,8 +395,8 @@ class ThriftDecodeSplitKV:
         L = mLens[b]
 
         smem = cutlass.utils.SmemAllocator()
-        NST = self.NST  # shared-memory stages: tiles it+1 .. it+NST-1 in flight while tile it is computed
-        sbuf = smem.allocate_tensor(cutlass.Uint8, cute.make_layout(NST * TB), byte_alignment=128)
+        P, NSL, PB = self.P, self.NSL, self.PB  # parts per FP4 tile, ring slots, bytes per part
+        sbuf = smem.allocate_tensor(cutlass.Uint8, cute.make_layout(NSL * PB), byte_alignment=128)
         sbase = sbuf.iterator.toint()
         g_tiles = mTiles.iterator.toint()
         g_k16 = mK16.iterator.toint()
@@ -395,9 +416,22 @@ class ThriftDecodeSplitKV:
                 for i in cutlass.range_constexpr(4):
                     acc_o[dt, ng, i] = Float32(0.0)
 
+        # the FP4 tiles' query words (head 8*ng + r, channels t*D/4 ..): loaded first, so their latency overlaps
+        # the flag scan below; turned into MMA fragments after the first tile is in flight
+        qw_all = []
+        for ng in cutlass.range_constexpr(NG):
+            g = 8 * ng + r
+            off = (Int64(b) * HQ + hk * G + g) * D + t * (D // 4)
+            qw = []
+            for v in cutlass.range_constexpr(D // 32):
+                qw += ldg4_pred(g_qr + off * 2 + 16 * v, Int32(g < G))
+            qw_all.append(qw)
+
         n_tiles = (L + 63) // 64
         t_begin = split * tiles_per_split
         t_end = cutlass.min(t_begin + tiles_per_split, n_tiles)
+        if const_expr(self.cfg.f16_cost > 0):  # equal-cost ranges found from the flags (overrides tiles_per_split)
+            t_begin, t_end = self._split_range(mFlags, b, hk, split, NS, L, lane)
         n_it = cutlass.max(t_end - t_begin, 0)
         tile_base = (Int64(b) * NBLK * HKV + hk) * TB  # + blk * HKV * TB
 
@@ -406,22 +440,13 @@ class ThriftDecodeSplitKV:
         fm = (Int64(self._fp4_ballot(mFlags, b, hk, t_begin, t_end, L, lane)) & Int64(0xFFFFFFFF)) | (
             Int64(self._fp4_ballot(mFlags, b, hk, t_begin + 32, t_end, L, lane)) << 32)
 
-        # prologue: tile t_begin (if FP4) -> stage 0 by cp.async; tiles 1 .. PF-1 -> L2 (bulk prefetch)
-        if n_it > 0:
-            if (fm & Int64(1)) != Int64(0):
-                self._issue_tile(g_tiles + tile_base + Int64(t_begin) * HKV * TB, sbase, lane)
-            else:
-                self._prefetch_f16(g_k16, g_v16, b, hk, t_begin, L, CAP, HKV, lane)
-        cute.arch.cp_async_commit_group()
-        for k in cutlass.range_constexpr(1, NST - 1):  # 3 stages: tile t_begin+1 -> stage 1 (one group per tile)
-            if k < n_it:
-                if ((fm >> k) & Int64(1)) != Int64(0):
-                    self._issue_tile(g_tiles + tile_base + Int64(t_begin + k) * HKV * TB, sbase + k * TB, lane)
+        # Pipeline over parts (P per FP4 tile; part j = piece j % P of tile t_begin + j // P, ring slot j % NSL):
+        # one cp.async commit group per part (empty for FP16 tiles and past the end), issued NSL - 1 parts ahead.
+        # Waiting until only the newest NSL - 1 groups are pending means the part about to be read has landed.
+        # prologue: parts 0 .. NSL-2
+        for j in cutlass.range_constexpr(NSL - 1):
+            self._issue_part(fm, j, 0, n_it, g_tiles + tile_base, t_begin, HKV, sbase, lane)
             cute.arch.cp_async_commit_group()
-        for k in cutlass.range_constexpr(NST - 1, self.PF):
-            if k < n_it:
-                self._prefetch_tile(fm, k, g_tiles + tile_base + Int64(t_begin + k) * HKV * TB, g_k16, g_v16, b, hk,
-                                    t_begin + k, L, CAP, HKV, lane)
 
         # ---- (while the first tile is in flight) query fragments (B operand of S^T = K Q^T): head g = 8*ng + r, channels t*D/4 + 4*kc + 0..3.
         # dq(NVFP4(qr)) computed here (qr = the rotated query when the cache holds rotated K): this lane's D/4 channels are whole 16-channel groups, so it quantizes them
@@ -430,13 +455,8 @@ class ThriftDecodeSplitKV:
         # and its E4M3 neighbours (arch_paths.nvfp4_mse_scale, the cache's K/V rule), before the codes.
         qf4 = cute.make_rmem_tensor((NG, NKC, 2), Uint32)
         for ng in cutlass.range_constexpr(NG):
-            g = 8 * ng + r
-            off = (Int64(b) * HQ + hk * G + g) * D + t * (D // 4)
-            qw = []
-            for v in cutlass.range_constexpr(D // 32):
-                qw += ldg4_pred(g_qr + off * 2 + 16 * v, Int32(g < G))
             xs = []
-            for w in qw:
+            for w in qw_all[ng]:
                 xs += unpack2(w, bf)
             dq = [None] * (D // 4)
             if const_expr(self.scale_rule == "pre"):  # qr = dq(NVFP4(q)) already (exact in fp16)
@@ -463,25 +483,34 @@ class ThriftDecodeSplitKV:
             if rel == 0 and it > 0:  # slide the flag window by 32 tiles
                 fm = ((fm >> 32) & Int64(0xFFFFFFFF)) | (
                     Int64(self._fp4_ballot(mFlags, b, hk, tile + 32, t_end, L, lane)) << 32)
-            if const_expr(self.PF >= 2):  # tile it+PF -> L2, so the cp.async of the next tile finds it there
-                if it + self.PF < n_it:
-                    self._prefetch_tile(fm, rel + self.PF, g_tiles + tile_base + Int64(tile + self.PF) * HKV * TB,
-                                        g_k16, g_v16, b, hk, tile + self.PF, L, CAP, HKV, lane)
-            # one commit group per tile (empty for FP16 tiles / past the end): group it holds tile it, so waiting
-            # until only the newest NST-1 groups are pending means tile it has landed (rel + NST-1 <= 33 < 64 bits)
-            if it + (NST - 1) < n_it:
-                if ((fm >> (rel + (NST - 1))) & Int64(1)) != Int64(0):
-                    self._issue_tile(g_tiles + tile_base + Int64(tile + (NST - 1)) * HKV * TB,
-                                     sbase + ((it + (NST - 1)) % NST) * TB, lane)
+            # part P*it (K half, or the whole tile) is read now: part P*it + NSL - 1 goes into flight
+            self._issue_part(fm, P * it + NSL - 1, it - rel, n_it, g_tiles + tile_base, t_begin, HKV, sbase, lane)
             cute.arch.cp_async_commit_group()
-            cute.arch.cp_async_wait_group(NST - 1)
+            cute.arch.cp_async_wait_group(NSL - 1)
             cute.arch.sync_warp()
             if ((fm >> rel) & Int64(1)) != Int64(0):
-                self._fp4_tile(sbase + (it % NST) * TB, lane, qf4, m_run, l_run, acc_o, scale_log2)
+                sk = sbase + ((P * it) % NSL) * PB
+                pb = cute.make_rmem_tensor((4, NG, 2), Uint32)  # P'^T B fragments
+                fac = cute.make_rmem_tensor((NG, 2, 2), Float32)  # (alpha, s1) per head column
+                self._fp4_qk(sk, lane, qf4, m_run, l_run, pb, fac, scale_log2)
+                if const_expr(P == 2):  # the K half's slot is free: refill it, then wait for the V half
+                    cute.arch.sync_warp()
+                    self._issue_part(fm, P * it + NSL, it - rel, n_it, g_tiles + tile_base, t_begin, HKV, sbase,
+                                     lane)
+                    cute.arch.cp_async_commit_group()
+                    cute.arch.cp_async_wait_group(NSL - 1)
+                    cute.arch.sync_warp()
+                    self._fp4_pv(sbase + ((P * it + 1) % NSL) * PB, lane, pb, fac, acc_o)
+                else:
+                    self._fp4_pv(sk + 36 * D, lane, pb, fac, acc_o)
             else:
+                if const_expr(P == 2):  # keep one commit group per part
+                    self._issue_part(fm, P * it + NSL, it - rel, n_it, g_tiles + tile_base, t_begin, HKV, sbase,
+                                     lane)
+                    cute.arch.cp_async_commit_group()
                 self._f16_tile(g_k16, g_v16, g_q16, b, hk, tile, L, CAP, HKV, HQ, lane, m_run, l_run, acc_o,
                                scale_log2)
-            cute.arch.sync_warp()  # every lane is done with this stage before it is refilled
+            cute.arch.sync_warp()  # every lane is done with this tile's slots before they are refilled
         cute.arch.cp_async_wait_group(0)
         # PDL: the combine grid may launch once every CTA got here; its griddepcontrol.wait still waits for this
         # grid's completion and memory flush, so it only overlaps the launch latency with our epilogues.
@@ -522,34 +551,104 @@ class ThriftDecodeSplitKV:
         return cute.arch.vote_ballot_sync(is4 != 0)
 
     @cute.jit
-    def _prefetch_tile(self, fm, bit, gaddr, g_k16, g_v16, b, hk, tile, L, CAP, HKV, lane):
-        """L2 prefetch of a tile ahead of its use: FP4 -> its 72*D contiguous bytes (one instruction, lane 0);
-        FP16 -> its K and V rows (this head's D*2 bytes of each token)."""
-        if ((fm >> bit) & Int64(1)) != Int64(0):
-            if lane == 0:
-                prefetch_l2_bulk(gaddr, self.TB)
-        else:
-            self._prefetch_f16(g_k16, g_v16, b, hk, tile, L, CAP, HKV, lane)
+    def _issue_part(self, fm, j, base_it, n_it, gtile0, t_begin, HKV, sbase, lane):
+        """cp.async part j of the CTA's FP4 tiles (piece j % P of tile t_begin + j // P) into ring slot j % NSL, if
+        that tile exists and is FP4 (bit j // P - base_it of the flag window fm). 16 bytes per lane per step; the
+        part is contiguous in the tile (K half = [0, 36D), V half = [36D, 72D))."""
+        P, PB, TB = self.P, self.PB, self.TB
+        it_j = j // P
+        if it_j < n_it:
+            if ((fm >> (it_j - base_it)) & Int64(1)) != Int64(0):
+                gaddr = gtile0 + Int64(t_begin + it_j) * HKV * TB + (j % P) * PB
+                saddr = sbase + (j % self.NSL) * PB
+                n16 = PB // 16
+                for i in cutlass.range_constexpr((n16 + 31) // 32):
+                    off = (i * 32 + lane) * 16
+                    if const_expr((i + 1) * 32 <= n16):
+                        cp_async16(saddr + off, gaddr + off)
+                    else:  # D=64 halves: 144 chunks, the last step is partial
+                        if i * 32 + lane < n16:
+                            cp_async16(saddr + off, gaddr + off)
 
     @cute.jit
-    def _prefetch_f16(self, g_k16, g_v16, b, hk, tile, L, CAP, HKV, lane):
-        """L2 prefetch of the K and V rows of an FP16 tile (keys < L): lane i takes keys 2i, 2i+1. The
-        synchronous 16-byte loads of _f16_tile then wait on L2, not DRAM. No-op without bulk prefetch."""
-        if const_expr(self.PF >= 2):
-            RB = self.D * 2
-            for h in cutlass.range_constexpr(2):
-                key = tile * 64 + 2 * lane + h
-                off = ((Int64(b) * CAP + key) * HKV + hk) * RB
-                ok = Int32(key < L)
-                prefetch_l2_bulk_pred(g_k16 + off, RB, ok)
-                prefetch_l2_bulk_pred(g_v16 + off, RB, ok)
+    def _split_range(self, mFlags, b, hk, split, NS, L, lane):
+        """[t_begin, t_end) of this split with equal cost per split: tile t costs 1 (FP4) or f16_cost (FP16: flag set,
+        or the partial last tile); split s starts at the first tile t whose prefix cost c(<t) satisfies
+        c(<t) * NS >= s * C (C = the total), so ranges are contiguous, cover every tile once, and may be empty.
+        Two passes over the head's flags, 16 per lane per 16-byte load (flags rows are 16-byte aligned with a
+        multiple of 16 entries: decode_interface pads them): the total, then both boundaries in one scan."""
+        W = self.cfg.f16_cost
+        n_tiles = (L + 63) // 64
+        n_full = L // 64  # tile n_full (< n_tiles iff L % 64) is the partial one: always FP16
+        NBP = mFlags.shape[2]
+        row = mFlags.iterator.toint() + (Int64(b) * mFlags.shape[1] + hk) * NBP
+        RPG = 4  # rounds of 512 tiles whose loads are issued together (one latency per 2048 tiles and pass)
+        n_groups = (n_tiles + 512 * RPG - 1) // (512 * RPG)
+        total = Int32(0)
+        for grp in cutlass.range(n_groups, unroll=1):
+            ws = self._load_flags(row, grp * (512 * RPG) + lane * 16, n_tiles, RPG)
+            for k in cutlass.range_constexpr(RPG):
+                vm, f16m = self._flag_masks(ws[k], grp * (512 * RPG) + k * 512 + lane * 16, n_tiles, n_full)
+                total = total + Int32(cute.arch.popc(vm)) + (W - 1) * Int32(cute.arch.popc(f16m))
+        for off in (16, 8, 4, 2, 1):
+            total = total + cute.arch.shuffle_sync_bfly(total, offset=off)
+        tgt_lo = split * total  # compare prefix * NS against these
+        tgt_hi = (split + 1) * total
+        lo = n_tiles
+        hi = n_tiles
+        base = Int32(0)  # prefix cost at the start of the round
+        for grp in cutlass.range(n_groups, unroll=1):
+            ws = self._load_flags(row, grp * (512 * RPG) + lane * 16, n_tiles, RPG)  # L1-hot since pass 1
+            for k in cutlass.range_constexpr(RPG):
+                t0 = grp * (512 * RPG) + k * 512 + lane * 16
+                vm, f16m = self._flag_masks(ws[k], t0, n_tiles, n_full)
+                c = Int32(cute.arch.popc(vm)) + (W - 1) * Int32(cute.arch.popc(f16m))
+                inc = c  # inclusive scan of the lanes' costs
+                for off in (1, 2, 4, 8, 16):
+                    y = cute.arch.shuffle_sync_up(inc, offset=off)
+                    if lane >= off:
+                        inc = inc + y
+                pre = base + inc - c  # prefix cost before this lane's first tile
+                f_lo = Int32(16)
+                f_hi = Int32(16)
+                for i in cutlass.range_constexpr(15, -1, -1):  # backwards: the last hit is the first tile
+                    below = Uint32((1 << i) - 1)
+                    pre_i = pre + Int32(cute.arch.popc(vm & below)) + (W - 1) * Int32(cute.arch.popc(f16m & below))
+                    ok = ((vm >> Uint32(i)) & Uint32(1)) != Uint32(0)
+                    if ok & (pre_i * NS >= tgt_lo):
+                        f_lo = Int32(i)
+                    if ok & (pre_i * NS >= tgt_hi):
+                        f_hi = Int32(i)
+                m_lo = Uint32(cute.arch.vote_ballot_sync(f_lo < 16))
+                m_hi = Uint32(cute.arch.vote_ballot_sync(f_hi < 16))
+                if (m_lo != Uint32(0)) & (lo == n_tiles):
+                    src = Int32(cute.arch.popc((m_lo & (Uint32(0) - m_lo)) - Uint32(1)))  # lowest lane with a hit
+                    lo = cute.arch.shuffle_sync(t0 + f_lo, src)
+                if (m_hi != Uint32(0)) & (hi == n_tiles):
+                    src = Int32(cute.arch.popc((m_hi & (Uint32(0) - m_hi)) - Uint32(1)))
+                    hi = cute.arch.shuffle_sync(t0 + f_hi, src)
+                base = base + cute.arch.shuffle_sync(inc, 31)
+        if split + 1 == NS:
+            hi = n_tiles
+        return lo, hi
 
-    @cute.jit
-    def _issue_tile(self, gaddr, saddr, lane):
-        """cp.async the 72*D-byte tile (contiguous) to shared memory, 16 bytes per lane per step."""
-        for i in cutlass.range_constexpr(self.TB // 16 // 32):
-            off = (i * 32 + lane) * 16
-            cp_async16(saddr + off, gaddr + off)
+    def _load_flags(self, row, t0, n_tiles, n):
+        """n 16-byte flag loads (tiles t0 + 512*k .. +15, k < n), all issued before any is used."""
+        return [ldg4_pred(row + t0 + 512 * k, Int32(t0 + 512 * k < n_tiles)) for k in range(n)]
+
+    def _flag_masks(self, w, t0, n_tiles, n_full):
+        """Flags of tiles t0 .. t0+15 (4 words, one byte each) -> 16-bit masks (bit i: tile t0 + i) of the tiles
+        that exist and of those read in FP16 (flag set, or the partial last tile)."""
+        m = Uint32(0)
+        for k in range(4):
+            x = (((w[k] & Uint32(0x7F7F7F7F)) + Uint32(0x7F7F7F7F)) | w[k]) & Uint32(0x80808080)  # byte != 0 -> bit 7
+            m = m | (((x >> 7) & Uint32(1)) | ((x >> 14) & Uint32(2)) | ((x >> 21) & Uint32(4))
+                     | ((x >> 28) & Uint32(8))) << (4 * k)
+        nv = cutlass.max(cutlass.min(n_tiles - t0, 16), 0)
+        vm = (Uint32(1) << Uint32(nv)) - Uint32(1)
+        part = (n_full < n_tiles) & (n_full >= t0) & (n_full < t0 + 16)  # the partial last tile is here
+        m = m | (Uint32(part) << Uint32(cutlass.max(cutlass.min(n_full - t0, 15), 0)))
+        return vm, m & vm
 
     def _scale2(self, word, i):
         """Byte i of word (E4M3 group scale) as the f16x2 multiplier of the decode (times 2^FP4_EXP for "bits")."""
@@ -564,10 +663,13 @@ class ThriftDecodeSplitKV:
         return fp4x8_f16(w, s2)
 
     @cute.jit
-    def _fp4_tile(self, sb, lane, qf4, m_run, l_run, acc_o, scale_log2):
+    def _fp4_qk(self, sb, lane, qf4, m_run, l_run, pb_out, fac, scale_log2):
+        """K half of an FP4 tile (at shared address sb: codes [0, 32D), scales [32D, 36D)): S^T = K' Q'^T, the online
+        softmax update of (m, l), and P' quantized with the two-level scheme -> pb_out[c, ng, :] (the B fragments of
+        P'^T) and fac[ng, e, :] = (alpha, s1 * FOLD) for the P.V half."""
         D, NG = self.D, self.NG
         NKC, KW = D // 16, D // 32
-        KS_OFF, V_OFF, VS_OFF = 32 * D, 36 * D, 68 * D
+        KS_OFF = 32 * D
         r = lane // 4
         ks = lds(sb + KS_OFF + lane * (D // 8), D // 32)  # [j][group] scale bytes of this lane's keys
         sl2 = scale_log2 * Float32(self.FOLD)  # S^T comes out 2^-FOLD-scaled with the "bits" decode
@@ -591,9 +693,6 @@ class ThriftDecodeSplitKV:
                     acc = mma16816(a[kc], [qf4[ng, kc, 0], qf4[ng, kc, 1]], acc, False)
                 s_acc[c][ng] = acc
         # ---- two-level P per head column e: x = 2688 * 2^(s - tilemax), NVFP4 over this lane's 16 keys
-        pb = [[None] * NG for _ in range(4)]  # B fragments (b0, b1) of P'^T per m-tile c
-        fac_o = [[None] * 2 for _ in range(NG)]
-        fac_t = [[None] * 2 for _ in range(NG)]
         for ng in cutlass.range_constexpr(NG):
             pq = [[[None] * 2 for _ in range(2)] for _ in range(4)]  # [c][h][e]
             for e in cutlass.range_constexpr(2):
@@ -619,16 +718,21 @@ class ThriftDecodeSplitKV:
                         pq[c][h][e] = e2m1_rne(p * Float32(P_SCALE) * inv) * sc
                 rel = ex2(tm - m_new)
                 l_run[ng, e] = l_run[ng, e] * alpha + rel * psum
-                fac_o[ng][e] = alpha
-                fac_t[ng][e] = rel * Float32(self.FOLD / P_SCALE)  # FOLD: a power of two -> exact
+                fac[ng, e, 0] = alpha
+                fac[ng, e, 1] = rel * Float32(self.FOLD / P_SCALE)  # FOLD: a power of two -> exact
             for c in cutlass.range_constexpr(4):
-                b0 = movtrans(pack2(pq[c][0][0], pq[c][0][1], False))
-                b1 = movtrans(pack2(pq[c][1][0], pq[c][1][1], False))
-                pb[c][ng] = [b0, b1]
-        # ---- O^T = O^T * alpha + s1 * (V'^T P'^T): m-tile dt rows drow(dt, r, hh), k = keys of m-tile c
-        vsw = lds(sb + VS_OFF + lane * (D // 8), D // 32)
+                pb_out[c, ng, 0] = movtrans(pack2(pq[c][0][0], pq[c][0][1], False))
+                pb_out[c, ng, 1] = movtrans(pack2(pq[c][1][0], pq[c][1][1], False))
+
+    @cute.jit
+    def _fp4_pv(self, sv, lane, pb, fac, acc_o):
+        """V half of an FP4 tile (at shared address sv: codes [0, 32D), scales [32D, 36D)):
+        O^T = O^T * alpha + s1 * (V'^T P'^T); m-tile dt rows drow(dt, r, hh), k = keys of m-tile c."""
+        D, NG = self.D, self.NG
+        NKC = D // 16
+        vsw = lds(sv + 32 * D + lane * (D // 8), D // 32)
         for dt in cutlass.range_constexpr(NKC):
-            vw = lds(sb + V_OFF + (dt * 32 + lane) * 16, 4)
+            vw = lds(sv + (dt * 32 + lane) * 16, 4)
             s0 = self._scale2(vsw[(2 * dt) // 4], (2 * dt) % 4)
             s1 = self._scale2(vsw[(2 * dt + 1) // 4], (2 * dt + 1) % 4)
             h0 = self._fp4x8(vw[0], s0) + self._fp4x8(vw[1], s0)
@@ -637,10 +741,11 @@ class ThriftDecodeSplitKV:
                 acc = [Float32(0.0)] * 4
                 for c in cutlass.range_constexpr(4):
                     kx = 4 * (c // 2) + 2 * (c % 2)
-                    acc = mma16816([h0[kx], h1[kx], h0[kx + 1], h1[kx + 1]], pb[c][ng], acc, False)
+                    acc = mma16816([h0[kx], h1[kx], h0[kx + 1], h1[kx + 1]], [pb[c, ng, 0], pb[c, ng, 1]], acc,
+                                   False)
                 for i in cutlass.range_constexpr(4):
                     e = i % 2
-                    acc_o[dt, ng, i] = acc_o[dt, ng, i] * fac_o[ng][e] + acc[i] * fac_t[ng][e]
+                    acc_o[dt, ng, i] = acc_o[dt, ng, i] * fac[ng, e, 0] + acc[i] * fac[ng, e, 1]
 
     @cute.jit
     def _f16_tile(self, g_k16, g_v16, g_q16, b, hk, tile, L, CAP, HKV, HQ, lane, m_run, l_run, acc_o, scale_log2):
@@ -658,8 +763,9 @@ class ThriftDecodeSplitKV:
                 off = (Int64(b) * HQ + hk * G + g) * D + t * (D // 4) + 4 * kc
                 qf[ng][kc] = ldg2_pred(g_q16 + off * 2, Int32(g < G))
         # ---- S^T: m-tile c rows r, r+8 = keys 16c + r (+8); lane t holds channels t*D/4 .. +D/4.
-        # Loads are issued one m-tile ahead of the MMAs (the asm keeps program order), so at most ~2 round trips
-        # to memory are exposed per FP16 tile instead of one per m-tile.
+        # Loads are issued f16_depth m-tiles ahead of the MMAs (the asm keeps program order): these synchronous loads
+        # are where a warp waits longest (an Nsight Compute source profile of B=1, 128k put ~20% of all warp samples
+        # on the first K and V uses with one m-tile ahead), and an FP16 tile is 3.6x an FP4 tile's bytes.
         def load_k(c):
             kw = [None, None]
             for h in cutlass.range_constexpr(2):
@@ -683,18 +789,19 @@ class ThriftDecodeSplitKV:
             return wv
 
         s_acc = [[None] * NG for _ in range(4)]
-        kw_next = load_k(0)
+        FD = self.cfg.f16_depth  # m-tiles of K (then V) in flight
+        kbuf = [load_k(c) for c in range(FD)]
         for c in cutlass.range_constexpr(4):
-            kw = kw_next
-            if const_expr(c < 3):
-                kw_next = load_k(c + 1)
+            kw = kbuf[c]
+            if const_expr(c + FD < 4):
+                kbuf.append(load_k(c + FD))
             for ng in cutlass.range_constexpr(NG):
                 acc = [Float32(0.0)] * 4
                 for kc in cutlass.range_constexpr(NKC):
                     a = [kw[0][2 * kc], kw[1][2 * kc], kw[0][2 * kc + 1], kw[1][2 * kc + 1]]
                     acc = mma16816(a, qf[ng][kc], acc, bf)
                 s_acc[c][ng] = acc
-        wv_next = load_v(0)  # in flight during the softmax
+        vbuf = [load_v(c) for c in range(FD)]  # in flight during the softmax
         pb = [[None] * NG for _ in range(4)]
         for ng in cutlass.range_constexpr(NG):
             pv = [[[None] * 2 for _ in range(2)] for _ in range(4)]
@@ -732,9 +839,9 @@ class ThriftDecodeSplitKV:
         # ---- O^T += V^T P~^T: chunk c slots (2t, 2t+1 | 2t+8, 2t+9) = keys 16c + 2t + {0, 1} (| + 8);
         # lane r's V^T rows are channels (D/8)*r + 2*dt + hh: D/8 contiguous channels of each key row
         for c in cutlass.range_constexpr(4):
-            wv = wv_next
-            if const_expr(c < 3):
-                wv_next = load_v(c + 1)
+            wv = vbuf[c]
+            if const_expr(c + FD < 4):
+                vbuf.append(load_v(c + FD))
             for dt in cutlass.range_constexpr(NKC):
                 a = [prmt(wv[0][dt], wv[1][dt], 0x5410), prmt(wv[0][dt], wv[1][dt], 0x7632),
                      prmt(wv[2][dt], wv[3][dt], 0x5410), prmt(wv[2][dt], wv[3][dt], 0x7632)]
@@ -827,29 +934,33 @@ def fake_args(head_dim: int, num_kv_heads: int, group: int, dtype_name: str):
 
     D, H, HQ = head_dim, num_kv_heads, num_kv_heads * group
     dt = cutlass.BFloat16 if dtype_name == "bf16" else cutlass.Float16
-    B, NB, CAP, NS = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
+    B, NB, CAP, NS, NBP = cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int(), cute.sym_int()
 
     def f(dtype, shape, align=16):
         return make_fake_compact_tensor(dtype, shape, stride_order=tuple(range(len(shape) - 1, -1, -1)),
                                         assumed_align=align)
 
     dec = (f(cutlass.Uint8, (B, NB, H, tile_bytes(D))), f(dt, (B, CAP, H, D)), f(dt, (B, CAP, H, D)),
-           f(dt, (B, HQ, D)), f(dt, (B, HQ, D)), f(cutlass.Uint8, (B, H, NB), 1),
+           f(dt, (B, HQ, D)), f(dt, (B, HQ, D)), f(cutlass.Uint8, (B, H, NBP), 16),
            f(cutlass.Int32, (B,), 4), f(cutlass.Float32, (B, HQ, NS, D)), f(cutlass.Float32, (B, HQ, NS), 4))
     comb = (dec[7], dec[8], f(dt, (B, 1, HQ, D)), f(cutlass.Float32, (B, HQ), 4))
     return dec, comb
 
 
 def compile_decode(head_dim: int, num_kv_heads: int, group: int, dtype_name: str = "f16", arch: int = 90,
-                   tvm_ffi: bool = False, prefetch: int = DEFAULT_PREFETCH,
-                   fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = DEFAULT_STAGES, scale_rule: str = "mse"):
+                   tvm_ffi: bool = False, config: DecodeConfig | None = None, **overrides):
     """cute.compile the decode and combine kernels for the current DSL target. Returns (decode, combine).
-    scale_rule: the query's NVFP4 scale rule ("mse" | "amax", ThriftDecodeSplitKV)."""
+    config: the split kernel's DecodeConfig (default DecodeConfig()); keyword overrides replace its fields
+    (e.g. scale_rule="mse", parts=1)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(config or DecodeConfig(), **overrides)
     dec_args, comb_args = fake_args(head_dim, num_kv_heads, group, dtype_name)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True) if tvm_ffi else cute.runtime.make_fake_stream()
     opts = "--enable-tvm-ffi" if tvm_ffi else None
     kw = {"options": opts} if opts else {}
     bf = dtype_name == "bf16"
-    dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch, prefetch, fp4_layout, stages, scale_rule), *dec_args, Float32(1.0), Int32(1), stream, **kw)
+    dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch, cfg), *dec_args, Float32(1.0), Int32(1), stream,
+                       **kw)
     comb = cute.compile(ThriftDecodeCombine(head_dim, bf), *comb_args, stream, **kw)
     return dec, comb

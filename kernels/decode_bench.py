@@ -1,9 +1,12 @@
 """Benchmark of thrift_decode vs SDPA bf16 decode and FA4 (flash_attn.cute) -- issue 4.
 
 python -m kernels.decode_bench [--lens 8192 32768 131072] [--batches 1 8] [--out FILE]
-    [--ctas-per-sm 8 10] [--prefetch 0 2] [--sweep 96 128 158 200] [--fp4-layout nibble bits] [--stages 2 3]
+    [--ctas-per-sm 8 10] [--sweep 96 128 158 200] [--fp4-layout nibble bits]
+    [--schedules "parts=1,stages=2,f16_cost=0" "min_ctas=15,ctas_per_sm=15" ...]
     (variants of budget 0.05, kernels only; --fp4-layout: the same cache's tiles re-laid out in each FP4 word
-    layout of kernels/kv_cache.py, timed at the default splits and, with --sweep, at every swept split count)
+    layout of kernels/kv_cache.py, timed at the default splits and, with --sweep, at every swept split count;
+    --schedules: thrift_decode schedule dicts written k=v,k=v (DecodeConfig fields + ctas_per_sm | num_splits),
+    each timed at budgets 0 and 0.05 with its output checked bit for bit against the default schedule's)
 Median of triton do_bench (L2 flushed between reps). GB/s = bytes the kernel must read (FP4 tiles of the FP4
 blocks, FP16 K+V of the selected and partial blocks) / time. Also a device-to-device copy bandwidth.
 """
@@ -33,20 +36,19 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", type=int, nargs="*", default=[],
-                    help="also time B=1, L=max(lens), budget 0.05 with these num_splits x --prefetch (kernels only)")
+                    help="also time B=1, L=max(lens), budget 0.05 with these num_splits (kernels only)")
     ap.add_argument("--ctas-per-sm", type=int, nargs="*", default=[],
                     help="also time budget 0.05 of every shape with the splits planned for these CTAs per SM")
-    ap.add_argument("--prefetch", type=int, nargs="*", default=[],
-                    help="also time budget 0.05 of every shape with these L2 prefetch distances (0 = off)")
-    ap.add_argument("--stages", type=int, nargs="*", default=[], choices=[2, 3],
-                    help="also time budget 0.05 of every shape with these cp.async stage counts (x --ctas-per-sm)")
+    ap.add_argument("--schedules", nargs="*", default=[],
+                    help="also time budgets 0 and 0.05 of every shape with these schedules (k=v,k=v: DecodeConfig "
+                         "fields parts/stages/f16_cost/min_ctas and ctas_per_sm or num_splits)")
     ap.add_argument("--no-fa4", action="store_true", help="skip the FA4 baseline (its compiles take a while)")
     ap.add_argument("--fp4-layout", nargs="*", default=[], choices=["nibble", "bits"],
                     help="also time budget 0.05 of every shape with the tiles in these FP4 word layouts")
     args = ap.parse_args(argv)
 
-    from kernels.decode import DEFAULT_PREFETCH
-    from kernels.decode_interface import _arch, _get_kernels, decode_fwd, plan_splits, prequantize_query, select_decode_blocks, thrift_decode
+    from kernels.decode_interface import (CONFIG_KEYS, _arch, _get_kernels, decode_config, decode_fwd, pad_flags, plan_splits,
+                                          prequantize_query, select_decode_blocks, thrift_decode)
     from kernels.kv_cache import BLOCK, ThriftKVCache, relayout_tiles, tile_bytes
     from quant.rotation import maybe_rotate
 
@@ -54,12 +56,18 @@ def main(argv=None):
     props = torch.cuda.get_device_properties(dev)
     rows = []
 
-    def kernels_pf(pf, layout=None, stages=None):  # (decode, combine) compiled with L2 prefetch distance pf
-        return _get_kernels(args.d, args.hkv, args.hq // args.hkv, torch.bfloat16, _arch(dev), pf,
-                            layout or cache.fp4_layout, stages, scale_rule="pre")
+    def parse_schedule(text):  # "parts=2,stages=3,ctas_per_sm=15" -> dict of ints
+        out = {}
+        for item in filter(None, text.split(",")):
+            k_, v_ = item.split("=")
+            out[k_.strip()] = int(v_)
+        return out
 
-    def time_pair(pf, flags, ns_, tps_, layout=None, tiles=None, stages=None):
-        kd_, kc_ = kernels_pf(pf, layout, stages)
+    def cfg_of(sched, layout=None):  # the DecodeConfig of a schedule dict (the cache's layout, query "pre")
+        return decode_config(layout or cache.fp4_layout, "pre", *(sched.get(k_, -1) for k_ in CONFIG_KEYS))
+
+    def time_pair(flags, ns_, tps_, cfg=None, tiles=None):
+        kd_, kc_ = _get_kernels(D, H, HQ // H, dt, _arch(dev), cfg or cfg_of({}))
         tiles = cache.tiles if tiles is None else tiles
         op_ = torch.empty((B, HQ, ns_, D), dtype=torch.float32, device=dev)
         lp_ = torch.empty((B, HQ, ns_), dtype=torch.float32, device=dev)
@@ -74,7 +82,7 @@ def main(argv=None):
     def dump(partial):
         if args.out:
             res = dict(device=props.name, sms=props.multi_processor_count, copy_GBs=copy_gbs, rows=rows,
-                       default_prefetch=DEFAULT_PREFETCH, partial=partial,
+                       default_config=repr(decode_config()), partial=partial,
                        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
             with open(args.out, "w") as fh:
                 json.dump(res, fh, indent=1)
@@ -139,18 +147,18 @@ def main(argv=None):
                 lse_part = torch.empty((B, HQ, ns), dtype=torch.float32, device=dev)
                 o_out = torch.empty((B, 1, HQ, D), dtype=dt, device=dev)
                 l_out = torch.empty((B, HQ), dtype=torch.float32, device=dev)
-                kd, kc = _get_kernels(D, H, HQ // H, dt, _arch(dev), None, cache.fp4_layout, scale_rule="pre")
+                kd, kc = _get_kernels(D, H, HQ // H, dt, _arch(dev), cfg_of({}))
 
                 def fk():
                     kd(cache.tiles, cache.k16, cache.v16, q16, q_rot, flags, lens, o_part, lse_part,
                        scale * math.log2(math.e), tps)
                     kc(o_part, lse_part, o_out, l_out)
                 fk()
-                ref_o = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
-                                   cache.fp4_layout, -1, "pre")[0]
+                ref_o = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps,
+                                   cache.fp4_layout, "pre")[0]
                 assert torch.equal(ref_o, o_out)
-                fo = lambda: decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,  # noqa: E731
-                                        cache.fp4_layout, -1, "pre")
+                fo = lambda: decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps,  # noqa: E731
+                                        cache.fp4_layout, "pre")
                 fe = lambda: thrift_decode(q, cache, budget=bud)  # noqa: E731
                 tk = _bench(fk)
                 te = _bench(fe)
@@ -159,8 +167,8 @@ def main(argv=None):
                                                                     o_part, lse_part, scale * math.log2(math.e), tps))
                     row["b0.05_combine_only_ms"] = _bench(lambda: kc(o_part, lse_part, o_out, l_out))
                     # A/B: the query quantized in every CTA with the cache's rule (the path before "pre")
-                    kd_in, _ = _get_kernels(D, H, HQ // H, dt, _arch(dev), None, cache.fp4_layout,
-                                            scale_rule=cache.scale_rule)
+                    kd_in, _ = _get_kernels(D, H, HQ // H, dt, _arch(dev),
+                                            decode_config(cache.fp4_layout, cache.scale_rule))
                     q_r = maybe_rotate(q16, cache.qk_rotation).contiguous()
                     row["b0.05_decode_only_inkernel_q_ms"] = _bench(
                         lambda: kd_in(cache.tiles, cache.k16, cache.v16, q16, q_r, flags, lens, o_part, lse_part,
@@ -171,27 +179,24 @@ def main(argv=None):
                 row[f"b{bud}_GBs"] = must / (tk * 1e-3) / 1e9
                 row[f"b{bud}_MB"] = must / 1e6
             row["splits"] = ns
-            if args.prefetch:
-                flags = select_decode_blocks(q, cache, 0.05)
-                for pf in args.prefetch:
-                    row[f"b0.05_pf{pf}_kernel_ms"] = time_pair(pf, flags, ns, tps)
             if args.ctas_per_sm:
                 flags = select_decode_blocks(q, cache, 0.05)
                 for c_ in args.ctas_per_sm:
                     n2, t2 = plan_splits(-(-L // BLOCK), B, H, props.multi_processor_count, {"ctas_per_sm": c_})
-                    row[f"b0.05_cps{c_}_ns{n2}_kernel_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2)
-            if args.stages:
-                flags = select_decode_blocks(q, cache, 0.05)
-                for st in args.stages:
-                    for c_ in (args.ctas_per_sm or [None]):
-                        n2, t2 = (ns, tps) if c_ is None else plan_splits(
-                            -(-L // BLOCK), B, H, props.multi_processor_count, {"ctas_per_sm": c_})
-                        row[f"b0.05_st{st}_ns{n2}_kernel_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2, stages=st)
-                    o_st = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
-                                      cache.fp4_layout, st, "pre")
-                    o_2 = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, lens, scale, ns, tps, -1,
-                                     cache.fp4_layout, 2, "pre")
-                    row[f"st{st}_bit_identical_to_st2"] = torch.equal(o_st[0], o_2[0]) and torch.equal(o_st[1], o_2[1])
+                    row[f"b0.05_cps{c_}_ns{n2}_kernel_ms"] = time_pair(flags, n2, t2)
+            for text in args.schedules:
+                sch = parse_schedule(text)
+                cfg = cfg_of(sch)
+                n2, t2 = plan_splits(-(-L // BLOCK), B, H, props.multi_processor_count,
+                                     {k_: v_ for k_, v_ in sch.items() if k_ in ("ctas_per_sm", "num_splits")})
+                for bud in (0.0, 0.05):
+                    flags = select_decode_blocks(q, cache, bud)
+                    row[f"sched[{text}]_ns{n2}_b{bud}_kernel_ms"] = time_pair(flags, n2, t2, cfg)
+                    o_s = thrift_decode(q, cache, budget=bud, schedule=sch, return_lse=True)
+                    o_d = thrift_decode(q, cache, budget=bud, return_lse=True)
+                    # the same math in another order of tiles per split -> equal up to fp32 rounding of the merge
+                    row[f"sched[{text}]_b{bud}_max_abs_diff_vs_default"] = max(
+                        (o_s[0].float() - o_d[0].float()).abs().max().item(), (o_s[1] - o_d[1]).abs().max().item())
             lay_tiles = {}
             if args.fp4_layout:  # same codes, other word layouts; outputs must agree bit for bit
                 flags = select_decode_blocks(q, cache, 0.05)
@@ -201,10 +206,10 @@ def main(argv=None):
                     for c_ in (args.ctas_per_sm or [None]):
                         n2, t2 = (ns, tps) if c_ is None else plan_splits(
                             -(-L // BLOCK), B, H, props.multi_processor_count, {"ctas_per_sm": c_})
-                        row[f"b0.05_{lay}_ns{n2}_kernel_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2, lay,
+                        row[f"b0.05_{lay}_ns{n2}_kernel_ms"] = time_pair(flags, n2, t2, cfg_of({}, lay),
                                                                           lay_tiles[lay])
                     outs[lay] = decode_fwd(q16, q_rot, lay_tiles[lay], cache.k16, cache.v16, flags, lens, scale, ns, tps,
-                                           -1, lay, -1, "pre")
+                                           lay, "pre")
                 ref_lay = outs[args.fp4_layout[0]]
                 row["fp4_layouts_bit_identical"] = all(torch.equal(o[0], ref_lay[0]) and torch.equal(o[1], ref_lay[1])
                                                        for o in outs.values())
@@ -212,10 +217,9 @@ def main(argv=None):
                 flags = select_decode_blocks(q, cache, 0.05)
                 for n in args.sweep:
                     n2, t2 = plan_splits(-(-L // BLOCK), B, H, props.multi_processor_count, {"num_splits": n})
-                    for pf in (args.prefetch or [DEFAULT_PREFETCH]):
-                        row[f"sweep_ns{n2}_pf{pf}_ms"] = time_pair(pf, flags, n2, t2)
+                    row[f"sweep_ns{n2}_ms"] = time_pair(flags, n2, t2)
                     for lay, tl in lay_tiles.items():
-                        row[f"sweep_ns{n2}_{lay}_ms"] = time_pair(DEFAULT_PREFETCH, flags, n2, t2, lay, tl)
+                        row[f"sweep_ns{n2}_{lay}_ms"] = time_pair(flags, n2, t2, cfg_of({}, lay), tl)
             del lay_tiles
             rows.append(row)
             print(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}), flush=True)

@@ -7,9 +7,9 @@ always read in FP16 -- it holds the newest tokens, is at most 63 keys, and its F
 So budget=0 means "all complete blocks FP4". The reference (`thrift_decode_ref`) feeds exactly this selection to
 kernels.reference.thrift_attention_ref (Sq = 1, bottom-right causal: the query sees every cached key).
 
-The GPU work is a torch.library custom op `thrift::decode_fwd` (tensors only; selection and the query's Hadamard
-rotation happen before it in torch; the query's NVFP4 quantization happens inside the kernel, with the cache's
-scale_rule: "mse" by default, kernels/arch_paths.nvfp4_mse_scale, or "amax").
+The GPU work is a torch.library custom op `thrift::decode_fwd` (tensors only; selection happens before it in torch,
+and the query's Hadamard rotation + NVFP4 quantization (the cache's scale_rule) once per call in the prefill quantizer
+kernel, `prequantize_query`). The split kernel's static schedule is a kernels.decode.DecodeConfig.
 """
 from __future__ import annotations
 
@@ -23,10 +23,14 @@ from .selection import topk_for_budget
 from profiling.nvtx_ranges import phase  # NVTX "<variant>/<phase>/<shape>" ranges (no-op without a profiler)
 
 _COMPILED: dict = {}
-# 1-warp CTAs; 11 fit an H100 SM (159-161 regs, 18.6 KB smem each). 8 rather than 10: at B=1, 128k, budget 0.05
-# 128 splits (8/SM) took 107.8 us vs 116.4 us with 158 (10/SM) on an H100 (113.1 vs 119.6 in an earlier run) --
-# the per-SM tile count is the same, so the per-CTA fixed cost and the concurrent streams are what differ.
+# One-warp CTAs per SM the split plan aims at (12 fit an H100 SM: ~157 registers, 13.9 KB smem with the default
+# K/V-half ring). 8 when the splits are short: every CTA pays a fixed ~10 us (query and flag loads, first tile,
+# epilogue), so at B=1, 128k, budget 0.05 10/SM (158 splits of 13 tiles) took 101.1 us vs 98.0 at 8/SM. 10 once a
+# split keeps >= LONG_SPLIT_TILES tiles: B=8, 128k, budget 0.05 (21 splits of 98 tiles) 522.0 vs 552.3 us; B=8, 32k
+# (25 tiles per split at 10/SM) 159.9 vs 161.8 (profiling/RESULTS.md, decode section, H100, 2026-11-22).
 DEFAULT_CTAS_PER_SM = 8
+LONG_CTAS_PER_SM = 10
+LONG_SPLIT_TILES = 24
 
 
 def _arch(device) -> int:
@@ -34,17 +38,28 @@ def _arch(device) -> int:
     return 10 * major + minor
 
 
-def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int, prefetch: int | None = None,
-                 fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int | None = None, scale_rule: str = "mse"):
+def decode_config(fp4_layout: str = DEFAULT_FP4_LAYOUT, scale_rule: str = "pre", parts: int = -1, stages: int = -1,
+                  f16_cost: int = -1, min_ctas: int = -1,
+                  f16_depth: int = -1):
+    """kernels.decode.DecodeConfig from the custom op's scalar arguments (-1 = the DecodeConfig default)."""
+    from .decode import DecodeConfig
+
+    kw = {k: v for k, v in dict(parts=parts, stages=stages, f16_cost=f16_cost, min_ctas=min_ctas,
+                                f16_depth=f16_depth).items() if v != -1}
+    if "parts" in kw and "stages" not in kw:  # the stage count must suit the part count
+        kw["stages"] = {1: 2, 2: 3}.get(kw["parts"], -1)
+    return DecodeConfig(fp4_layout=fp4_layout, scale_rule=scale_rule, **kw)
+
+
+def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int, config=None):
+    """(split kernel, combine kernel) compiled for TVM FFI, cached on everything that changes the code: shape
+    constants, dtype, arch, the DecodeConfig, and the mse candidate tuple when the query is quantized in-kernel."""
     from quant.nvfp4 import MSE_SCALE_STEPS
 
-    from .decode import DEFAULT_PREFETCH, DEFAULT_STAGES
+    from .decode import DecodeConfig
 
-    prefetch = DEFAULT_PREFETCH if prefetch is None else prefetch
-    stages = DEFAULT_STAGES if stages is None else stages
-    # the query's scale rule and its candidate tuple (quant.nvfp4.MSE_SCALE_STEPS) are compiled in
-    key = (D, hkv, G, dtype, arch, prefetch, fp4_layout, stages, scale_rule,
-           tuple(MSE_SCALE_STEPS) if scale_rule == "mse" else ())
+    config = config or DecodeConfig()
+    key = (D, hkv, G, dtype, arch, config, tuple(MSE_SCALE_STEPS) if config.scale_rule == "mse" else ())
     if key not in _COMPILED:
         from .decode import compile_decode
 
@@ -53,25 +68,34 @@ def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int, prefet
         except ImportError as e:
             raise RuntimeError("thrift_decode needs apache-tvm-ffi (pip install apache-tvm-ffi)") from e
         _COMPILED[key] = compile_decode(D, hkv, G, "bf16" if dtype == torch.bfloat16 else "f16", arch,
-                                        tvm_ffi=True, prefetch=prefetch, fp4_layout=fp4_layout, stages=stages,
-                                        scale_rule=scale_rule)
+                                        tvm_ffi=True, config=config)
     return _COMPILED[key]
 
 
+# schedule dict keys: the split plan (num_splits | ctas_per_sm) and the DecodeConfig fields
+CONFIG_KEYS = ("parts", "stages", "f16_cost", "min_ctas", "f16_depth")  # DecodeConfig fields, decode_fwd order
+SCHEDULE_KEYS = {"num_splits", "ctas_per_sm", *CONFIG_KEYS}
+
+
 def plan_splits(max_tiles: int, batch: int, num_kv_heads: int, num_sms: int, schedule=None):
-    """(num_splits, tiles_per_split): enough 1-warp CTAs to fill every SM about once (one wave)."""
+    """(num_splits, tiles_per_split): enough 1-warp CTAs to fill every SM about once (one wave): ctas_per_sm of
+    them (default: LONG_CTAS_PER_SM if the splits then keep >= LONG_SPLIT_TILES tiles, else DEFAULT_CTAS_PER_SM)."""
     sched = dict(schedule or {})
-    unknown = set(sched) - {"num_splits", "ctas_per_sm", "prefetch", "stages"}
+    unknown = set(sched) - SCHEDULE_KEYS
     if unknown:
-        raise ValueError(f"thrift_decode: schedule keys must be num_splits/ctas_per_sm/prefetch/stages, got "
-                         f"{sorted(unknown)}")
+        raise ValueError(f"thrift_decode: schedule keys must be in {sorted(SCHEDULE_KEYS)}, got {sorted(unknown)}")
     if "num_splits" in sched:
         ns = int(sched["num_splits"])
         if ns < 1:
             raise ValueError(f"thrift_decode: schedule['num_splits'] must be >= 1, got {ns}")
     else:
-        target = num_sms * int(sched.get("ctas_per_sm", DEFAULT_CTAS_PER_SM))
-        ns = -(-target // (batch * num_kv_heads))
+        cps = sched.get("ctas_per_sm")
+        if cps is None:
+            long_ns = -(-num_sms * LONG_CTAS_PER_SM // (batch * num_kv_heads))
+            cps = LONG_CTAS_PER_SM if max_tiles >= LONG_SPLIT_TILES * long_ns else DEFAULT_CTAS_PER_SM
+        if int(cps) < 1:
+            raise ValueError(f"thrift_decode: schedule['ctas_per_sm'] must be >= 1, got {cps}")
+        ns = -(-num_sms * int(cps) // (batch * num_kv_heads))
     ns = max(1, min(ns, max_tiles))
     tps = -(-max_tiles // ns)
     return -(-max_tiles // tps), tps
@@ -140,27 +164,35 @@ def prequantize_query(q16: torch.Tensor, qk_rotation: str, scale_rule: str) -> t
     return kd.view(B, HQ, D)
 
 
+def pad_flags(flags: torch.Tensor) -> torch.Tensor:
+    """Flags with the last dim padded to a multiple of 16 (zeros) and contiguous: the split kernel reads 16 flags per
+    16-byte load when it balances its splits (DecodeConfig.f16_cost)."""
+    nb = flags.shape[-1]
+    if nb % 16 == 0 and flags.is_contiguous():
+        return flags
+    return torch.nn.functional.pad(flags, (0, -nb % 16)).contiguous()
+
+
 @torch.library.custom_op("thrift::decode_fwd", mutates_args=())
 def decode_fwd(q16: torch.Tensor, q_rot: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: torch.Tensor,
                flags: torch.Tensor, lens: torch.Tensor, softmax_scale: float, num_splits: int,
-               tiles_per_split: int, prefetch: int = -1,
-               fp4_layout: str = DEFAULT_FP4_LAYOUT, stages: int = -1,
-               scale_rule: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-KV decode + LSE combine. q16 [B, Hq, D] (the FP16 tiles' query); q_rot [B, Hq, D] the same type: the
-    query NVFP4-quantized inside the kernel for the FP4 tiles (hadamard_rotate(q16), or q16 itself without rotation);
-    tiles/k16/v16/flags/lens from the cache; prefetch: L2 prefetch distance in tiles (-1 = the default);
-    fp4_layout: the bit order of the tiles' code words (the cache's fp4_layout); stages: cp.async stages of FP4
-    tiles (2 or 3, -1 = the default); scale_rule: "pre" (q_rot = prequantize_query(...), what thrift_decode passes)
-    or the NVFP4 rule of an in-kernel quantization of q_rot ("mse" or "amax", the cache's scale_rule).
-    Returns O [B, 1, Hq, D] (q16's dtype) and LSE fp32 [B, Hq]."""
+               tiles_per_split: int, fp4_layout: str = DEFAULT_FP4_LAYOUT, scale_rule: str = "pre",
+               parts: int = -1, stages: int = -1, f16_cost: int = -1, min_ctas: int = -1, f16_depth: int = -1
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV decode + LSE combine. q16 [B, Hq, D] (the FP16 tiles' query); q_rot [B, Hq, D] the same type: the FP4
+    tiles' query, prequantize_query(...) with scale_rule "pre" (what thrift_decode passes), or the query to quantize in
+    the kernel with the rule "mse" / "amax" (hadamard_rotate(q16) when the cache is rotated); tiles/k16/v16/flags/lens
+    from the cache; fp4_layout: the bit order of the tiles' code words (the cache's fp4_layout); parts / stages /
+    f16_cost / min_ctas / f16_depth: DecodeConfig fields (-1 = default). Returns O [B, 1, Hq, D] (q16's dtype) and LSE fp32 [B, Hq]."""
     B, HQ, D = q16.shape
     hkv = tiles.shape[2]
-    dec, comb = _get_kernels(D, hkv, HQ // hkv, q16.dtype, _arch(q16.device), None if prefetch < 0 else prefetch,
-                             fp4_layout, None if stages < 0 else stages, scale_rule)
+    cfg = decode_config(fp4_layout, scale_rule, parts, stages, f16_cost, min_ctas, f16_depth)
+    dec, comb = _get_kernels(D, hkv, HQ // hkv, q16.dtype, _arch(q16.device), cfg)
     o_part = torch.empty((B, HQ, num_splits, D), dtype=torch.float32, device=q16.device)
     lse_part = torch.empty((B, HQ, num_splits), dtype=torch.float32, device=q16.device)
     out = torch.empty((B, 1, HQ, D), dtype=q16.dtype, device=q16.device)
     lse = torch.empty((B, HQ), dtype=torch.float32, device=q16.device)
+    flags = pad_flags(flags)
     with phase("attention"):  # split-KV kernel
         dec(tiles, k16, v16, q16, q_rot, flags, lens, o_part, lse_part, softmax_scale * math.log2(math.e), tiles_per_split)
     with phase("combine"):
@@ -169,8 +201,9 @@ def decode_fwd(q16: torch.Tensor, q_rot: torch.Tensor, tiles: torch.Tensor, k16:
 
 
 @decode_fwd.register_fake
-def _(q16, q_rot, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split, prefetch=-1,
-      fp4_layout=DEFAULT_FP4_LAYOUT, stages=-1, scale_rule="mse"):
+def _(q16, q_rot, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split,
+      fp4_layout=DEFAULT_FP4_LAYOUT, scale_rule="pre", parts=-1, stages=-1, f16_cost=-1, min_ctas=-1,
+      f16_depth=-1):
     B, HQ, D = q16.shape
     return q16.new_empty((B, 1, HQ, D)), q16.new_empty((B, HQ), dtype=torch.float32)
 
@@ -195,15 +228,16 @@ def _check_q_cache(q, cache, where):
 
 
 def select_decode_blocks(q, cache: ThriftKVCache, budget: float = 0.05, selection: str = "block_mean"):
-    """uint8 flags [B, Hkv, cap/64]: 1 for the complete blocks read from the FP16 cache (see module docstring).
-    The partial last block is not flagged: the kernel always reads it in FP16."""
+    """uint8 flags [B, Hkv, NBP]: 1 for the complete blocks read from the FP16 cache (see module docstring); NBP =
+    cap/64 rounded up to a multiple of 16 (pad_flags), entries past cap/64 are 0. The partial last block is not
+    flagged: the kernel always reads it in FP16."""
     where = "select_decode_blocks"
     G = _check_q_cache(q, cache, where)
     f = check_budget(budget, where=where)
     check_choice("selection", selection, ("block_mean",), where=where)
     B, H, D = cache.batch, cache.num_kv_heads, cache.head_dim
     nblk = cache.capacity // BLOCK
-    flags = torch.zeros((B, H, nblk), dtype=torch.uint8, device=q.device)
+    flags = torch.zeros((B, H, nblk + (-nblk % 16)), dtype=torch.uint8, device=q.device)
     n_full = [L // BLOCK for L in cache.lengths]
     ks = [topk_for_budget(n, f, causal=False) if n > 0 else 0 for n in n_full]
     kmax = max(ks)
@@ -273,9 +307,9 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
 
     q [B, 1, Hq, D] in the cache dtype (fp16/bf16), Hq/Hkv in [1, 16], D in {64, 128}. budget: fraction of the
     complete 64-token blocks read in FP16 (top by block-mean score, per KV head); the partial last block is
-    always FP16. schedule: {"num_splits": n} or {"ctas_per_sm": c}, optionally {"prefetch": distance in tiles
-    of the L2 prefetch, 0 = off} and {"stages": 2 or 3 cp.async stages of FP4 tiles (3: unmeasured)}. flags: a precomputed select_decode_blocks
-    result (skips selection). Returns O [B, 1, Hq, D] (and LSE fp32 [B, Hq]; -inf for empty sequences)."""
+    always FP16. schedule: {"num_splits": n} or {"ctas_per_sm": c}, optionally DecodeConfig fields ("parts",
+    "stages", "f16_cost", "min_ctas", "f16_depth"; kernels/decode.py). flags: a precomputed select_decode_blocks result (skips
+    selection). Returns O [B, 1, Hq, D] (and LSE fp32 [B, Hq]; -inf for empty sequences)."""
     where = "thrift_decode"
     G = _check_q_cache(q, cache, where)
     if q.device.type != "cuda":
@@ -293,12 +327,11 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
     max_tiles = max(1, -(-cache.max_length // BLOCK))
     ns, tps = plan_splits(max_tiles, B, H, torch.cuda.get_device_properties(q.device).multi_processor_count,
                           schedule)
-    pf = int((schedule or {}).get("prefetch", -1))
-    if not -1 <= pf <= 8:
-        raise ValueError(f"{where}: schedule['prefetch'] must be in [0, 8], got {pf}")
-    st = int((schedule or {}).get("stages", -1))
-    if st not in (-1, 2, 3):
-        raise ValueError(f"{where}: schedule['stages'] must be 2 or 3, got {st}")
+    sched = schedule or {}
+    try:
+        cfg = decode_config(cache.fp4_layout, "pre", *(int(sched.get(k, -1)) for k in CONFIG_KEYS))
+    except ValueError as e:
+        raise ValueError(f"{where}: bad schedule {dict(sched)}: {e}") from None
     out, lse = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, cache.lengths_tensor(q.device),
-                          float(scale), ns, tps, pf, cache.fp4_layout, st, "pre")
+                          float(scale), ns, tps, cfg.fp4_layout, "pre", *(getattr(cfg, k) for k in CONFIG_KEYS))
     return (out, lse) if return_lse else out

@@ -14,15 +14,17 @@ _SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     from kernels.decode import compile_decode
-    compile_decode({d}, {hkv}, {g}, {dt!r}, {arch}, fp4_layout={layout!r}, stages={stages}, scale_rule={rule!r})
+    compile_decode({d}, {hkv}, {g}, {dt!r}, {arch}, fp4_layout={layout!r}, parts={parts}, stages={stages},
+                   scale_rule={rule!r}, min_ctas={minc})
 """)
 
 
-def _compile(tmp_path, arch, d, hkv, g, dt, layout="nibble", stages=2, rule="mse"):
+def _compile(tmp_path, arch, d, hkv, g, dt, layout="nibble", parts=2, stages=3, rule="mse", minc=0):
     dump = tmp_path / f"dump_{arch}"
     dump.mkdir()
     env = dict(os.environ, CUTE_DSL_ARCH=f"sm_{arch}a", CUTE_DSL_KEEP="ptx,cubin", CUTE_DSL_DUMP_DIR=str(dump))
-    code = _SCRIPT.format(root=ROOT, d=d, hkv=hkv, g=g, dt=dt, arch=arch, layout=layout, stages=stages, rule=rule)
+    code = _SCRIPT.format(root=ROOT, d=d, hkv=hkv, g=g, dt=dt, arch=arch, layout=layout, parts=parts, stages=stages,
+                         rule=rule, minc=minc)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     ptx = sorted(p for p in dump.iterdir() if p.suffix == ".ptx")
@@ -33,13 +35,14 @@ def _compile(tmp_path, arch, d, hkv, g, dt, layout="nibble", stages=2, rule="mse
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("arch,d,hkv,g,dt,layout,stages,rule", [
-    (90, 128, 8, 4, "f16", "nibble", 2, "mse"), (90, 64, 3, 3, "bf16", "nibble", 2, "amax"),
-    (120, 128, 8, 4, "f16", "nibble", 2, "mse"), (120, 64, 2, 16, "bf16", "nibble", 2, "mse"),
-    (90, 128, 8, 4, "bf16", "bits", 3, "mse"), (120, 64, 2, 16, "f16", "bits", 2, "amax"),
-    (90, 128, 8, 4, "bf16", "bits", 2, "pre")])  # "pre": what thrift_decode runs (query quantized before launch)
-def test_decode_compiles(tmp_path, arch, d, hkv, g, dt, layout, stages, rule):
-    dec, comb = _compile(tmp_path, arch, d, hkv, g, dt, layout, stages, rule)
+@pytest.mark.parametrize("arch,d,hkv,g,dt,layout,parts,stages,rule,minc", [
+    (90, 128, 8, 4, "f16", "nibble", 1, 2, "mse", 0), (90, 64, 3, 3, "bf16", "nibble", 2, 4, "amax", 0),
+    (120, 128, 8, 4, "f16", "nibble", 1, 3, "mse", 0), (120, 64, 2, 16, "bf16", "nibble", 2, 3, "mse", 0),
+    (90, 128, 8, 4, "bf16", "bits", 2, 3, "mse", 15), (120, 64, 2, 16, "f16", "bits", 1, 2, "amax", 0),
+    # "pre": what thrift_decode runs (query quantized before launch), with the default pipeline
+    (90, 128, 8, 4, "bf16", "bits", 2, 3, "pre", 0), (120, 128, 8, 4, "bf16", "bits", 2, 3, "pre", 15)])
+def test_decode_compiles(tmp_path, arch, d, hkv, g, dt, layout, parts, stages, rule, minc):
+    dec, comb = _compile(tmp_path, arch, d, hkv, g, dt, layout, parts, stages, rule, minc)
     text = dec.read_text()
     # the query's "mse" scale rule (arch_paths.nvfp4_mse_scale): per lane D/64 groups per n8 head tile, 16 SSE steps
     # (explicit mul.rn then add.rn, never contracted to an FMA) per candidate scale
@@ -49,6 +52,7 @@ def test_decode_compiles(tmp_path, arch, d, hkv, g, dt, layout, stages, rule):
     want = 0 if rule in ("amax", "pre") else (d // 64) * ((g + 7) // 8) * 16 * (1 + len(MSE_SCALE_STEPS))
     assert n_sse == want, (n_sse, want)
     assert re.search(rf"cp\.async\.wait_group\s+{stages - 1};", text)
+    assert (f".minnctapersm {minc}" in text) == (minc > 1), "the register cap hint (DecodeConfig.min_ctas)"
     if layout == "bits":  # the shift-and-mask decode of kv_cache's "bits" word layout, no table lookup
         assert "0x8E008E00" in text and "0x0E000E00" in text
         assert "prmt.b32 h0, 0x3E3C3800" not in text
@@ -69,9 +73,12 @@ def test_decode_compiles(tmp_path, arch, d, hkv, g, dt, layout, stages, rule):
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         info = out.stdout + out.stderr
-        assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", info), info
         regs = int(re.search(r"Used (\d+) registers", info).group(1))
         assert regs <= 255
+        if minc and p is dec:  # the register-cap knob (not a default): it must cap; a small spill outside the tile
+            assert regs <= 65536 // (32 * minc), info  # loop is allowed (sm_90a: 32 B at 128 registers)
+        else:
+            assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", info), info
 
 
 @pytest.mark.compile
