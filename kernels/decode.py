@@ -855,10 +855,11 @@ class ThriftDecodeSplitKV:
 class ThriftDecodeCombine:
     """Merge the splits: O = sum_s w_s O_s / sum_s w_s with w_s = exp(lse_s - max lse); LSE = max + log(sum w).
     One CTA of 256 threads per (query head, sequence, 32-channel slice of D) -- B*Hq*D/32 CTAs, so B=1 still
-    spreads over 128 CTAs (D=128): the LSE max is a block reduction over the NS split LSEs; warp w then sums
-    splits w, w+8, ... of its slice (lane = channel: 128-byte coalesced rows, 4 loads in flight), and warp 0 adds
-    the 8 partial sums. Splits with lse = -inf (no tiles) contribute nothing. Launched with programmatic dependent
-    launch (sm_90+): it starts while the split kernel's last CTAs finish and waits (griddepcontrol.wait) for them."""
+    spreads over 128 CTAs (D=128). Warp w merges splits w, w+8, ... of its slice online (running max, rescaled sums;
+    lane = channel: 128-byte coalesced rows; unrolled so the loads of its splits are in flight together: one
+    round trip instead of a max pass then a sum pass), then warp 0 merges the 8 warps' (max, sum, O) through shared
+    memory. Splits with lse = -inf (no tiles) contribute nothing. Launched with programmatic dependent launch
+    (sm_90+): it starts while the split kernel's last CTAs finish and waits (griddepcontrol.wait) for them."""
 
     NT = 256
     DC = 32  # channels per CTA
@@ -874,6 +875,16 @@ class ThriftDecodeCombine:
                                                    block=(self.NT, 1, 1), smem=smem_bytes, stream=stream,
                                                    use_pdl=True)
 
+    @staticmethod
+    def _merge(m, acc, wsum, ls, o):
+        """Online merge of one split (LSE ls, output o) into (max m, sum acc, weight wsum); branch-free, and an
+        empty split (ls = -inf) adds nothing."""
+        m_new = cute.arch.fmax(m, ls)
+        ms = cute.arch.fmax(m_new, Float32(-1e30))  # finite stand-in while every LSE so far is -inf
+        f = ex2((m - ms) * Float32(LOG2E))  # 0 while m = -inf
+        w = ex2((ls - ms) * Float32(LOG2E))  # 0 for an empty split
+        return m_new, acc * f + w * o, wsum * f + w
+
     @cute.kernel
     def kernel(self, mOp: cute.Tensor, mLse: cute.Tensor, mO: cute.Tensor, mLseOut: cute.Tensor):
         NT, DC = self.NT, self.DC
@@ -885,38 +896,39 @@ class ThriftDecodeCombine:
         NS = mLse.shape[2]
         cute.arch.griddepcontrol_wait()  # launched with PDL behind the split kernel: its results are visible after
         smem = cutlass.utils.SmemAllocator()
-        s_red = smem.allocate_tensor(Float32, cute.make_layout(NW), byte_alignment=16)
+        s_m = smem.allocate_tensor(Float32, cute.make_layout(NW), byte_alignment=16)
         s_acc = smem.allocate_tensor(Float32, cute.make_layout(NW * DC), byte_alignment=16)
         s_w = smem.allocate_tensor(Float32, cute.make_layout(NW), byte_alignment=16)
-        mx = -Float32.inf
-        for s in cutlass.range(tid, NS, NT, unroll=1):
-            mx = cute.arch.fmax(mx, mLse[b, hq, s])
-        for off in (16, 8, 4, 2, 1):
-            mx = _bfly_max(mx, off)
-        if lane == 0:
-            s_red[warp] = mx
-        cute.arch.sync_threads()
-        mx = s_red[0]
-        for i in cutlass.range_constexpr(1, NW):
-            mx = cute.arch.fmax(mx, s_red[i])
         d = dc * DC + lane
-        acc = Float32(0.0)
-        wsum = Float32(0.0)
-        if mx > -Float32.inf:
-            for s in cutlass.range(warp, NS, NW, unroll=4):
-                w = ex2((mLse[b, hq, s] - mx) * Float32(LOG2E))
-                wsum = wsum + w
-                acc = acc + w * mOp[b, hq, s, d]
+        m = -Float32.inf  # running max of this warp's split LSEs (natural log)
+        acc = Float32(0.0)  # sum of exp(lse - m) * O
+        wsum = Float32(0.0)  # sum of exp(lse - m)
+        U = 8  # splits per warp whose loads are issued together (full groups: straight-line code, no branch)
+        n_full = NS // (NW * U)
+        for grp in cutlass.range(n_full, unroll=1):
+            s0 = grp * (NW * U) + warp
+            ls = [mLse[b, hq, s0 + NW * k] for k in range(U)]
+            os_ = [mOp[b, hq, s0 + NW * k, d] for k in range(U)]
+            for k in cutlass.range_constexpr(U):
+                m, acc, wsum = self._merge(m, acc, wsum, ls[k], os_[k])
+        for s in cutlass.range(n_full * (NW * U) + warp, NS, NW, unroll=1):  # the rest, one split at a time
+            m, acc, wsum = self._merge(m, acc, wsum, mLse[b, hq, s], mOp[b, hq, s, d])
         s_acc[tid] = acc
         if lane == 0:
+            s_m[warp] = m
             s_w[warp] = wsum
         cute.arch.sync_threads()
         if warp == 0:
+            mx = s_m[0]
+            for i in cutlass.range_constexpr(1, NW):
+                mx = cute.arch.fmax(mx, s_m[i])
+            ms = cute.arch.fmax(mx, Float32(-1e30))
             tot = Float32(0.0)
             wt = Float32(0.0)
             for i in cutlass.range_constexpr(NW):
-                tot = tot + s_acc[i * DC + lane]
-                wt = wt + s_w[i]
+                f = ex2((s_m[i] - ms) * Float32(LOG2E))  # 0 for a warp that saw only empty splits
+                tot = tot + s_acc[i * DC + lane] * f
+                wt = wt + s_w[i] * f
             out = Float32(0.0)
             lse = -Float32.inf
             if wt > Float32(0.0):
