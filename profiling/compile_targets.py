@@ -116,9 +116,10 @@ def _prefill_targets(arch: str) -> Tuple[List[CompileTarget], List[SkippedTarget
 
 
 def _decode_targets(arch: str) -> Tuple[List[CompileTarget], List[SkippedTarget]]:
-    """Adapter for kernels/decode.py's compile_decode(head_dim, num_kv_heads, group, dtype_name, arch), which
-    returns (split-KV decode kernel, combine kernel); the decode schedule (num_splits) is a run-time choice,
-    so the compile-time variants are the GQA group / head_dim / dtype ones listed here."""
+    """Adapter for kernels/decode.py's compile_decode(head_dim, num_kv_heads, group, dtype_name, arch, config=...),
+    which returns (split-KV decode kernel, combine kernel). Compile-time variants: the GQA group / head_dim with the
+    default DecodeConfig, and the DecodeConfig schedules worth comparing at D=128, G=4 (the split count is a run-time
+    choice: decode_interface.plan_splits)."""
     try:
         dec = importlib.import_module("kernels.decode")
     except Exception as e:
@@ -131,6 +132,13 @@ def _decode_targets(arch: str) -> Tuple[List[CompileTarget], List[SkippedTarget]
             return dec.compile_decode(d, hkv, g, "bf16", _arch_int(arch))
 
         out.append(CompileTarget("decode", f"d{d}_kv{hkv}_g{g}_bf16", build, "kernels/decode.py compile_decode"))
+    # DecodeConfig variants (kernels/decode.py): whole-tile stages, deeper ring, the register cap
+    for tag, kw in (("parts1_st2", {"parts": 1, "stages": 2}), ("parts2_st4", {"parts": 2, "stages": 4}),
+                    ("min_ctas15", {"min_ctas": 15})):
+        def build(kw=kw):
+            return dec.compile_decode(128, 8, 4, "bf16", _arch_int(arch), **kw)
+
+        out.append(CompileTarget("decode", f"d128_kv8_g4_bf16_{tag}", build, f"compile_decode(..., {kw})"))
     return out, []
 
 

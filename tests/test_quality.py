@@ -174,12 +174,22 @@ def test_budget1_reproduces_exact_logits_tiny_llama():
 def test_generate_with_thrift_cache_budget1_matches_sdpa():
     model = _tiny_llama(dtype=torch.float16)
     ids = torch.randint(0, 101, (1, 70))
+    kw = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=5, do_sample=False)
+        ref = model.generate(ids, **kw)
         cache = hb.make_thrift_cache(model.config)
         with hb.use_thrift(model, hb.ThriftConfig(budget=1.0, device_policy="reference")):
-            out = model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache)
-    assert torch.equal(out, ref)
+            res = model.generate(ids, past_key_values=cache, **kw)
+    out = res.sequences
+    # Budget 1 = FP16 attention with P rounded to fp16 (the contract), so the logits match SDPA's to ~1e-3, not
+    # bit for bit. A random tiny model's logits are nearly flat, so greedy decoding may flip on a near tie: compare
+    # the logits step by step, and allow a different token only where the reference's top-2 gap is that small.
+    for step, (sr, so) in enumerate(zip(ref.scores, res.scores)):
+        assert rel_l2(so, sr) <= 2e-3, step
+        if out[0, 70 + step] != ref.sequences[0, 70 + step]:
+            top2 = sr[0].float().topk(2).values
+            assert (top2[0] - top2[1]).item() <= 2e-2, (step, top2)
+            break
     fp4 = cache.fp4_layer(0)  # the FP16 + FP4 mirror (kernels/kv_cache.ThriftKVCache)
     assert fp4 is not None and fp4.lengths == [out.shape[1] - 1]
     assert torch.equal(fp4.keys(0)[0].transpose(0, 1), cache.layers[0].keys[0])
