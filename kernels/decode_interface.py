@@ -227,6 +227,21 @@ def _check_q_cache(q, cache, where):
     return G
 
 
+def _check_flags(flags, cache: ThriftKVCache, where: str):
+    """A caller's flags: uint8 [B, Hkv, n] on the cache device with n covering every cached block (the kernel reads
+    the flags of each sequence's blocks; a shorter tensor would be read out of bounds)."""
+    if not isinstance(flags, torch.Tensor):
+        raise TypeError(f"{where}: flags must be a torch.Tensor (select_decode_blocks output), got {type(flags).__name__}")
+    if flags.dtype != torch.uint8:
+        raise TypeError(f"{where}: flags must be uint8, got {flags.dtype}")
+    need = -(-cache.max_length // BLOCK)
+    if flags.dim() != 3 or flags.shape[0] != cache.batch or flags.shape[1] != cache.num_kv_heads or flags.shape[2] < need:
+        raise ValueError(f"{where}: flags must be [B={cache.batch}, Hkv={cache.num_kv_heads}, >= {need}] (one per "
+                         f"64-token block of the longest sequence), got {tuple(flags.shape)}")
+    if flags.device != cache.device:
+        raise ValueError(f"{where}: flags must be on the cache device {cache.device}, got {flags.device}")
+
+
 def select_decode_blocks(q, cache: ThriftKVCache, budget: float = 0.05, selection: str = "block_mean"):
     """uint8 flags [B, Hkv, NBP]: 1 for the complete blocks read from the FP16 cache (see module docstring); NBP =
     cap/64 rounded up to a multiple of 16 (pad_flags), entries past cap/64 are 0. The partial last block is not
@@ -318,6 +333,8 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
     if flags is None:
         with phase("select"):
             flags = select_decode_blocks(q, cache, budget, selection)
+    else:
+        _check_flags(flags, cache, where)
     B, H = cache.batch, cache.num_kv_heads
     q16 = q[:, 0].contiguous()
     # the FP4 tiles hold NVFP4 of the rotated K (cache.qk_rotation) with the cache's scale rule: their query is

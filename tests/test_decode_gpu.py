@@ -157,6 +157,15 @@ def test_bad_inputs():
         thrift_decode(torch.zeros((1, 1, 4, 64), device="cuda", dtype=torch.bfloat16), c)
     with pytest.raises(ValueError, match="budget"):
         thrift_decode(torch.zeros((1, 1, 4, 64), device="cuda", dtype=torch.float16), c, budget=1.5)
+    q = torch.zeros((1, 1, 4, 64), device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="flags must be"):  # too short for the cached blocks
+        thrift_decode(q, c, flags=torch.zeros((1, 2, 0), device="cuda", dtype=torch.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        thrift_decode(q, c, flags=torch.zeros((1, 2, 16), device="cuda"))
+    with pytest.raises(ValueError, match="schedule"):
+        thrift_decode(q, c, schedule={"parts": 3})
+    with pytest.raises(ValueError, match="schedule"):
+        thrift_decode(q, c, schedule={"tile": 1})
 
 
 @pytest.mark.parametrize("cfg", [(32, 8, 128, torch.float16, 1.0), (9, 3, 64, torch.bfloat16, 1.0),

@@ -68,3 +68,33 @@ def test_plan_splits():
         plan_splits(10, 1, 1, 10, {"bogus": 1})
     with pytest.raises(ValueError, match="ctas_per_sm"):
         plan_splits(10, 1, 1, 10, {"ctas_per_sm": 0})
+
+
+def test_flags_checks_padding_and_config():
+    """Caller-given flags are validated (a short tensor would be read out of bounds by the kernel); selection pads the
+    flag rows to a multiple of 16 (16-byte loads in the split kernel), pad_flags does it for other callers; the
+    schedule's DecodeConfig fields are validated with the field named."""
+    from kernels.decode_interface import _check_flags, decode_config, pad_flags
+
+    c = _cache([64 * 20 + 5, 64 * 7], 2, 64, torch.float16, 0)  # 21 blocks for the longest sequence
+    q = torch.randn((2, 1, 4, 64)).half()
+    flags = select_decode_blocks(q, c, 0.25)
+    assert flags.shape[2] % 16 == 0 and flags.shape[2] >= c.capacity // 64 and not flags[:, :, c.capacity // 64:].any()
+    _check_flags(flags, c, "t")
+    _check_flags(flags[:, :, :21], c, "t")
+    with pytest.raises(ValueError, match="flags must be"):
+        _check_flags(flags[:, :, :20], c, "t")
+    with pytest.raises(ValueError, match="flags must be"):
+        _check_flags(flags[:1], c, "t")
+    with pytest.raises(TypeError, match="uint8"):
+        _check_flags(flags.int(), c, "t")
+    p = pad_flags(flags[:, :, :21])
+    assert p.shape[2] == 32 and p.is_contiguous() and torch.equal(p[:, :, :21], flags[:, :, :21]) and not p[:, :, 21:].any()
+    assert pad_flags(flags) is flags  # already padded and contiguous: no copy
+    assert decode_config().parts == 2 and decode_config(parts=1).stages == 2  # stages follow parts by default
+    for kw, field in (({"parts": 3}, "parts"), ({"parts": 1, "stages": 4}, "stages"), ({"f16_cost": -2}, "f16_cost"),
+                      ({"f16_depth": 3}, "f16_depth"), ({"min_ctas": 40}, "min_ctas")):
+        with pytest.raises(ValueError, match=field):
+            decode_config(**kw)
+    with pytest.raises(ValueError, match="fp4_layout"):
+        decode_config(fp4_layout="packed")
