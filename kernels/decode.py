@@ -94,9 +94,10 @@ class DecodeConfig:
       (18.4 KB): more one-warp CTAs fit an SM.
     stages: ring slots of parts (cp.async groups in flight = stages - 1). parts=1: 2 or 3; parts=2: 3 or 4.
     f16_cost: 0 = splits of equal tile count (tiles_per_split); w >= 1 = (when tiles_per_split >= BALANCE_MIN_TILES)
-      each CTA finds its own range of tiles from the flags so that every split carries the same cost, an FP16 tile (K+V at 16 bits, 3.6x an FP4 tile's bytes, read
-      by synchronous loads) counting w FP4 tiles. With equal counts a few CTAs draw several selected blocks and set the
-      kernel's time.
+      each CTA finds its own range of tiles from the flags so that every split carries the same cost, an FP16 tile
+      (K+V at 16 bits, 3.6x an FP4 tile's bytes, read by synchronous loads) counting w FP4 tiles. With equal counts a
+      few CTAs draw several selected blocks and set the kernel's time.
+    Defaults chosen on an H100 (profiling/RESULTS.md, decode section, session 3); the same table has the variants.
     min_ctas: .minnctapersm hint (0 = none): caps registers so that many one-warp CTAs fit an SM (15 at D=128 with
       parts=2, stages=3 -> <= 136 registers).
     f16_depth: m-tiles (16 keys) of K, then of V, in flight in the FP16 tiles' synchronous loads (1 or 2).
@@ -119,10 +120,11 @@ class DecodeConfig:
         if self.parts not in ok:
             raise ValueError(f"parts (shared-memory pieces of an FP4 tile) must be 1 or 2, got {self.parts}")
         if self.stages not in ok[self.parts]:
-            raise ValueError(f"stages (ring slots) must be in {ok[self.parts]} with parts={self.parts}, got {self.stages}")
+            raise ValueError(f"stages (ring slots) must be in {ok[self.parts]} with parts={self.parts}, "
+                             f"got {self.stages}")
         if not 0 <= self.f16_cost <= 16:
-            raise ValueError(f"f16_cost (cost of an FP16 tile in FP4 tiles, 0 = equal-count splits) must be in [0, 16], "
-                             f"got {self.f16_cost}")
+            raise ValueError(f"f16_cost (cost of an FP16 tile in FP4 tiles, 0 = equal-count splits) must be in "
+                             f"[0, 16], got {self.f16_cost}")
         if self.f16_depth not in (1, 2):
             raise ValueError(f"f16_depth (m-tiles of FP16 K/V loads in flight) must be 1 or 2, got {self.f16_depth}")
         if not 0 <= self.min_ctas <= 32:

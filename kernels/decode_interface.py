@@ -183,7 +183,8 @@ def decode_fwd(q16: torch.Tensor, q_rot: torch.Tensor, tiles: torch.Tensor, k16:
     tiles' query, prequantize_query(...) with scale_rule "pre" (what thrift_decode passes), or the query to quantize in
     the kernel with the rule "mse" / "amax" (hadamard_rotate(q16) when the cache is rotated); tiles/k16/v16/flags/lens
     from the cache; fp4_layout: the bit order of the tiles' code words (the cache's fp4_layout); parts / stages /
-    f16_cost / min_ctas / f16_depth: DecodeConfig fields (-1 = default). Returns O [B, 1, Hq, D] (q16's dtype) and LSE fp32 [B, Hq]."""
+    f16_cost / min_ctas / f16_depth: DecodeConfig fields (-1 = default). Returns O [B, 1, Hq, D] (q16's dtype) and
+    LSE fp32 [B, Hq]."""
     B, HQ, D = q16.shape
     hkv = tiles.shape[2]
     cfg = decode_config(fp4_layout, scale_rule, parts, stages, f16_cost, min_ctas, f16_depth)
@@ -231,11 +232,13 @@ def _check_flags(flags, cache: ThriftKVCache, where: str):
     """A caller's flags: uint8 [B, Hkv, n] on the cache device with n covering every cached block (the kernel reads
     the flags of each sequence's blocks; a shorter tensor would be read out of bounds)."""
     if not isinstance(flags, torch.Tensor):
-        raise TypeError(f"{where}: flags must be a torch.Tensor (select_decode_blocks output), got {type(flags).__name__}")
+        raise TypeError(f"{where}: flags must be a torch.Tensor (select_decode_blocks output), "
+                        f"got {type(flags).__name__}")
     if flags.dtype != torch.uint8:
         raise TypeError(f"{where}: flags must be uint8, got {flags.dtype}")
     need = -(-cache.max_length // BLOCK)
-    if flags.dim() != 3 or flags.shape[0] != cache.batch or flags.shape[1] != cache.num_kv_heads or flags.shape[2] < need:
+    B, H = cache.batch, cache.num_kv_heads
+    if flags.dim() != 3 or flags.shape[0] != B or flags.shape[1] != H or flags.shape[2] < need:
         raise ValueError(f"{where}: flags must be [B={cache.batch}, Hkv={cache.num_kv_heads}, >= {need}] (one per "
                          f"64-token block of the longest sequence), got {tuple(flags.shape)}")
     if flags.device != cache.device:

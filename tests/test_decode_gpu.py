@@ -82,7 +82,8 @@ def _run(c, q, budget, sched):
     return o, lse
 
 
-_OLD = {"parts": 1, "stages": 2, "f16_cost": 0, "f16_depth": 1}  # whole-tile double buffer, equal-count splits (the earlier kernel)
+# the session-2 kernel: whole-tile double buffer, equal-count splits, FP16 loads one m-tile ahead
+_OLD = {"parts": 1, "stages": 2, "f16_cost": 0, "f16_depth": 1}
 
 
 @pytest.mark.parametrize("D", [64, 128])

@@ -89,7 +89,8 @@ def test_flags_checks_padding_and_config():
     with pytest.raises(TypeError, match="uint8"):
         _check_flags(flags.int(), c, "t")
     p = pad_flags(flags[:, :, :21])
-    assert p.shape[2] == 32 and p.is_contiguous() and torch.equal(p[:, :, :21], flags[:, :, :21]) and not p[:, :, 21:].any()
+    assert p.shape[2] == 32 and p.is_contiguous() and torch.equal(p[:, :, :21], flags[:, :, :21])
+    assert not p[:, :, 21:].any()
     assert pad_flags(flags) is flags  # already padded and contiguous: no copy
     assert decode_config().parts == 2 and decode_config(parts=1).stages == 2  # stages follow parts by default
     for kw, field in (({"parts": 3}, "parts"), ({"parts": 1, "stages": 4}, "stages"), ({"f16_cost": -2}, "f16_cost"),
