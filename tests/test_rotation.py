@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from _lever_cases import decode_case, prefill_case  # tests/_lever_cases.py (pytest puts tests/ on sys.path)
 from kernels.reference import attention_exact, thrift_attention_ref
 from quant import nvfp4
 from quant.rotation import hadamard_rotate, inv_sqrt_fp32, maybe_rotate
@@ -209,24 +210,7 @@ def test_quant_kernel_rotation_bit_exact(D, dtype, rng_seed):
 
 
 def _prefill_case(dtype, D, budget, rot, seed, Sq=333, Skv=517):
-    from kernels.interface import _run_prefill
-    from kernels.schedules import get_schedule
-    from kernels.selection import select_blocks
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(2, Sq, 8, D, device="cuda", dtype=dtype, generator=g)
-    k = torch.randn(2, Skv, 2, D, device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(2, Skv, 2, D, device="cuda", dtype=dtype, generator=g)
-    k[..., 3] *= 8  # an outlier channel, so the rotation matters
-    sel = select_blocks(q, k, budget=budget, causal=True)
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((2, 8, Sq), float("nan"), device="cuda")
-    _run_prefill(q, k, v, sel.to(torch.int32).contiguous(), True, 1 / math.sqrt(D), get_schedule(None), "nvfp4",
-                 out=out, lse=lse, qk_rotation=rot)
-    ref, ref_lse = thrift_attention_ref(q, k, v, selected=sel, return_lse=True, qk_rotation=rot)
-    assert not out.isnan().any() and not lse.isnan().any()
-    fin = torch.isfinite(ref_lse)
-    return rel_l2(out, ref), (lse[fin] - ref_lse[fin]).abs().max().item(), out
+    return prefill_case(dtype, D, budget, seed, Sq=Sq, Skv=Skv, outlier_channel=3, qk_rotation=rot)
 
 
 @pytest.mark.gpu
@@ -263,24 +247,7 @@ def test_prefill_rotation_switch_and_public_entry(rng_seed):
 
 
 def _decode_case(lens, H, HQ, D, dtype, budget, rot, seed):
-    from kernels.decode_interface import select_decode_blocks, thrift_decode, thrift_decode_ref
-    from kernels.kv_cache import ThriftKVCache
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    B, T = len(lens), max(lens)
-    k = torch.randn((B, T, H, D), generator=g, device="cuda")
-    k[..., 7] *= 8
-    v = torch.randn((B, T, H, D), generator=g, device="cuda")
-    c = ThriftKVCache(B, H, D, capacity=64, dtype=dtype, device="cuda", qk_rotation=rot)
-    c.append(k.to(dtype), v.to(dtype), num_new=lens)
-    q = (torch.randn((B, 1, HQ, D), generator=g, device="cuda") * 1.5).to(dtype)
-    flags = select_decode_blocks(q, c, budget)
-    x = torch.full((1 << 26,), float("nan"), device="cuda")  # poison the allocator's free blocks
-    del x
-    out, lse = thrift_decode(q, c, budget=budget, return_lse=True, flags=flags)
-    ref, lse_ref = thrift_decode_ref(q, c, return_lse=True, flags=flags)
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    return rel_l2(out, ref), (lse - lse_ref).abs().max().item(), out
+    return decode_case(lens, H, HQ, D, dtype, budget, seed, outlier_channel=7, qk_rotation=rot)
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from _lever_cases import decode_case, prefill_case  # tests/_lever_cases.py (pytest puts tests/ on sys.path)
 from kernels.reference import attention_exact, thrift_attention_ref
 from quant import nvfp4
 from quant.rotation import hadamard_rotate, maybe_rotate
@@ -256,23 +257,7 @@ def test_quant_kernel_mse_bit_exact(dtype, D, rotate, rng_seed):
 
 
 def _prefill_case(dtype, D, budget, rule, seed, Sq=333, Skv=517, causal=True):
-    from kernels.interface import _run_prefill
-    from kernels.schedules import get_schedule
-    from kernels.selection import select_blocks
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(2, Sq, 8, D, device="cuda", dtype=dtype, generator=g)
-    k = torch.randn(2, Skv, 2, D, device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(2, Skv, 2, D, device="cuda", dtype=dtype, generator=g)
-    sel = select_blocks(q, k, budget=budget, causal=causal)
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full((2, 8, Sq), float("nan"), device="cuda")
-    _run_prefill(q, k, v, sel.to(torch.int32).contiguous(), causal, 1 / math.sqrt(D), get_schedule(None), "nvfp4",
-                 out=out, lse=lse, scale_rule=rule)
-    ref, ref_lse = thrift_attention_ref(q, k, v, selected=sel, return_lse=True, causal=causal, scale_rule=rule)
-    assert not out.isnan().any() and not lse.isnan().any()
-    fin = torch.isfinite(ref_lse)
-    return rel_l2(out, ref), (lse[fin] - ref_lse[fin]).abs().max().item(), out
+    return prefill_case(dtype, D, budget, seed, Sq=Sq, Skv=Skv, causal=causal, scale_rule=rule)
 
 
 @pytest.mark.gpu
@@ -307,23 +292,7 @@ def test_public_entry_scale_rule_and_compile(rng_seed):
 
 
 def _decode_case(lens, H, HQ, D, dtype, budget, rule, seed):
-    from kernels.decode_interface import select_decode_blocks, thrift_decode, thrift_decode_ref
-    from kernels.kv_cache import ThriftKVCache
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    B, T = len(lens), max(lens)
-    k = torch.randn((B, T, H, D), generator=g, device="cuda")
-    v = torch.randn((B, T, H, D), generator=g, device="cuda")
-    c = ThriftKVCache(B, H, D, capacity=64, dtype=dtype, device="cuda", scale_rule=rule)
-    c.append(k.to(dtype), v.to(dtype), num_new=lens)
-    q = (torch.randn((B, 1, HQ, D), generator=g, device="cuda") * 1.5).to(dtype)
-    flags = select_decode_blocks(q, c, budget)
-    x = torch.full((1 << 26,), float("nan"), device="cuda")  # poison the allocator's free blocks
-    del x
-    out, lse = thrift_decode(q, c, budget=budget, return_lse=True, flags=flags)
-    ref, lse_ref = thrift_decode_ref(q, c, return_lse=True, flags=flags)
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    return rel_l2(out, ref), (lse - lse_ref).abs().max().item(), out
+    return decode_case(lens, H, HQ, D, dtype, budget, seed, scale_rule=rule)
 
 
 @pytest.mark.gpu
