@@ -102,6 +102,19 @@ class DecodeConfig:
       parts=2, stages=3 -> <= 136 registers).
     f16_depth: m-tiles (16 keys) of K, then of V, in flight in the FP16 tiles' synchronous loads (1 or 2).
     fp4_layout / scale_rule: the cache's code-word layout and the query's NVFP4 rule ("pre" = quantized before launch).
+    work: how CTAs find their tiles. "static": split s takes a contiguous range (f16_cost). "dynamic": the NS CTAs of
+      a (sequence, KV head) take work items, longest first: the partial last tile, the selected blocks (the FP16
+      work list), then every tile in order (the FP4 ones; FP16 ones skipped) -- items s and 2 NS - 1 - s to CTA s,
+      the rest one at a time from an atomic counter.
+      A CTA that runs slower (a busier SM, a later first tile, FP16 tiles) simply takes fewer items, so all CTAs end
+      together; the last CTA of the head resets the counter for the next launch. Needs (parts, stages) = (2, 3)
+      or (1, 2) (one tile of look-ahead). Not bitwise deterministic: which CTA merges which tiles changes from run
+      to run, so O moves by fp32 rounding (~1e-4 relative in bf16); "static" is deterministic.
+    combine_unroll: splits per warp of the combine kernel whose loads are issued together (8 or 16).
+    trace: profiling build only (profiling/decode_timeline.py; not reachable from thrift_decode's schedule dict):
+      each CTA's lane 0 overwrites channels 0..TRACE_SLOTS-1 of its first query head's partial-O row with a
+      timeline (TRACE_FIELDS: %globaltimer at entry, %clock64 at the phase boundaries, %smid, tile counts), so that
+      launch's outputs are not valid attention.
     """
     fp4_layout: str = DEFAULT_FP4_LAYOUT
     scale_rule: str = "pre"
@@ -110,6 +123,9 @@ class DecodeConfig:
     f16_cost: int = 3
     min_ctas: int = 0
     f16_depth: int = 2
+    combine_unroll: int = 8
+    work: str = "dynamic"
+    trace: bool = False
 
     def __post_init__(self):
         if self.fp4_layout not in ("nibble", "bits"):
@@ -127,6 +143,13 @@ class DecodeConfig:
                              f"[0, 16], got {self.f16_cost}")
         if self.f16_depth not in (1, 2):
             raise ValueError(f"f16_depth (m-tiles of FP16 K/V loads in flight) must be 1 or 2, got {self.f16_depth}")
+        if self.work not in ("static", "dynamic"):
+            raise ValueError(f"work must be 'static' or 'dynamic', got {self.work!r}")
+        if self.work == "dynamic" and (self.parts, self.stages) not in ((2, 3), (1, 2)):
+            raise ValueError(f"work='dynamic' (the default) needs (parts, stages) = (2, 3) or (1, 2), got "
+                             f"({self.parts}, {self.stages}); other pipelines need work='static'")
+        if self.combine_unroll not in (8, 16):
+            raise ValueError(f"combine_unroll (combine loads in flight per warp) must be 8 or 16, got {self.combine_unroll}")
         if not 0 <= self.min_ctas <= 32:
             raise ValueError(f"min_ctas (.minnctapersm, 0 = none) must be in [0, 32], got {self.min_ctas}")
 
@@ -185,6 +208,70 @@ def ldg2_pred(gaddr, pred, *, loc=None, ip=None):
                "@p ld.global.nc.v2.u32 {$0, $1}, [$2];\n\t}",
                "=r,=r,l,r", side=True, loc=loc, ip=ip)
     return _words(res, 2, loc, ip)
+
+
+@dsl_user_op
+def atom_add1_pred(gaddr, pred, fallback, *, loc=None, ip=None) -> Uint32:
+    """If pred != 0: atomicAdd(*gaddr, 1) (relaxed, gpu scope) and its old value; else `fallback`. Called with pred
+    true in lane 0 only, and not broadcast here, so the caller can delay the shuffle (the wait for the atomic)."""
+    return Uint32(_asm(T.i32(), [Int64(gaddr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip),
+                                 Uint32(fallback).ir_value(loc=loc, ip=ip)],
+                       "{\n\t.reg .pred p;\n\tsetp.ne.s32 p, $2, 0;\n\tmov.u32 $0, $3;\n\t"
+                       "@p atom.relaxed.gpu.global.add.u32 $0, [$1], 1;\n\t}",
+                       "=r,l,r,r", side=True, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def atom_add1_acq_rel(gaddr, *, loc=None, ip=None) -> Uint32:
+    """atomicAdd(*gaddr, 1) with acquire-release semantics (gpu scope): orders this thread's earlier memory
+    operations (its work-counter atomics) before it, and the caller's later stores after every earlier release."""
+    return Uint32(_asm(T.i32(), [Int64(gaddr).ir_value(loc=loc, ip=ip)],
+                       "atom.acq_rel.gpu.global.add.u32 $0, [$1], 1;", "=r,l", side=True, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def stg_u32(gaddr, val, *, loc=None, ip=None):
+    _asm(None, [Int64(gaddr).ir_value(loc=loc, ip=ip), Uint32(val).ir_value(loc=loc, ip=ip)],
+         "st.relaxed.gpu.global.u32 [$0], $1;", "l,r", side=True, loc=loc, ip=ip)
+
+
+@dsl_user_op
+def ldg_u32_pred(gaddr, pred, *, loc=None, ip=None) -> Uint32:
+    """4 bytes from global memory if pred != 0, else 0 (branch-free, so the wait lands at the first use)."""
+    return Uint32(_asm(T.i32(), [Int64(gaddr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)],
+                       "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\tmov.b32 $0, 0;\n\t"
+                       "@p ld.global.u32 $0, [$1];\n\t}", "=r,l,r", side=True, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def ldg_u8_pred(gaddr, pred, *, loc=None, ip=None) -> Uint32:
+    """1 byte from global memory (zero-extended) if pred != 0, else 0."""
+    return Uint32(_asm(T.i32(), [Int64(gaddr).ir_value(loc=loc, ip=ip), Int32(pred).ir_value(loc=loc, ip=ip)],
+                       "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\tmov.b32 $0, 0;\n\t"
+                       "@p ld.global.u8 $0, [$1];\n\t}", "=r,l,r", side=True, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def globaltimer(*, loc=None, ip=None) -> Int64:
+    """%globaltimer (ns, one clock for all SMs); side-effecting so it is not moved."""
+    return Int64(_asm(T.i64(), [], "mov.u64 $0, %globaltimer;", "=l", side=True, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def clock64(*, loc=None, ip=None) -> Int64:
+    """%clock64 (SM cycles); side-effecting so it is not moved."""
+    return Int64(_asm(T.i64(), [], "mov.u64 $0, %clock64;", "=l", side=True, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def smid(*, loc=None, ip=None) -> Int32:
+    return Int32(_asm(T.i32(), [], "mov.u32 $0, %smid;", "=r", side=True, loc=loc, ip=ip))
+
+
+# DecodeConfig(trace=True): what each CTA writes into o_part[b, hk*G, split, :TRACE_SLOTS] (fp32, exact integers)
+TRACE_FIELDS = ("g0_hi", "g0_lo", "g_span_ns", "c_prologue", "c_first_tile", "c_loop_end", "c_end", "smid", "n_tiles",
+                "n_f16", "t_begin")
+TRACE_SLOTS = len(TRACE_FIELDS)
 
 
 @dsl_user_op
@@ -363,12 +450,14 @@ class ThriftDecodeSplitKV:
         self.P = config.parts
         self.PB = self.TB // self.P  # bytes of one part (K half = [0, 36D), V half = [36D, 72D))
         self.NSL = config.stages  # ring slots of parts
+        self.dynamic = config.work == "dynamic"
         self.path = fp4_math_path(arch)
 
     @cute.jit
     def __call__(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor,
-                 mQ16: cute.Tensor, mQr: cute.Tensor, mFlags: cute.Tensor, mLens: cute.Tensor, mOp: cute.Tensor,
-                 mLse: cute.Tensor, scale_log2: Float32, tiles_per_split: Int32, stream):
+                 mQ16: cute.Tensor, mQr: cute.Tensor, mFlags: cute.Tensor, mWork: cute.Tensor, mCnt: cute.Tensor,
+                 mLens: cute.Tensor, mOp: cute.Tensor, mLse: cute.Tensor, scale_log2: Float32, tiles_per_split: Int32,
+                 stream):
         B = mLens.shape[0]
         hkv = mTiles.shape[2]
         nsplit = mLse.shape[2]
@@ -377,19 +466,26 @@ class ThriftDecodeSplitKV:
         # ~161 registers; with min_ctas it caps them so that more one-warp CTAs fit). preferred_smem_carveout=100
         # (max shared memory) comes with any hint > 1 so the DSL does not query a device at compile time.
         minb = 1 if self.NG == 2 else self.cfg.min_ctas
-        self.kernel(mTiles, mK16, mV16, mQ16, mQr, mFlags, mLens, mOp, mLse, scale_log2, tiles_per_split).launch(
+        self.kernel(mTiles, mK16, mV16, mQ16, mQr, mFlags, mWork, mCnt, mLens, mOp, mLse, scale_log2,
+                    tiles_per_split).launch(
             grid=(nsplit, hkv, B), block=(32, 1, 1), smem=self.NSL * self.PB + 128, stream=stream,
             min_blocks_per_mp=minb, preferred_smem_carveout=100 if minb > 1 else None)
 
     @cute.kernel
     def kernel(self, mTiles: cute.Tensor, mK16: cute.Tensor, mV16: cute.Tensor,
-               mQ16: cute.Tensor, mQr: cute.Tensor, mFlags: cute.Tensor, mLens: cute.Tensor, mOp: cute.Tensor,
-               mLse: cute.Tensor, scale_log2: Float32, tiles_per_split: Int32):
+               mQ16: cute.Tensor, mQr: cute.Tensor, mFlags: cute.Tensor, mWork: cute.Tensor, mCnt: cute.Tensor,
+               mLens: cute.Tensor, mOp: cute.Tensor, mLse: cute.Tensor, scale_log2: Float32, tiles_per_split: Int32):
         D, G, NG, TB, bf = self.D, self.G, self.NG, self.TB, self.is_bf16
         NKC = D // 16  # k16 chunks of QK^T; also m16 tiles of V^T
         KW = D // 32  # 32-bit words of K codes per (thread, key)
         lane, _, _ = cute.arch.thread_idx()
         split, hk, b = cute.arch.block_idx()
+        TR = self.cfg.trace
+        g0 = Int64(0)
+        c0 = Int64(0)
+        if const_expr(TR):
+            g0 = globaltimer()
+            c0 = clock64()
         r = lane // 4
         t = lane % 4
         NBLK = mTiles.shape[1]
@@ -432,28 +528,125 @@ class ThriftDecodeSplitKV:
                 qw += ldg4_pred(g_qr + off * 2 + 16 * v, Int32(g < G))
             qw_all.append(qw)
 
-        n_tiles = (L + 63) // 64
-        t_begin = split * tiles_per_split
-        t_end = cutlass.min(t_begin + tiles_per_split, n_tiles)
-        if const_expr(self.cfg.f16_cost > 0):  # equal-cost ranges found from the flags (overrides tiles_per_split)
-            if tiles_per_split >= BALANCE_MIN_TILES:  # (shorter splits: the flag scan would be pure fixed cost)
-                t_begin, t_end = self._split_range(mFlags, b, hk, split, NS, L, lane)
-        n_it = cutlass.max(t_end - t_begin, 0)
-        tile_base = (Int64(b) * NBLK * HKV + hk) * TB  # + blk * HKV * TB
+        if const_expr(self.dynamic):
+            it_n, n16, c1, c2, n_skip = self._dynamic_loop(
+                mTiles, mFlags, mWork, mCnt, b, hk, split, NS, L, lane, sbase, qw_all, m_run, l_run, acc_o,
+                scale_log2, g_k16, g_v16, g_q16, CAP, HKV, HQ)
+        else:
+            n_tiles = (L + 63) // 64
+            t_begin = split * tiles_per_split
+            t_end = cutlass.min(t_begin + tiles_per_split, n_tiles)
+            if const_expr(self.cfg.f16_cost > 0):  # equal-cost ranges found from the flags (overrides tiles_per_split)
+                if tiles_per_split >= BALANCE_MIN_TILES:  # (shorter splits: the flag scan would be pure fixed cost)
+                    t_begin, t_end = self._split_range(mFlags, b, hk, split, NS, L, lane)
+            n_it = cutlass.max(t_end - t_begin, 0)
+            tile_base = (Int64(b) * NBLK * HKV + hk) * TB  # + blk * HKV * TB
 
-        # Which of the CTA's tiles are FP4, as a 64-bit window of warp ballots (bit i: tile t_begin + 32*w + i,
-        # w = it // 32): two flag loads per 32 tiles instead of a dependent global load before every cp.async.
-        fm = (Int64(self._fp4_ballot(mFlags, b, hk, t_begin, t_end, L, lane)) & Int64(0xFFFFFFFF)) | (
-            Int64(self._fp4_ballot(mFlags, b, hk, t_begin + 32, t_end, L, lane)) << 32)
+            # Which of the CTA's tiles are FP4, as a 64-bit window of warp ballots (bit i: tile t_begin + 32*w + i,
+            # w = it // 32): two flag loads per 32 tiles instead of a dependent global load before every cp.async.
+            fm = (Int64(self._fp4_ballot(mFlags, b, hk, t_begin, t_end, L, lane)) & Int64(0xFFFFFFFF)) | (
+                Int64(self._fp4_ballot(mFlags, b, hk, t_begin + 32, t_end, L, lane)) << 32)
 
-        # Pipeline over parts (P per FP4 tile; part j = piece j % P of tile t_begin + j // P, ring slot j % NSL):
-        # one cp.async commit group per part (empty for FP16 tiles and past the end), issued NSL - 1 parts ahead.
-        # Waiting until only the newest NSL - 1 groups are pending means the part about to be read has landed.
-        # prologue: parts 0 .. NSL-2
-        for j in cutlass.range_constexpr(NSL - 1):
-            self._issue_part(fm, j, 0, n_it, g_tiles + tile_base, t_begin, HKV, sbase, lane)
-            cute.arch.cp_async_commit_group()
+            c1 = Int64(0)
+            c2 = Int64(0)
+            n16 = Int32(0)
+            if const_expr(TR):
+                c1 = clock64()
+            # Pipeline over parts (P per FP4 tile; part j = piece j % P of tile t_begin + j // P, ring slot j % NSL):
+            # one cp.async commit group per part (empty for FP16 tiles and past the end), issued NSL - 1 parts ahead.
+            # Waiting until only the newest NSL - 1 groups are pending means the part about to be read has landed.
+            # prologue: parts 0 .. NSL-2
+            for j in cutlass.range_constexpr(NSL - 1):
+                self._issue_part(fm, j, 0, n_it, g_tiles + tile_base, t_begin, HKV, sbase, lane)
+                cute.arch.cp_async_commit_group()
 
+            qf4 = self._query_frags(qw_all)
+
+            for it in cutlass.range(n_it, unroll=1):
+                tile = t_begin + it
+                rel = it % 32
+                if rel == 0 and it > 0:  # slide the flag window by 32 tiles
+                    fm = ((fm >> 32) & Int64(0xFFFFFFFF)) | (
+                        Int64(self._fp4_ballot(mFlags, b, hk, tile + 32, t_end, L, lane)) << 32)
+                # part P*it (K half, or the whole tile) is read now: part P*it + NSL - 1 goes into flight
+                self._issue_part(fm, P * it + NSL - 1, it - rel, n_it, g_tiles + tile_base, t_begin, HKV, sbase, lane)
+                cute.arch.cp_async_commit_group()
+                cute.arch.cp_async_wait_group(NSL - 1)
+                cute.arch.sync_warp()
+                if const_expr(TR):
+                    if it == 0:
+                        c2 = clock64()
+                if ((fm >> rel) & Int64(1)) != Int64(0):
+                    sk = sbase + ((P * it) % NSL) * PB
+                    pb = cute.make_rmem_tensor((4, NG, 2), Uint32)  # P'^T B fragments
+                    fac = cute.make_rmem_tensor((NG, 2, 2), Float32)  # (alpha, s1) per head column
+                    self._fp4_qk(sk, lane, qf4, m_run, l_run, pb, fac, scale_log2)
+                    if const_expr(P == 2):  # the K half's slot is free: refill it, then wait for the V half
+                        cute.arch.sync_warp()
+                        self._issue_part(fm, P * it + NSL, it - rel, n_it, g_tiles + tile_base, t_begin, HKV, sbase,
+                                         lane)
+                        cute.arch.cp_async_commit_group()
+                        cute.arch.cp_async_wait_group(NSL - 1)
+                        cute.arch.sync_warp()
+                        self._fp4_pv(sbase + ((P * it + 1) % NSL) * PB, lane, pb, fac, acc_o)
+                    else:
+                        self._fp4_pv(sk + 36 * D, lane, pb, fac, acc_o)
+                else:
+                    if const_expr(P == 2):  # keep one commit group per part
+                        self._issue_part(fm, P * it + NSL, it - rel, n_it, g_tiles + tile_base, t_begin, HKV, sbase,
+                                         lane)
+                        cute.arch.cp_async_commit_group()
+                    self._f16_tile(g_k16, g_v16, g_q16, b, hk, tile, L, CAP, HKV, HQ, lane, m_run, l_run, acc_o,
+                                   scale_log2)
+                    if const_expr(TR):
+                        n16 = n16 + 1
+                cute.arch.sync_warp()  # every lane is done with this tile's slots before they are refilled
+            cute.arch.cp_async_wait_group(0)
+            it_n = n_it
+            n_skip = t_begin
+        c3 = Int64(0)
+        if const_expr(TR):
+            c3 = clock64()
+        # PDL: the combine grid may launch once every CTA got here; its griddepcontrol.wait still waits for this
+        # grid's completion and memory flush, so it only overlaps the launch latency with our epilogues.
+        cute.arch.griddepcontrol_launch_dependents()
+
+        # ---- epilogue: O/l and LSE of this split
+        for ng in cutlass.range_constexpr(NG):
+            for e in cutlass.range_constexpr(2):
+                ls = l_run[ng, e]
+                ls = _bfly_sum(ls, 4)
+                ls = _bfly_sum(ls, 8)
+                ls = _bfly_sum(ls, 16)
+                g = 8 * ng + 2 * t + e
+                if g < G:
+                    hq = hk * G + g
+                    inv_l = Float32(0.0)
+                    lse = -Float32.inf
+                    if ls > Float32(0.0):
+                        inv_l = Float32(1.0) / ls
+                        lse = (m_run[ng, e] + lg2(ls)) * Float32(LN2)
+                    for dt in cutlass.range_constexpr(NKC):
+                        for hh in cutlass.range_constexpr(2):
+                            d = (D // 8) * r + 2 * dt + hh
+                            mOp[b, hq, split, d] = acc_o[dt, ng, 2 * hh + e] * inv_l
+                    if r == 0:
+                        mLse[b, hq, split] = lse
+        if const_expr(self.dynamic):  # the last CTA of this (b, hk) resets its work counter for the next launch
+            if lane == 0:
+                cnt = mCnt.iterator.toint() + (Int64(b) * HKV + hk) * 8
+                if atom_add1_acq_rel(cnt + 4) == Uint32(NS - 1):
+                    stg_u32(cnt, Uint32(0))
+                    stg_u32(cnt + 4, Uint32(0))
+        if const_expr(TR):
+            self._write_trace(mOp, b, hk * G, split, lane, g0, c0, c1, c2, c3, it_n, n16, n_skip)
+
+    # ------------------------------------------------------------------------------------------ pieces
+    @cute.jit
+    def _query_frags(self, qw_all):
+        """The FP4 tiles' query as B fragments of S^T = K Q^T, from this lane's query words (see kernel)."""
+        D, NG, bf = self.D, self.NG, self.is_bf16
+        NKC = D // 16
         # ---- (while the first tile is in flight) query fragments (B operand of S^T = K Q^T): head g = 8*ng + r, channels t*D/4 + 4*kc + 0..3.
         # dq(NVFP4(qr)) computed here (qr = the rotated query when the cache holds rotated K): this lane's D/4 channels are whole 16-channel groups, so it quantizes them
         # alone, with the codec's numerics (scale = E4M3_RNE(amax/6), code = E2M1_RNE(|x|/scale) by fp32 true
@@ -482,27 +675,114 @@ class ThriftDecodeSplitKV:
             for kc in cutlass.range_constexpr(NKC):
                 qf4[ng, kc, 0] = pack2(dq[4 * kc], dq[4 * kc + 1], False)
                 qf4[ng, kc, 1] = pack2(dq[4 * kc + 2], dq[4 * kc + 3], False)
+        return qf4
 
-        for it in cutlass.range(n_it, unroll=1):
-            tile = t_begin + it
-            rel = it % 32
-            if rel == 0 and it > 0:  # slide the flag window by 32 tiles
-                fm = ((fm >> 32) & Int64(0xFFFFFFFF)) | (
-                    Int64(self._fp4_ballot(mFlags, b, hk, tile + 32, t_end, L, lane)) << 32)
-            # part P*it (K half, or the whole tile) is read now: part P*it + NSL - 1 goes into flight
-            self._issue_part(fm, P * it + NSL - 1, it - rel, n_it, g_tiles + tile_base, t_begin, HKV, sbase, lane)
+    @cute.jit
+    def _resolve(self, item, mFlags, mWork, b, hk, L, KL, n_tiles):
+        """Work item `item` (warp-uniform) of (b, hk) -> (tile, kind); kind 0 = nothing to do, 1 = FP4 tile, 2 = FP16
+        tile, 3 = past the end. Items: 0 = the partial last tile (FP16 when L % 64), 1 .. KL = mWork[b, hk, :] (the
+        selected blocks; -1 or anything >= n_tiles = none), then tile item - 1 - KL (FP4 unless flagged or partial;
+        the flagged ones were items of the list). Both loads are predicated, not branched around, so the warp only
+        waits where kind / tile are used."""
+        n_items = 1 + KL + n_tiles
+        in_list = (item >= 1) & (item <= KL)
+        in_scan = (item > KL) & (item < n_items)
+        widx = cutlass.min(cutlass.max(item - 1, 0), KL - 1)
+        e = ldg_u32_pred(mWork.iterator.toint() + ((Int64(b) * mWork.shape[1] + hk) * KL + widx) * 4, Int32(in_list))
+        tscan = cutlass.min(cutlass.max(item - 1 - KL, 0), cutlass.max(n_tiles - 1, 0))
+        f = ldg_u8_pred(mFlags.iterator.toint() + (Int64(b) * mFlags.shape[1] + hk) * mFlags.shape[2] + tscan,
+                        Int32(in_scan))
+        tile = tscan
+        kind = Int32(0)
+        if item == 0:
+            tile = n_tiles - 1
+            if L % 64 != 0:
+                kind = Int32(2)
+        if in_list:
+            if e < Uint32(n_tiles):  # unsigned: -1 padding is out of range
+                tile = Int32(e)
+                kind = Int32(2)
+        if in_scan:
+            if (f == Uint32(0)) & (tscan * 64 + 64 <= L):
+                kind = Int32(1)
+        if item >= n_items:
+            kind = Int32(3)
+        return tile, kind
+
+    @cute.jit
+    def _issue_piece(self, kind, tile, piece: int, slot, gtile0, HKV, sbase, lane):
+        """cp.async piece `piece` of FP4 tile `tile` (if kind == 1) into ring slot `slot` (one part, 16 B per lane
+        per step, as _issue_part)."""
+        PB, TB = self.PB, self.TB
+        if kind == 1:
+            gaddr = gtile0 + Int64(tile) * HKV * TB + piece * PB
+            saddr = sbase + slot * PB
+            n16 = PB // 16
+            for i in cutlass.range_constexpr((n16 + 31) // 32):
+                off = (i * 32 + lane) * 16
+                if const_expr((i + 1) * 32 <= n16):
+                    cp_async16(saddr + off, gaddr + off)
+                else:
+                    if i * 32 + lane < n16:
+                        cp_async16(saddr + off, gaddr + off)
+
+    @cute.jit
+    def _dynamic_loop(self, mTiles, mFlags, mWork, mCnt, b, hk, split, NS, L, lane, sbase, qw_all, m_run, l_run,
+                      acc_o, scale_log2, g_k16, g_v16, g_q16, CAP, HKV, HQ):
+        """DecodeConfig.work == "dynamic". CTA `split` takes items split and 2 NS - 1 - split without touching the
+        counter (the prologue waits for one round of loads, no atomics), then 2 NS + (counter value) until past the
+        end.
+        Iteration it processes item it; at its top it issues the cp.async of item it+1 (resolved during iteration
+        it-1) and fetches the counter value of item it+2, which it resolves between the S and P.V halves of an FP4
+        tile (after an FP16 tile): two items reserved ahead, the least that keeps one tile of loads in flight and
+        neither the atomic nor the item's loads on the critical path. Ring and commit groups as the static loop."""
+        D, NG = self.D, self.NG
+        P, NSL, PB, TB = self.P, self.NSL, self.PB, self.TB
+        KL = mWork.shape[2]
+        n_tiles = (L + 63) // 64
+        cnt = mCnt.iterator.toint() + (Int64(b) * HKV + hk) * 8
+        gtile0 = mTiles.iterator.toint() + (Int64(b) * mTiles.shape[1] * HKV + hk) * TB
+        # the two static rounds go back and forth (CTA s: items s and 2 NS - 1 - s), so the CTAs that drew the
+        # costly first items (FP16) draw the last of round two (LPT-like)
+        c_tile, c_kind = self._resolve(split, mFlags, mWork, b, hk, L, KL, n_tiles)
+        n_tile, n_kind = self._resolve(2 * NS - 1 - split, mFlags, mWork, b, hk, L, KL, n_tiles)
+        # lane 0 takes the counter even when the two static rounds cover every item (its values then all resolve past
+        # the end): predicating the atomic on that too cost 6 us at B=1, 128k (H100) through ptxas' scheduling
+        use_cnt = Int32(lane == 0)
+        c1 = Int64(0)
+        c2 = Int64(0)
+        if const_expr(self.cfg.trace):
+            c1 = clock64()
+        # prologue: the NSL - 1 parts of item 0 (P = 2: its K and V halves; P = 1: the whole tile)
+        for j in cutlass.range_constexpr(NSL - 1):
+            self._issue_piece(c_kind, c_tile, j % P, j % NSL, gtile0, HKV, sbase, lane)
             cute.arch.cp_async_commit_group()
+        qf4 = self._query_frags(qw_all)
+        it = Int32(0)
+        n16 = Int32(0)
+        n_skip = Int32(0)
+        while c_kind != 3:
+            # part P*it + NSL - 1 = first piece of item it+1 (both pipelines have one item of look-ahead)
+            self._issue_piece(n_kind, n_tile, 0, (P * it + NSL - 1) % NSL, gtile0, HKV, sbase, lane)
+            cute.arch.cp_async_commit_group()
+            raw = atom_add1_pred(cnt, use_cnt, Uint32(1 + KL + n_tiles))  # item it+2 = 2 NS + raw (lane 0's)
             cute.arch.cp_async_wait_group(NSL - 1)
             cute.arch.sync_warp()
-            if ((fm >> rel) & Int64(1)) != Int64(0):
+            if const_expr(self.cfg.trace):
+                if it == 0:
+                    c2 = clock64()
+            nn_tile = Int32(0)
+            nn_kind = Int32(3)
+            if c_kind == 1:
                 sk = sbase + ((P * it) % NSL) * PB
-                pb = cute.make_rmem_tensor((4, NG, 2), Uint32)  # P'^T B fragments
-                fac = cute.make_rmem_tensor((NG, 2, 2), Float32)  # (alpha, s1) per head column
+                pb = cute.make_rmem_tensor((4, NG, 2), Uint32)
+                fac = cute.make_rmem_tensor((NG, 2, 2), Float32)
                 self._fp4_qk(sk, lane, qf4, m_run, l_run, pb, fac, scale_log2)
-                if const_expr(P == 2):  # the K half's slot is free: refill it, then wait for the V half
+                nn_tile, nn_kind = self._resolve(Int32(cute.arch.shuffle_sync(Int32(raw), 0)) + 2 * NS, mFlags,
+                                                 mWork, b, hk, L, KL, n_tiles)
+                if const_expr(P == 2):  # the K half's slot is free: refill it with item it+1's V half
                     cute.arch.sync_warp()
-                    self._issue_part(fm, P * it + NSL, it - rel, n_it, g_tiles + tile_base, t_begin, HKV, sbase,
-                                     lane)
+                    self._issue_piece(n_kind, n_tile, 1, (P * it + NSL) % NSL, gtile0, HKV, sbase, lane)
                     cute.arch.cp_async_commit_group()
                     cute.arch.cp_async_wait_group(NSL - 1)
                     cute.arch.sync_warp()
@@ -510,41 +790,39 @@ class ThriftDecodeSplitKV:
                 else:
                     self._fp4_pv(sk + 36 * D, lane, pb, fac, acc_o)
             else:
-                if const_expr(P == 2):  # keep one commit group per part
-                    self._issue_part(fm, P * it + NSL, it - rel, n_it, g_tiles + tile_base, t_begin, HKV, sbase,
-                                     lane)
+                if const_expr(P == 2):
+                    self._issue_piece(n_kind, n_tile, 1, (P * it + NSL) % NSL, gtile0, HKV, sbase, lane)
                     cute.arch.cp_async_commit_group()
-                self._f16_tile(g_k16, g_v16, g_q16, b, hk, tile, L, CAP, HKV, HQ, lane, m_run, l_run, acc_o,
-                               scale_log2)
-            cute.arch.sync_warp()  # every lane is done with this tile's slots before they are refilled
+                if c_kind == 2:
+                    self._f16_tile(g_k16, g_v16, g_q16, b, hk, c_tile, L, CAP, HKV, HQ, lane, m_run, l_run, acc_o,
+                                   scale_log2)
+                    if const_expr(self.cfg.trace):
+                        n16 = n16 + 1
+                else:
+                    if const_expr(self.cfg.trace):
+                        n_skip = n_skip + 1
+                nn_tile, nn_kind = self._resolve(Int32(cute.arch.shuffle_sync(Int32(raw), 0)) + 2 * NS, mFlags,
+                                                 mWork, b, hk, L, KL, n_tiles)
+            cute.arch.sync_warp()
+            c_tile, c_kind = n_tile, n_kind
+            n_tile, n_kind = nn_tile, nn_kind
+            it = it + 1
         cute.arch.cp_async_wait_group(0)
-        # PDL: the combine grid may launch once every CTA got here; its griddepcontrol.wait still waits for this
-        # grid's completion and memory flush, so it only overlaps the launch latency with our epilogues.
-        cute.arch.griddepcontrol_launch_dependents()
+        return it, n16, c1, c2, n_skip
 
-        # ---- epilogue: O/l and LSE of this split
-        for ng in cutlass.range_constexpr(NG):
-            for e in cutlass.range_constexpr(2):
-                ls = l_run[ng, e]
-                ls = _bfly_sum(ls, 4)
-                ls = _bfly_sum(ls, 8)
-                ls = _bfly_sum(ls, 16)
-                g = 8 * ng + 2 * t + e
-                if g < G:
-                    hq = hk * G + g
-                    inv_l = Float32(0.0)
-                    lse = -Float32.inf
-                    if ls > Float32(0.0):
-                        inv_l = Float32(1.0) / ls
-                        lse = (m_run[ng, e] + lg2(ls)) * Float32(LN2)
-                    for dt in cutlass.range_constexpr(NKC):
-                        for hh in cutlass.range_constexpr(2):
-                            d = (D // 8) * r + 2 * dt + hh
-                            mOp[b, hq, split, d] = acc_o[dt, ng, 2 * hh + e] * inv_l
-                    if r == 0:
-                        mLse[b, hq, split] = lse
+    @cute.jit
+    def _write_trace(self, mOp, b, hq, split, lane, g0, c0, c1, c2, c3, n_it, n16, t_begin):
+        """DecodeConfig.trace: the CTA's timeline into o_part[b, hq, split, :TRACE_SLOTS] (see TRACE_FIELDS);
+        cycle counts are relative to entry, c_first_tile = 0 when the split has no tile."""
+        c4 = clock64()
+        g4 = globaltimer()
+        if lane == 0:
+            g0l = g0 & Int64(0xFFFFFFFF)
+            vals = [g0l >> 16, g0l & Int64(0xFFFF), g4 - g0, c1 - c0, cutlass.max(c2 - c0, Int64(0)), c3 - c0,
+                    c4 - c0, Int64(smid()), Int64(n_it), Int64(n16), Int64(t_begin)]
+            for i in cutlass.range_constexpr(TRACE_SLOTS):
+                mOp[b, hq, split, i] = Float32(vals[i])
 
-    # ------------------------------------------------------------------------------------------ pieces
     @cute.jit
     def _fp4_ballot(self, mFlags, b, hk, base, t_end, L, lane):
         """Warp ballot: bit i set iff tile base + i (< t_end) is read as FP4 -- not selected and complete (the
@@ -870,8 +1148,9 @@ class ThriftDecodeCombine:
     NT = 256
     DC = 32  # channels per CTA
 
-    def __init__(self, head_dim: int, is_bf16: bool):
+    def __init__(self, head_dim: int, is_bf16: bool, unroll: int = 8):
         self.D, self.is_bf16 = head_dim, bool(is_bf16)
+        self.U = unroll
 
     @cute.jit
     def __call__(self, mOp: cute.Tensor, mLse: cute.Tensor, mO: cute.Tensor, mLseOut: cute.Tensor, stream):
@@ -909,7 +1188,7 @@ class ThriftDecodeCombine:
         m = -Float32.inf  # running max of this warp's split LSEs (natural log)
         acc = Float32(0.0)  # sum of exp(lse - m) * O
         wsum = Float32(0.0)  # sum of exp(lse - m)
-        U = 8  # splits per warp whose loads are issued together (full groups: straight-line code, no branch)
+        U = self.U  # splits per warp whose loads are issued together (full groups: straight-line code, no branch)
         n_full = NS // (NW * U)
         for grp in cutlass.range(n_full, unroll=1):
             s0 = grp * (NW * U) + warp
@@ -958,10 +1237,12 @@ def fake_args(head_dim: int, num_kv_heads: int, group: int, dtype_name: str):
         return make_fake_compact_tensor(dtype, shape, stride_order=tuple(range(len(shape) - 1, -1, -1)),
                                         assumed_align=align)
 
+    KL = cute.sym_int()
     dec = (f(cutlass.Uint8, (B, NB, H, tile_bytes(D))), f(dt, (B, CAP, H, D)), f(dt, (B, CAP, H, D)),
            f(dt, (B, HQ, D)), f(dt, (B, HQ, D)), f(cutlass.Uint8, (B, H, NBP), 16),
+           f(cutlass.Int32, (B, H, KL), 4), f(cutlass.Int32, (B, H, 2), 8),
            f(cutlass.Int32, (B,), 4), f(cutlass.Float32, (B, HQ, NS, D)), f(cutlass.Float32, (B, HQ, NS), 4))
-    comb = (dec[7], dec[8], f(dt, (B, 1, HQ, D)), f(cutlass.Float32, (B, HQ), 4))
+    comb = (dec[9], dec[10], f(dt, (B, 1, HQ, D)), f(cutlass.Float32, (B, HQ), 4))
     return dec, comb
 
 
@@ -980,5 +1261,5 @@ def compile_decode(head_dim: int, num_kv_heads: int, group: int, dtype_name: str
     bf = dtype_name == "bf16"
     dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch, cfg), *dec_args, Float32(1.0), Int32(1), stream,
                        **kw)
-    comb = cute.compile(ThriftDecodeCombine(head_dim, bf), *comb_args, stream, **kw)
+    comb = cute.compile(ThriftDecodeCombine(head_dim, bf, cfg.combine_unroll), *comb_args, stream, **kw)
     return dec, comb

@@ -40,12 +40,14 @@ def _arch(device) -> int:
 
 def decode_config(fp4_layout: str = DEFAULT_FP4_LAYOUT, scale_rule: str = "pre", parts: int = -1, stages: int = -1,
                   f16_cost: int = -1, min_ctas: int = -1,
-                  f16_depth: int = -1):
-    """kernels.decode.DecodeConfig from the custom op's scalar arguments (-1 = the DecodeConfig default)."""
+                  f16_depth: int = -1, work: str = ""):
+    """kernels.decode.DecodeConfig from the custom op's scalar arguments (-1 / "" = the DecodeConfig default)."""
     from .decode import DecodeConfig
 
     kw = {k: v for k, v in dict(parts=parts, stages=stages, f16_cost=f16_cost, min_ctas=min_ctas,
                                 f16_depth=f16_depth).items() if v != -1}
+    if work:
+        kw["work"] = work
     if "parts" in kw and "stages" not in kw:  # the stage count must suit the part count
         kw["stages"] = {1: 2, 2: 3}.get(kw["parts"], -1)
     return DecodeConfig(fp4_layout=fp4_layout, scale_rule=scale_rule, **kw)
@@ -74,7 +76,16 @@ def _get_kernels(D: int, hkv: int, G: int, dtype: torch.dtype, arch: int, config
 
 # schedule dict keys: the split plan (num_splits | ctas_per_sm) and the DecodeConfig fields
 CONFIG_KEYS = ("parts", "stages", "f16_cost", "min_ctas", "f16_depth")  # DecodeConfig fields, decode_fwd order
-SCHEDULE_KEYS = {"num_splits", "ctas_per_sm", *CONFIG_KEYS}
+SCHEDULE_KEYS = {"num_splits", "ctas_per_sm", "work", *CONFIG_KEYS}  # "work": DecodeConfig.work (a string)
+
+
+def default_work(tiles_per_split: int) -> str:
+    """DecodeConfig.work when the schedule does not name one: "dynamic", except for splits of fewer than
+    decode.BALANCE_MIN_TILES tiles (B=1, 8k: 1 tile per split), where the items are few and the static plan is
+    ~1 us faster (H100: 20.5 vs 21.5 us at budget 0.05; profiling/RESULTS.md, decode session 4)."""
+    from .decode import BALANCE_MIN_TILES
+
+    return "dynamic" if tiles_per_split >= BALANCE_MIN_TILES else "static"
 
 
 def plan_splits(max_tiles: int, batch: int, num_kv_heads: int, num_sms: int, schedule=None):
@@ -173,38 +184,71 @@ def pad_flags(flags: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(flags, (0, -nb % 16)).contiguous()
 
 
+_COUNTERS: dict = {}  # (device, stream) -> int32 work counters of DecodeConfig.work "dynamic" (kept alive)
+_OLD_COUNTERS: list = []  # replaced (smaller) counter buffers: a captured CUDA graph may still point at them
+
+
+def work_counters(device, batch: int, num_kv_heads: int) -> torch.Tensor:
+    """int32 [B, Hkv, 2] (work counter, finished-CTA counter) per (sequence, KV head) for the dynamic split kernel,
+    zero between launches: the last CTA of each head resets its pair, so one zeroed buffer per stream serves every
+    call on that stream (no memset per call). Launches on different streams get different buffers."""
+    key = (torch.device(device), torch.cuda.current_stream(device).cuda_stream)
+    buf = _COUNTERS.get(key)
+    n = 2 * batch * num_kv_heads
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _OLD_COUNTERS.append(buf)
+        buf = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf[:n].view(batch, num_kv_heads, 2)
+
+
+def work_from_flags(flags: torch.Tensor) -> torch.Tensor:
+    """The FP16 work list int32 [B, Hkv, KL] of caller-given flags: each head's flagged blocks, -1-padded to the
+    largest count KL (>= 1). Costs a device->host sync for KL; select_decode_blocks(..., return_work=True) builds
+    the same list from its top-k without one."""
+    cnt = int(flags.sum(dim=-1, dtype=torch.int32).max().item()) if flags.numel() else 0
+    kl = max(1, cnt)
+    vals, idx = torch.topk(flags.to(torch.int32), kl, dim=-1)
+    return torch.where(vals > 0, idx, torch.full_like(idx, -1)).to(torch.int32).contiguous()
+
+
 @torch.library.custom_op("thrift::decode_fwd", mutates_args=())
 def decode_fwd(q16: torch.Tensor, q_rot: torch.Tensor, tiles: torch.Tensor, k16: torch.Tensor, v16: torch.Tensor,
-               flags: torch.Tensor, lens: torch.Tensor, softmax_scale: float, num_splits: int,
+               flags: torch.Tensor, work: torch.Tensor, lens: torch.Tensor, softmax_scale: float, num_splits: int,
                tiles_per_split: int, fp4_layout: str = DEFAULT_FP4_LAYOUT, scale_rule: str = "pre",
-               parts: int = -1, stages: int = -1, f16_cost: int = -1, min_ctas: int = -1, f16_depth: int = -1
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               parts: int = -1, stages: int = -1, f16_cost: int = -1, min_ctas: int = -1, f16_depth: int = -1,
+               work_mode: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV decode + LSE combine. q16 [B, Hq, D] (the FP16 tiles' query); q_rot [B, Hq, D] the same type: the FP4
     tiles' query, prequantize_query(...) with scale_rule "pre" (what thrift_decode passes), or the query to quantize in
     the kernel with the rule "mse" / "amax" (hadamard_rotate(q16) when the cache is rotated); tiles/k16/v16/flags/lens
-    from the cache; fp4_layout: the bit order of the tiles' code words (the cache's fp4_layout); parts / stages /
-    f16_cost / min_ctas / f16_depth: DecodeConfig fields (-1 = default). Returns O [B, 1, Hq, D] (q16's dtype) and
-    LSE fp32 [B, Hq]."""
+    from the cache; work: int32 [B, Hkv, KL >= 1], each head's selected blocks (-1 = none; select_decode_blocks(...,
+    return_work=True) or work_from_flags(flags)): the FP16 work list of DecodeConfig.work "dynamic"; fp4_layout: the
+    bit order of the tiles' code words (the cache's fp4_layout); parts / stages / f16_cost / min_ctas / f16_depth /
+    work_mode: DecodeConfig fields (-1 / "" = default; work_mode is DecodeConfig.work). Returns O [B, 1, Hq, D]
+    (q16's dtype) and LSE fp32 [B, Hq]."""
     B, HQ, D = q16.shape
     hkv = tiles.shape[2]
-    cfg = decode_config(fp4_layout, scale_rule, parts, stages, f16_cost, min_ctas, f16_depth)
+    cfg = decode_config(fp4_layout, scale_rule, parts, stages, f16_cost, min_ctas, f16_depth, work_mode)
     dec, comb = _get_kernels(D, hkv, HQ // hkv, q16.dtype, _arch(q16.device), cfg)
     o_part = torch.empty((B, HQ, num_splits, D), dtype=torch.float32, device=q16.device)
     lse_part = torch.empty((B, HQ, num_splits), dtype=torch.float32, device=q16.device)
     out = torch.empty((B, 1, HQ, D), dtype=q16.dtype, device=q16.device)
     lse = torch.empty((B, HQ), dtype=torch.float32, device=q16.device)
     flags = pad_flags(flags)
+    cnt = work_counters(q16.device, B, hkv)
     with phase("attention"):  # split-KV kernel
-        dec(tiles, k16, v16, q16, q_rot, flags, lens, o_part, lse_part, softmax_scale * math.log2(math.e), tiles_per_split)
+        dec(tiles, k16, v16, q16, q_rot, flags, work, cnt, lens, o_part, lse_part, softmax_scale * math.log2(math.e),
+            tiles_per_split)
     with phase("combine"):
         comb(o_part, lse_part, out, lse)
     return out, lse
 
 
 @decode_fwd.register_fake
-def _(q16, q_rot, tiles, k16, v16, flags, lens, softmax_scale, num_splits, tiles_per_split,
+def _(q16, q_rot, tiles, k16, v16, flags, work, lens, softmax_scale, num_splits, tiles_per_split,
       fp4_layout=DEFAULT_FP4_LAYOUT, scale_rule="pre", parts=-1, stages=-1, f16_cost=-1, min_ctas=-1,
-      f16_depth=-1):
+      f16_depth=-1, work_mode=""):
     B, HQ, D = q16.shape
     return q16.new_empty((B, 1, HQ, D)), q16.new_empty((B, HQ), dtype=torch.float32)
 
@@ -245,10 +289,12 @@ def _check_flags(flags, cache: ThriftKVCache, where: str):
         raise ValueError(f"{where}: flags must be on the cache device {cache.device}, got {flags.device}")
 
 
-def select_decode_blocks(q, cache: ThriftKVCache, budget: float = 0.05, selection: str = "block_mean"):
+def select_decode_blocks(q, cache: ThriftKVCache, budget: float = 0.05, selection: str = "block_mean",
+                         return_work: bool = False):
     """uint8 flags [B, Hkv, NBP]: 1 for the complete blocks read from the FP16 cache (see module docstring); NBP =
     cap/64 rounded up to a multiple of 16 (pad_flags), entries past cap/64 are 0. The partial last block is not
-    flagged: the kernel always reads it in FP16."""
+    flagged: the kernel always reads it in FP16. return_work: also the FP16 work list int32 [B, Hkv, max(k, 1)]
+    (the flagged blocks of each head, -1 = none; decode_fwd's `work`), straight from the top-k."""
     where = "select_decode_blocks"
     G = _check_q_cache(q, cache, where)
     f = check_budget(budget, where=where)
@@ -260,7 +306,7 @@ def select_decode_blocks(q, cache: ThriftKVCache, budget: float = 0.05, selectio
     ks = [topk_for_budget(n, f, causal=False) if n > 0 else 0 for n in n_full]
     kmax = max(ks)
     if kmax == 0:
-        return flags
+        return (flags, torch.full((B, H, 1), -1, dtype=torch.int32, device=q.device)) if return_work else flags
     nmax = max(n_full)
     qg = q[:, 0].float().reshape(B, H, G, D)
     scores = torch.einsum("bhgd,bjhd->bhgj", qg, cache.kmean[:, :nmax]).amax(dim=2)  # [B, H, nmax]
@@ -273,6 +319,8 @@ def select_decode_blocks(q, cache: ThriftKVCache, budget: float = 0.05, selectio
     idx = torch.topk(scores, kmax, dim=-1).indices  # [B, H, kmax]
     keep = torch.arange(kmax, device=q.device)[None, None, :] < k_dev[:, None, None]
     flags.scatter_(-1, idx, keep.to(torch.uint8).expand(B, H, kmax).contiguous())
+    if return_work:
+        return flags, torch.where(keep, idx, torch.full_like(idx, -1)).to(torch.int32).contiguous()
     return flags
 
 
@@ -335,9 +383,10 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1], where=where)
     if flags is None:
         with phase("select"):
-            flags = select_decode_blocks(q, cache, budget, selection)
+            flags, work = select_decode_blocks(q, cache, budget, selection, return_work=True)
     else:
         _check_flags(flags, cache, where)
+        work = work_from_flags(flags)
     B, H = cache.batch, cache.num_kv_heads
     q16 = q[:, 0].contiguous()
     # the FP4 tiles hold NVFP4 of the rotated K (cache.qk_rotation) with the cache's scale rule: their query is
@@ -349,9 +398,11 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
                           schedule)
     sched = schedule or {}
     try:
-        cfg = decode_config(cache.fp4_layout, "pre", *(int(sched.get(k, -1)) for k in CONFIG_KEYS))
+        cfg = decode_config(cache.fp4_layout, "pre", *(int(sched.get(k, -1)) for k in CONFIG_KEYS),
+                            work=str(sched.get("work") or default_work(tps)))
     except ValueError as e:
         raise ValueError(f"{where}: bad schedule {dict(sched)}: {e}") from None
-    out, lse = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, cache.lengths_tensor(q.device),
-                          float(scale), ns, tps, cfg.fp4_layout, "pre", *(getattr(cfg, k) for k in CONFIG_KEYS))
+    out, lse = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, work, cache.lengths_tensor(q.device),
+                          float(scale), ns, tps, cfg.fp4_layout, "pre", *(getattr(cfg, k) for k in CONFIG_KEYS),
+                          cfg.work)
     return (out, lse) if return_lse else out

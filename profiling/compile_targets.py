@@ -132,9 +132,10 @@ def _decode_targets(arch: str) -> Tuple[List[CompileTarget], List[SkippedTarget]
             return dec.compile_decode(d, hkv, g, "bf16", _arch_int(arch))
 
         out.append(CompileTarget("decode", f"d{d}_kv{hkv}_g{g}_bf16", build, "kernels/decode.py compile_decode"))
-    # DecodeConfig variants (kernels/decode.py): whole-tile stages, deeper ring, the register cap
-    for tag, kw in (("parts1_st2", {"parts": 1, "stages": 2}), ("parts2_st4", {"parts": 2, "stages": 4}),
-                    ("min_ctas15", {"min_ctas": 15})):
+    # DecodeConfig variants (kernels/decode.py): whole-tile stages, deeper ring, the register cap, dynamic work
+    for tag, kw in (("parts1_st2", {"parts": 1, "stages": 2}),
+                    ("parts2_st4", {"parts": 2, "stages": 4, "work": "static"}),
+                    ("min_ctas15", {"min_ctas": 15}), ("work_dynamic", {"work": "dynamic"})):
         def build(kw=kw):
             return dec.compile_decode(128, 8, 4, "bf16", _arch_int(arch), **kw)
 

@@ -34,7 +34,7 @@ done
 for p in "${pids[@]}"; do wait $p; done
 echo "phase A done $(date -u)" >> $W/device.txt
 touch $FLAG; wait $BENCH
-timeout 280 python -m kernels.decode_bench --out $W/decode_bench.json --ctas-per-sm 8 10 --schedules "parts=1,stages=2,f16_cost=0,f16_depth=1" --no-fa4 \
+timeout 280 python -m kernels.decode_bench --out $W/decode_bench.json --ctas-per-sm 8 10 --schedules "work=static" --no-fa4 \
   > $W/decode_bench.log 2>&1
 echo "phase B done $(date -u)" >> $W/device.txt
 # Phase C: Nsight Compute --set full of one split-KV decode launch, B=1, L=128k, budget 0.05 (the issue-4 goal shape)

@@ -15,16 +15,16 @@ _SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from kernels.decode import compile_decode
     compile_decode({d}, {hkv}, {g}, {dt!r}, {arch}, fp4_layout={layout!r}, parts={parts}, stages={stages},
-                   scale_rule={rule!r}, min_ctas={minc})
+                   scale_rule={rule!r}, min_ctas={minc}, work={work!r})
 """)
 
 
-def _compile(tmp_path, arch, d, hkv, g, dt, layout="nibble", parts=2, stages=3, rule="mse", minc=0):
+def _compile(tmp_path, arch, d, hkv, g, dt, layout="nibble", parts=2, stages=3, rule="mse", minc=0, work="static"):
     dump = tmp_path / f"dump_{arch}"
     dump.mkdir()
     env = dict(os.environ, CUTE_DSL_ARCH=f"sm_{arch}a", CUTE_DSL_KEEP="ptx,cubin", CUTE_DSL_DUMP_DIR=str(dump))
     code = _SCRIPT.format(root=ROOT, d=d, hkv=hkv, g=g, dt=dt, arch=arch, layout=layout, parts=parts, stages=stages,
-                         rule=rule, minc=minc)
+                         rule=rule, minc=minc, work=work)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     ptx = sorted(p for p in dump.iterdir() if p.suffix == ".ptx")
@@ -79,6 +79,29 @@ def test_decode_compiles(tmp_path, arch, d, hkv, g, dt, layout, parts, stages, r
             assert regs <= 65536 // (32 * minc), info  # loop is allowed (sm_90a: 32 B at 128 registers)
         else:
             assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", info), info
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch,d,g,dt,parts,stages", [(90, 128, 4, "bf16", 2, 3), (120, 128, 4, "bf16", 2, 3),
+                                                     (90, 64, 16, "f16", 1, 2), (120, 64, 3, "f16", 1, 2)])
+def test_decode_dynamic_work_compiles(tmp_path, arch, d, g, dt, parts, stages):
+    """DecodeConfig.work "dynamic": the per-head work counter (relaxed atomic adds, one per item, by lane 0), the
+    acquire-release finished-CTA count whose last CTA resets the pair, the FP16 work-list and flag loads, and no
+    spills on either arch."""
+    dec, _ = _compile(tmp_path, arch, d, 2, g, dt, "bits", parts, stages, "pre", 0, "dynamic")
+    text = dec.read_text()
+    assert text.count("atom.relaxed.gpu.global.add.u32") == 1  # the loop's grab (the first two items are static)
+    assert "atom.acq_rel.gpu.global.add.u32" in text
+    assert text.count("st.relaxed.gpu.global.u32") == 2
+    assert "ld.global.u8" in text and "cp.async.cg.shared.global" in text
+    assert re.search(rf"cp\.async\.wait_group\s+{stages - 1};", text)
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        pytest.skip("ptxas not on PATH")
+    out = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", str(dec), "-o", os.devnull], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", out.stdout + out.stderr), out.stdout
 
 
 @pytest.mark.compile

@@ -83,7 +83,8 @@ def _run(c, q, budget, sched):
 
 
 # the session-2 kernel: whole-tile double buffer, equal-count splits, FP16 loads one m-tile ahead
-_OLD = {"parts": 1, "stages": 2, "f16_cost": 0, "f16_depth": 1}
+_OLD = {"parts": 1, "stages": 2, "f16_cost": 0, "f16_depth": 1, "work": "static"}
+_STATIC = {"work": "static"}  # deterministic tile order per split (the dynamic default reorders the fp32 merge)
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -99,11 +100,13 @@ def test_pipeline_schedules_bit_identical(D, rng_seed):
         o0, l0 = _run(c, q, budget, dict(split, **_OLD))
         for var in ({"parts": 1, "stages": 3}, {"parts": 2, "stages": 3}, {"parts": 2, "stages": 4},
                     {"parts": 2, "stages": 3, "min_ctas": 15}, {"f16_depth": 1}):
-            o1, l1 = _run(c, q, budget, dict(split, f16_cost=0, **var))
+            o1, l1 = _run(c, q, budget, dict(split, f16_cost=0, **var, **_STATIC))
             assert torch.equal(o0, o1) and torch.equal(l0, l1), (budget, split, var)
-    _check(c, 32, 0.05, rng_seed, schedule={"parts": 2, "stages": 4})
+    _check(c, 32, 0.05, rng_seed, schedule={"parts": 2, "stages": 4, **_STATIC})
     with pytest.raises(ValueError, match="stages"):
         thrift_decode(q, c, schedule={"parts": 2, "stages": 2})
+    with pytest.raises(ValueError, match="dynamic"):  # the dynamic work loop has one tile of look-ahead
+        thrift_decode(q, c, schedule={"parts": 2, "stages": 4, "work": "dynamic"})
 
 
 @pytest.mark.parametrize("f16_cost", [1, 3, 8])
@@ -118,12 +121,40 @@ def test_cost_balanced_splits(f16_cost, rng_seed):
     for budget in (0.0, 0.05, 0.25, 1.0):
         for ns in (1, 5, 64, 300, 600):  # 600: 2 tiles per split, below BALANCE_MIN_TILES (equal counts)
             o0, l0 = _run(c, q, budget, dict(_OLD, num_splits=ns))
-            o1, l1 = _run(c, q, budget, {"num_splits": ns, "f16_cost": f16_cost})
+            o1, l1 = _run(c, q, budget, {"num_splits": ns, "f16_cost": f16_cost, **_STATIC})
             assert not o1.isnan().any()
             # O is rounded to fp16 after the merge: a few 1-ulp flips give ~1e-4; a lost tile moves LSE by ~1e-3
             err, dl = _rel(o1, o0), (l1 - l0).abs().max().item()
             assert err < 3e-4 and dl < 5e-5, (budget, ns, err, dl)
-    _check(c, 8, 0.05, rng_seed, schedule={"f16_cost": f16_cost, "num_splits": 64})
+    _check(c, 8, 0.05, rng_seed, schedule={"f16_cost": f16_cost, "num_splits": 64, **_STATIC})
+
+
+@pytest.mark.parametrize("pipe", [{"parts": 2, "stages": 3}, {"parts": 1, "stages": 2}])
+def test_dynamic_work(pipe, rng_seed):
+    """DecodeConfig.work "dynamic" (CTAs take items from a per-head atomic counter, the FP16 work list first) covers
+    every tile exactly once: equal to the static equal-count splits up to the fp32 merge order (a lost or doubled
+    tile moves O by ~1e-2 and LSE by ~1e-3 here) for 1 to 600 CTAs per head (more CTAs than items: some take none),
+    selected and partial blocks, an empty and a one-token sequence; the counters reset themselves (three launches
+    in a row, then another batch/head shape on the same stream, then the first again); and it matches the reference."""
+    c = _build([64 * 1100 + 17, 64 * 80, 999, 64, 1, 0], 2, 128, torch.float16, rng_seed)
+    g = torch.Generator(device="cuda").manual_seed(rng_seed + 1)
+    q = (torch.randn((6, 1, 8, 128), generator=g, device="cuda") * 1.5).half()
+    dyn = dict(pipe, work="dynamic")
+    for budget in (0.0, 0.05, 0.25, 1.0):
+        for ns in (1, 5, 64, 300, 600):
+            o0, l0 = _run(c, q, budget, dict(_OLD, num_splits=ns, work="static"))
+            for rep in range(3):
+                o1, l1 = _run(c, q, budget, dict(dyn, num_splits=ns))
+                assert not o1.isnan().any()
+                err = _rel(o1[:5], o0[:5])
+                dl = (l1[:5] - l0[:5]).abs().max().item()
+                assert err < 3e-4 and dl < 5e-5, (budget, ns, rep, err, dl)
+                assert torch.isneginf(l1[5]).all() and torch.isneginf(l0[5]).all()  # the empty sequence
+    c2 = _build([3000, 777], 8, 64, torch.bfloat16, rng_seed)  # other B / Hkv / D on the same counter buffer
+    _check(c2, 24, 0.05, rng_seed, schedule=dict(dyn, num_splits=3))
+    c3 = _build([64 * 300 + 17, 999, 1], 2, 128, torch.float16, rng_seed)  # _check wants finite LSEs: no empty one
+    _check(c3, 8, 0.05, rng_seed, schedule=dict(dyn, num_splits=64))
+    _check(c3, 8, 0.25, rng_seed, schedule=dyn)
 
 
 @pytest.mark.parametrize("D,dt", [(64, torch.float16), (128, torch.float16), (128, torch.bfloat16)])
@@ -143,8 +174,8 @@ def test_token_appends_match_one_shot_on_gpu(D, dt, rng_seed):
     nb = -(-L // 64)
     assert torch.equal(c1.tiles[:, :nb], c2.tiles[:, :nb])
     q = torch.randn((1, 1, 2 * H, D), generator=g, device="cuda").to(dt)
-    o1 = thrift_decode(q, c1, budget=0.3)
-    o2 = thrift_decode(q, c2, budget=0.3)
+    o1 = thrift_decode(q, c1, budget=0.3, schedule=_STATIC)  # static: a deterministic merge order
+    o2 = thrift_decode(q, c2, budget=0.3, schedule=_STATIC)
     assert torch.equal(o1, o2)
 
 
@@ -183,7 +214,7 @@ def test_bits_layout_bit_identical(cfg, rng_seed):
     g = torch.Generator(device="cuda").manual_seed(rng_seed + 1)
     q_scale = 1.5 if sc == 1.0 else 64.0  # larger q for tiny K (below E4M3 saturation of q's scales: 448 * 6)
     q = (torch.randn((len(lens), 1, HQ, D), generator=g, device="cuda") * q_scale).to(dtype)
-    for budget, sched in ((0.0, None), (0.05, {"num_splits": 1}), (0.25, None)):
+    for budget, sched in ((0.0, _STATIC), (0.05, {"num_splits": 1}), (0.25, _STATIC)):
         flags = select_decode_blocks(q, c1, budget)
         _poison()
         o1, l1 = thrift_decode(q, c1, return_lse=True, flags=flags, schedule=sched)
