@@ -20,11 +20,19 @@ share the CTA, so each cache byte is read once. The warp streams its 64-token ti
   * FP16 tiles (selected blocks, and the partial last block which is always FP16): K and V read straight from
     the 16-bit cache with 16-byte loads, f16_depth m-tiles ahead (keys beyond the length predicated off ->
     S = -inf, V = 0), S = q.k in fp32, P~ = exp(S - m) rounded to the input dtype, O^T += V^T P~^T.
-Which tiles a CTA takes: by default (f16_cost > 0) it finds its own contiguous range from the flags so that every
-split carries the same cost (an FP16 tile counts f16_cost FP4 tiles): two 16-flags-per-lane scans of the head's
-flags. Which tiles are FP4 is then known up front: the CTA turns its flags into warp ballots, 32 tiles per global
-load (a 64-bit window), instead of a dependent flag load before every copy. (An L2 bulk prefetch of the tiles
-ahead, FP4 and FP16, and of the FP16 tiles alone, was tried and removed: slower on an H100 at every shape.)
+Which tiles a CTA takes (DecodeConfig.work). "dynamic" (the default when splits hold >= 4 tiles): the NS CTAs of a
+(sequence, KV head) share a list of work items, longest first -- the partial last tile, the selected blocks (the
+FP16 work list from the selection's top-k), then every tile in order with the FP16 ones skipped -- CTA s takes items
+s and 2 NS - 1 - s, then one item at a time from an atomic counter (fetched two items ahead, so neither the atomic
+nor the item's flag load is waited on); the last CTA to finish resets the counter. A per-CTA timeline
+(DecodeConfig.trace, profiling/decode_timeline.py) of the static splits at B=1, 128k showed why: CTAs ended between
+52 and 92 us (busier SMs, later first tiles, FP16 tiles at ~10 us of warp time each) and the 4.5 us flag scan
+sat on every CTA's critical path; with the dynamic items they end within ~9 us of each other and the prologue is
+one round of loads. "static": CTA s takes a contiguous range, cost-balanced (f16_cost > 0) with two
+16-flags-per-lane scans of the head's flags, its FP4 tiles known up front as warp ballots, 32 tiles per global load
+(a 64-bit window), instead of a dependent flag load before every copy; deterministic (the dynamic one reorders the
+fp32 merge from run to run). (An L2 bulk prefetch of the tiles ahead, FP4 and FP16, and of the FP16 tiles alone,
+was tried and removed: slower on an H100 at every shape.)
 Partial results (O/l, LSE) of each split go to an fp32 workspace; a second small kernel (B*Hq*D/32 CTAs,
 programmatic dependent launch) combines the splits through their LSEs. Softmax runs in the log2 domain; l sums
 the unquantized P~ (as the reference).
@@ -419,8 +427,10 @@ class ThriftDecodeSplitKV:
     Tensors (contiguous): tiles uint8 [B, NBLK, Hkv, 72D]; k16, v16 [B, CAP, Hkv, D] (input dtype);
     q16 [B, Hq, D] input dtype (the FP16 tiles' query); qr [B, Hq, D] the same type, NVFP4-quantized in the kernel for
     the FP4 tiles (the Hadamard-rotated query when the cache stores rotated K, else q16 again); flags uint8 [B, Hkv, NBLK]
-    (1 = read this block from the FP16 cache); lens int32 [B]; o_part fp32 [B, Hq, NS, D]; lse_part fp32
-    [B, Hq, NS]. Scalars: scale_log2 = softmax_scale * log2(e); tiles_per_split.
+    (1 = read this block from the FP16 cache); work int32 [B, Hkv, KL >= 1] (each head's flagged blocks, -1 after
+    them: the FP16 work list of work="dynamic"; must match flags); cnt int32 [B, Hkv, 2] (work="dynamic": zero
+    before the launch, and zero again after it -- the last CTA of each head resets its pair); lens int32 [B];
+    o_part fp32 [B, Hq, NS, D]; lse_part fp32 [B, Hq, NS]. Scalars: scale_log2 = softmax_scale * log2(e); tiles_per_split.
     scale_rule (static): how qr becomes the FP4 tiles' query. "pre" (what kernels.thrift_decode uses): qr already
     holds dq(NVFP4(q)) in the input dtype (exact: E2M1 x E4M3 products fit fp16/bf16), quantized once per call by the
     prefill quantizer kernel (decode_interface.prequantize_query) -- not once per CTA, which with 128 splits per

@@ -23,11 +23,11 @@ from .selection import topk_for_budget
 from profiling.nvtx_ranges import phase  # NVTX "<variant>/<phase>/<shape>" ranges (no-op without a profiler)
 
 _COMPILED: dict = {}
-# One-warp CTAs per SM the split plan aims at (12 fit an H100 SM: ~157 registers, 13.9 KB smem with the default
-# K/V-half ring). 8 when the splits are short: every CTA pays a fixed ~10 us (query and flag loads, first tile,
-# epilogue), so at B=1, 128k, budget 0.05 10/SM (158 splits of 13 tiles) took 101.1 us vs 98.0 at 8/SM. 10 once a
-# split keeps >= LONG_SPLIT_TILES tiles: B=8, 128k, budget 0.05 (21 splits of 98 tiles) 522.0 vs 552.3 us; B=8, 32k
-# (25 tiles per split at 10/SM) 159.9 vs 161.8 (profiling/RESULTS.md, decode section, H100, 2026-11-22).
+# One-warp CTAs per SM the split plan aims at (12 fit an H100 SM: ~157-168 registers, 13.9 KB smem with the default
+# K/V-half ring). 8 when the splits are short: at B=1, 128k, budget 0.05 10/SM (158 splits of 13 tiles) took 101.1 us
+# vs 98.0 at 8/SM with the static splits, and 83.5 vs 79.1 with the dynamic items (session 4). 10 once a split keeps
+# >= LONG_SPLIT_TILES tiles: B=8, 128k, budget 0.05 (21 splits of 98 tiles) 522.0 vs 552.3 us (static), 487 vs 532
+# (dynamic); B=8, 32k 159.9 vs 161.8 (profiling/RESULTS.md, decode section, H100, 2026-11-22).
 DEFAULT_CTAS_PER_SM = 8
 LONG_CTAS_PER_SM = 10
 LONG_SPLIT_TILES = 24

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kernels import kv_cache as kvc
-from kernels.decode_interface import plan_splits, select_decode_blocks, thrift_decode_ref
+from kernels.decode_interface import (default_work, plan_splits, select_decode_blocks, thrift_decode_ref,
+                                      work_from_flags)
 from kernels.reference import attention_exact
 from kernels.selection import topk_for_budget
 
@@ -39,6 +40,27 @@ def test_selection_rule(rng_seed):
     assert not select_decode_blocks(q, c, 0.0).any()
     full = select_decode_blocks(q, c, 1.0)
     assert int(full[0].sum()) == H * 20 and int(full[2].sum()) == 0
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.05, 0.25, 1.0])
+def test_fp16_work_list(budget, rng_seed):
+    """The dynamic kernel's FP16 work list (items 1..KL; kernels/decode.py DecodeConfig.work) holds exactly each head's
+    flagged blocks, once each, -1 after them -- from the selection's top-k and from caller flags alike -- and KL >= 1;
+    a wrong list would make the kernel skip or double a tile (its scan phase skips every flagged block)."""
+    lens, H, G, D = [64 * 37 + 9, 64 * 5, 30, 0], 3, 2, 64
+    c = _cache(lens, H, D, torch.float16, rng_seed)
+    q = torch.randn((4, 1, H * G, D)).half()
+    flags, work = select_decode_blocks(q, c, budget, return_work=True)
+    assert torch.equal(flags, select_decode_blocks(q, c, budget))
+    for w in (work, work_from_flags(flags)):
+        assert w.dtype == torch.int32 and w.is_contiguous() and w.shape[:2] == (4, H) and w.shape[2] >= 1
+        for b in range(4):
+            for h in range(H):
+                row = w[b, h].tolist()
+                n = sum(x >= 0 for x in row)
+                assert all(x >= 0 for x in row[:n]) and all(x == -1 for x in row[n:])
+                assert sorted(row[:n]) == torch.nonzero(flags[b, h]).flatten().tolist()
+    assert default_work(1) == "static" and default_work(4) == "dynamic"
 
 
 def test_reference_budget_one_is_near_exact(rng_seed):
