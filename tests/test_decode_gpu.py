@@ -4,6 +4,7 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
+from kernels import decode_interface  # noqa: E402
 from kernels.decode_interface import decode_fwd, plan_splits, select_decode_blocks, thrift_decode, thrift_decode_ref  # noqa: E402
 from kernels.kv_cache import ThriftKVCache  # noqa: E402
 from kernels.kv_cache import DEFAULT_FP4_LAYOUT, relayout_tiles as kv_relayout  # noqa: E402
@@ -155,6 +156,38 @@ def test_dynamic_work(pipe, rng_seed):
     c3 = _build([64 * 300 + 17, 999, 1], 2, 128, torch.float16, rng_seed)  # _check wants finite LSEs: no empty one
     _check(c3, 8, 0.05, rng_seed, schedule=dict(dyn, num_splits=64))
     _check(c3, 8, 0.25, rng_seed, schedule=dyn)
+
+
+def test_dynamic_work_cuda_graph_replay(rng_seed):
+    """The dynamic kernel's per-stream work counters under CUDA graph capture: the captured split kernel reuses the
+    capture stream's counter buffer on every replay, which is only right if each launch leaves it zeroed (the last
+    CTA of a head resets its pair). Five replays must match the eager call up to the merge order, also after the
+    eager path ran other shapes on its own stream in between."""
+    c = _build([64 * 700 + 5, 64 * 64], 8, 128, torch.bfloat16, rng_seed)
+    g = torch.Generator(device="cuda").manual_seed(rng_seed + 1)
+    q = (torch.randn((2, 1, 32, 128), generator=g, device="cuda") * 1.5).to(torch.bfloat16)
+    flags, work = select_decode_blocks(q, c, 0.05, return_work=True)
+    args = (q[:, 0].contiguous(), decode_interface.prequantize_query(q[:, 0].contiguous(), c.qk_rotation,
+                                                                   c.scale_rule),
+            c.tiles, c.k16, c.v16, flags, work, c.lengths_tensor(q.device), 128 ** -0.5)
+    ns, tps = plan_splits(-(-c.max_length // 64), 2, 8, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert tps >= 4  # the dynamic default
+    o_ref, l_ref = decode_fwd(*args, ns, tps, c.fp4_layout, "pre")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up on the capture stream (compiles, allocates its counter buffer)
+        decode_fwd(*args, ns, tps, c.fp4_layout, "pre")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):  # the warmed-up stream: capture records no memset of its counters
+        o_g, l_g = decode_fwd(*args, ns, tps, c.fp4_layout, "pre")
+    for rep in range(5):
+        if rep == 2:  # other shapes through the eager path in between
+            _check(_build([3000, 777], 2, 64, torch.float16, rng_seed), 8, 0.05, rng_seed)
+        o_g.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel(o_g, o_ref) < 4e-3 and (l_g - l_ref).abs().max().item() < 5e-5, rep
 
 
 @pytest.mark.parametrize("D,dt", [(64, torch.float16), (128, torch.float16), (128, torch.bfloat16)])
