@@ -587,20 +587,9 @@ class ThriftDecodeSplitKV:
                     if it == 0:
                         c2 = clock64()
                 if ((fm >> rel) & Int64(1)) != Int64(0):
-                    sk = sbase + ((P * it) % NSL) * PB
-                    pb = cute.make_rmem_tensor((4, NG, 2), Uint32)  # P'^T B fragments
-                    fac = cute.make_rmem_tensor((NG, 2, 2), Float32)  # (alpha, s1) per head column
-                    self._fp4_qk(sk, lane, qf4, m_run, l_run, pb, fac, scale_log2)
-                    if const_expr(P == 2):  # the K half's slot is free: refill it, then wait for the V half
-                        cute.arch.sync_warp()
-                        self._issue_part(fm, P * it + NSL, it - rel, n_it, g_tiles + tile_base, t_begin, HKV, sbase,
-                                         lane)
-                        cute.arch.cp_async_commit_group()
-                        cute.arch.cp_async_wait_group(NSL - 1)
-                        cute.arch.sync_warp()
-                        self._fp4_pv(sbase + ((P * it + 1) % NSL) * PB, lane, pb, fac, acc_o)
-                    else:
-                        self._fp4_pv(sk + 36 * D, lane, pb, fac, acc_o)
+                    self._fp4_step(sbase, it, lane, qf4, m_run, l_run, acc_o, scale_log2,
+                                   lambda: self._issue_part(fm, P * it + NSL, it - rel, n_it, g_tiles + tile_base,
+                                                            t_begin, HKV, sbase, lane))
                 else:
                     if const_expr(P == 2):  # keep one commit group per part
                         self._issue_part(fm, P * it + NSL, it - rel, n_it, g_tiles + tile_base, t_begin, HKV, sbase,
@@ -652,6 +641,28 @@ class ThriftDecodeSplitKV:
             self._write_trace(mOp, b, hk * G, split, lane, g0, c0, c1, c2, c3, it_n, n16, n_skip)
 
     # ------------------------------------------------------------------------------------------ pieces
+    def _fp4_step(self, sbase, it, lane, qf4, m_run, l_run, acc_o, scale_log2, refill, between=None):
+        """The main-loop step of an FP4 tile (both work modes): S^T, the online softmax and P' from the K half in ring
+        slot P*it; with parts=2 the K half's slot is then refilled (refill(): issue the next tile's V half) before
+        waiting for this tile's V half; then O^T += V'^T P'^T. between() runs after the S half (the dynamic loop
+        resolves a work item there) and its result is returned. Traced inline (a plain method taking callables)."""
+        P, NSL, PB, NG, D = self.P, self.NSL, self.PB, self.NG, self.D
+        sk = sbase + ((P * it) % NSL) * PB
+        pb = cute.make_rmem_tensor((4, NG, 2), Uint32)  # P'^T B fragments
+        fac = cute.make_rmem_tensor((NG, 2, 2), Float32)  # (alpha, s1) per head column
+        self._fp4_qk(sk, lane, qf4, m_run, l_run, pb, fac, scale_log2)
+        out = between() if between is not None else None
+        if P == 2:  # the K half's slot is free: refill it, then wait for the V half
+            cute.arch.sync_warp()
+            refill()
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(NSL - 1)
+            cute.arch.sync_warp()
+            self._fp4_pv(sbase + ((P * it + 1) % NSL) * PB, lane, pb, fac, acc_o)
+        else:
+            self._fp4_pv(sk + 36 * D, lane, pb, fac, acc_o)
+        return out
+
     @cute.jit
     def _query_frags(self, qw_all):
         """The FP4 tiles' query as B fragments of S^T = K Q^T, from this lane's query words (see kernel)."""
@@ -783,22 +794,12 @@ class ThriftDecodeSplitKV:
                     c2 = clock64()
             nn_tile = Int32(0)
             nn_kind = Int32(3)
-            if c_kind == 1:
-                sk = sbase + ((P * it) % NSL) * PB
-                pb = cute.make_rmem_tensor((4, NG, 2), Uint32)
-                fac = cute.make_rmem_tensor((NG, 2, 2), Float32)
-                self._fp4_qk(sk, lane, qf4, m_run, l_run, pb, fac, scale_log2)
-                nn_tile, nn_kind = self._resolve(Int32(cute.arch.shuffle_sync(Int32(raw), 0)) + 2 * NS, mFlags,
-                                                 mWork, b, hk, L, KL, n_tiles)
-                if const_expr(P == 2):  # the K half's slot is free: refill it with item it+1's V half
-                    cute.arch.sync_warp()
-                    self._issue_piece(n_kind, n_tile, 1, (P * it + NSL) % NSL, gtile0, HKV, sbase, lane)
-                    cute.arch.cp_async_commit_group()
-                    cute.arch.cp_async_wait_group(NSL - 1)
-                    cute.arch.sync_warp()
-                    self._fp4_pv(sbase + ((P * it + 1) % NSL) * PB, lane, pb, fac, acc_o)
-                else:
-                    self._fp4_pv(sk + 36 * D, lane, pb, fac, acc_o)
+            if c_kind == 1:  # refill with item it+1's V half; resolve item it+2 between the two halves
+                nn_tile, nn_kind = self._fp4_step(
+                    sbase, it, lane, qf4, m_run, l_run, acc_o, scale_log2,
+                    lambda: self._issue_piece(n_kind, n_tile, 1, (P * it + NSL) % NSL, gtile0, HKV, sbase, lane),
+                    lambda: self._resolve(Int32(cute.arch.shuffle_sync(Int32(raw), 0)) + 2 * NS, mFlags, mWork, b,
+                                          hk, L, KL, n_tiles))
             else:
                 if const_expr(P == 2):
                     self._issue_piece(n_kind, n_tile, 1, (P * it + NSL) % NSL, gtile0, HKV, sbase, lane)
