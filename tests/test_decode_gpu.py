@@ -190,6 +190,31 @@ def test_dynamic_work_cuda_graph_replay(rng_seed):
         assert _rel(o_g, o_ref) < 4e-3 and (l_g - l_ref).abs().max().item() < 5e-5, rep
 
 
+def test_decode_op_under_torch_compile(rng_seed):
+    """thrift::decode_fwd (the custom op) traced by torch.compile(fullgraph=True) through its fake implementation:
+    the compiled call gives the eager call's output and LSE (up to the dynamic kernel's merge order) and both match
+    the reference."""
+    c = _build([64 * 90 + 7, 300], 8, 128, torch.float16, rng_seed)
+    g = torch.Generator(device="cuda").manual_seed(rng_seed + 1)
+    q = (torch.randn((2, 1, 32, 128), generator=g, device="cuda") * 1.5).half()
+    flags, work = select_decode_blocks(q, c, 0.05, return_work=True)
+    q16 = q[:, 0].contiguous()
+    q_rot = decode_interface.prequantize_query(q16, c.qk_rotation, c.scale_rule)
+    lens = c.lengths_tensor(q.device)
+    ns, tps = plan_splits(-(-c.max_length // 64), 2, 8, torch.cuda.get_device_properties(0).multi_processor_count)
+
+    def f(q16, q_rot, tiles, k16, v16, flags, work, lens):
+        o, lse = decode_fwd(q16, q_rot, tiles, k16, v16, flags, work, lens, 128 ** -0.5, ns, tps, c.fp4_layout, "pre")
+        return o * 2, lse  # something for the graph around the op
+
+    args = (q16, q_rot, c.tiles, c.k16, c.v16, flags, work, lens)
+    o0, l0 = f(*args)
+    o1, l1 = torch.compile(f, fullgraph=True)(*args)
+    assert _rel(o1, o0) < 1e-3 and (l1 - l0).abs().max().item() < 5e-5
+    ref, lse_ref = thrift_decode_ref(q, c, return_lse=True, flags=flags)
+    assert _rel(o1 / 2, ref) <= 2e-3 and (l1 - lse_ref).abs().max().item() <= 2e-3
+
+
 @pytest.mark.parametrize("D,dt", [(64, torch.float16), (128, torch.float16), (128, torch.bfloat16)])
 def test_token_appends_match_one_shot_on_gpu(D, dt, rng_seed):
     """Token-by-token appends give the same FP4 tiles as one append, and the same decode output bit for bit (with the
