@@ -118,7 +118,6 @@ class DecodeConfig:
       together; the last CTA of the head resets the counter for the next launch. Needs (parts, stages) = (2, 3)
       or (1, 2) (one tile of look-ahead). Not bitwise deterministic: which CTA merges which tiles changes from run
       to run, so O moves by fp32 rounding (~1e-4 relative in bf16); "static" is deterministic.
-    combine_unroll: splits per warp of the combine kernel whose loads are issued together (8 or 16).
     trace: profiling build only (profiling/decode_timeline.py; not reachable from thrift_decode's schedule dict):
       each CTA's lane 0 overwrites channels 0..TRACE_SLOTS-1 of its first query head's partial-O row with a
       timeline (TRACE_FIELDS: %globaltimer at entry, %clock64 at the phase boundaries, %smid, tile counts), so that
@@ -131,7 +130,6 @@ class DecodeConfig:
     f16_cost: int = 3
     min_ctas: int = 0
     f16_depth: int = 2
-    combine_unroll: int = 8
     work: str = "dynamic"
     trace: bool = False
 
@@ -156,8 +154,6 @@ class DecodeConfig:
         if self.work == "dynamic" and (self.parts, self.stages) not in ((2, 3), (1, 2)):
             raise ValueError(f"work='dynamic' (the default) needs (parts, stages) = (2, 3) or (1, 2), got "
                              f"({self.parts}, {self.stages}); other pipelines need work='static'")
-        if self.combine_unroll not in (8, 16):
-            raise ValueError(f"combine_unroll (combine loads in flight per warp) must be 8 or 16, got {self.combine_unroll}")
         if not 0 <= self.min_ctas <= 32:
             raise ValueError(f"min_ctas (.minnctapersm, 0 = none) must be in [0, 32], got {self.min_ctas}")
 
@@ -732,20 +728,10 @@ class ThriftDecodeSplitKV:
 
     @cute.jit
     def _issue_piece(self, kind, tile, piece: int, slot, gtile0, HKV, sbase, lane):
-        """cp.async piece `piece` of FP4 tile `tile` (if kind == 1) into ring slot `slot` (one part, 16 B per lane
-        per step, as _issue_part)."""
+        """cp.async piece `piece` of FP4 tile `tile` (if kind == 1) into ring slot `slot` (one part)."""
         PB, TB = self.PB, self.TB
         if kind == 1:
-            gaddr = gtile0 + Int64(tile) * HKV * TB + piece * PB
-            saddr = sbase + slot * PB
-            n16 = PB // 16
-            for i in cutlass.range_constexpr((n16 + 31) // 32):
-                off = (i * 32 + lane) * 16
-                if const_expr((i + 1) * 32 <= n16):
-                    cp_async16(saddr + off, gaddr + off)
-                else:
-                    if i * 32 + lane < n16:
-                        cp_async16(saddr + off, gaddr + off)
+            self._copy_part(gtile0 + Int64(tile) * HKV * TB + piece * PB, sbase + slot * PB, lane)
 
     @cute.jit
     def _dynamic_loop(self, mTiles, mFlags, mWork, mCnt, b, hk, split, NS, L, lane, sbase, qw_all, m_run, l_run,
@@ -848,22 +834,26 @@ class ThriftDecodeSplitKV:
     @cute.jit
     def _issue_part(self, fm, j, base_it, n_it, gtile0, t_begin, HKV, sbase, lane):
         """cp.async part j of the CTA's FP4 tiles (piece j % P of tile t_begin + j // P) into ring slot j % NSL, if
-        that tile exists and is FP4 (bit j // P - base_it of the flag window fm). 16 bytes per lane per step; the
-        part is contiguous in the tile (K half = [0, 36D), V half = [36D, 72D))."""
+        that tile exists and is FP4 (bit j // P - base_it of the flag window fm). The part is contiguous in the tile
+        (K half = [0, 36D), V half = [36D, 72D))."""
         P, PB, TB = self.P, self.PB, self.TB
         it_j = j // P
         if it_j < n_it:
             if ((fm >> (it_j - base_it)) & Int64(1)) != Int64(0):
-                gaddr = gtile0 + Int64(t_begin + it_j) * HKV * TB + (j % P) * PB
-                saddr = sbase + (j % self.NSL) * PB
-                n16 = PB // 16
-                for i in cutlass.range_constexpr((n16 + 31) // 32):
-                    off = (i * 32 + lane) * 16
-                    if const_expr((i + 1) * 32 <= n16):
-                        cp_async16(saddr + off, gaddr + off)
-                    else:  # D=64 halves: 144 chunks, the last step is partial
-                        if i * 32 + lane < n16:
-                            cp_async16(saddr + off, gaddr + off)
+                self._copy_part(gtile0 + Int64(t_begin + it_j) * HKV * TB + (j % P) * PB,
+                                sbase + (j % self.NSL) * PB, lane)
+
+    @cute.jit
+    def _copy_part(self, gaddr, saddr, lane):
+        """One part (PB contiguous bytes of a tile) global -> shared with 16-byte cp.async, 32 lanes per step."""
+        n16 = self.PB // 16
+        for i in cutlass.range_constexpr((n16 + 31) // 32):
+            off = (i * 32 + lane) * 16
+            if const_expr((i + 1) * 32 <= n16):
+                cp_async16(saddr + off, gaddr + off)
+            else:  # D=64 halves: 144 chunks, the last step is partial
+                if i * 32 + lane < n16:
+                    cp_async16(saddr + off, gaddr + off)
 
     @cute.jit
     def _split_range(self, mFlags, b, hk, split, NS, L, lane):
@@ -1159,9 +1149,8 @@ class ThriftDecodeCombine:
     NT = 256
     DC = 32  # channels per CTA
 
-    def __init__(self, head_dim: int, is_bf16: bool, unroll: int = 8):
+    def __init__(self, head_dim: int, is_bf16: bool):
         self.D, self.is_bf16 = head_dim, bool(is_bf16)
-        self.U = unroll
 
     @cute.jit
     def __call__(self, mOp: cute.Tensor, mLse: cute.Tensor, mO: cute.Tensor, mLseOut: cute.Tensor, stream):
@@ -1199,7 +1188,7 @@ class ThriftDecodeCombine:
         m = -Float32.inf  # running max of this warp's split LSEs (natural log)
         acc = Float32(0.0)  # sum of exp(lse - m) * O
         wsum = Float32(0.0)  # sum of exp(lse - m)
-        U = self.U  # splits per warp whose loads are issued together (full groups: straight-line code, no branch)
+        U = 8  # splits per warp whose loads are issued together (full groups: straight-line code, no branch)
         n_full = NS // (NW * U)
         for grp in cutlass.range(n_full, unroll=1):
             s0 = grp * (NW * U) + warp
@@ -1272,5 +1261,5 @@ def compile_decode(head_dim: int, num_kv_heads: int, group: int, dtype_name: str
     bf = dtype_name == "bf16"
     dec = cute.compile(ThriftDecodeSplitKV(head_dim, group, bf, arch, cfg), *dec_args, Float32(1.0), Int32(1), stream,
                        **kw)
-    comb = cute.compile(ThriftDecodeCombine(head_dim, bf, cfg.combine_unroll), *comb_args, stream, **kw)
+    comb = cute.compile(ThriftDecodeCombine(head_dim, bf), *comb_args, stream, **kw)
     return dec, comb

@@ -374,19 +374,19 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
     q [B, 1, Hq, D] in the cache dtype (fp16/bf16), Hq/Hkv in [1, 16], D in {64, 128}. budget: fraction of the
     complete 64-token blocks read in FP16 (top by block-mean score, per KV head); the partial last block is
     always FP16. schedule: {"num_splits": n} or {"ctas_per_sm": c}, optionally DecodeConfig fields ("parts",
-    "stages", "f16_cost", "min_ctas", "f16_depth"; kernels/decode.py). flags: a precomputed select_decode_blocks result (skips
-    selection). Returns O [B, 1, Hq, D] (and LSE fp32 [B, Hq]; -inf for empty sequences)."""
+    "stages", "f16_cost", "min_ctas", "f16_depth", and "work": "dynamic" | "static", default default_work(...);
+    kernels/decode.py). flags: a precomputed select_decode_blocks result (skips selection). Returns O [B, 1, Hq, D] (and LSE fp32 [B, Hq]; -inf for empty sequences)."""
     where = "thrift_decode"
     G = _check_q_cache(q, cache, where)
     if q.device.type != "cuda":
         raise ValueError(f"{where}: q and the cache must be on a CUDA device, got {q.device}")
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1], where=where)
+    work = None
     if flags is None:
         with phase("select"):
             flags, work = select_decode_blocks(q, cache, budget, selection, return_work=True)
     else:
         _check_flags(flags, cache, where)
-        work = work_from_flags(flags)
     B, H = cache.batch, cache.num_kv_heads
     q16 = q[:, 0].contiguous()
     # the FP4 tiles hold NVFP4 of the rotated K (cache.qk_rotation) with the cache's scale rule: their query is
@@ -402,6 +402,9 @@ def thrift_decode(q, cache: ThriftKVCache, *, budget=0.05, selection="block_mean
                             work=str(sched.get("work") or default_work(tps)))
     except ValueError as e:
         raise ValueError(f"{where}: bad schedule {dict(sched)}: {e}") from None
+    if work is None:  # caller flags: the list costs a host sync, so only when the dynamic kernel reads it
+        work = work_from_flags(flags) if cfg.work == "dynamic" else torch.full((B, H, 1), -1, dtype=torch.int32,
+                                                                               device=q.device)
     out, lse = decode_fwd(q16, q_rot, cache.tiles, cache.k16, cache.v16, flags, work, cache.lengths_tensor(q.device),
                           float(scale), ns, tps, cfg.fp4_layout, "pre", *(getattr(cfg, k) for k in CONFIG_KEYS),
                           cfg.work)
