@@ -15,6 +15,8 @@ head counts and the GQA ratio are runtime values.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from kernels._validate import KERNEL_DTYPES, KERNEL_HEAD_DIMS, SELECTION_METHODS, check_bool, check_budget, \
@@ -164,8 +166,7 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float
                 qk_rotation: str = "hadamard", scale_rule: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
     from kernels.selection import select_blocks
 
-    tm, tn, nw, st, ms, dq = (int(x) for x in schedule.split(","))
-    sch = PrefillSchedule(tile_m=tm, tile_n=tn, num_warps=nw, stages=st, mask_split=bool(ms), kv_dq16=bool(dq))
+    sch = _sched_parse(schedule)
     with phase("select"):
         sel = select_blocks(q, k, budget=budget, causal=causal, method=selection)
     return _run_prefill(q.contiguous(), k.contiguous(), v.contiguous(), sel, causal, softmax_scale, sch, fmt,
@@ -180,8 +181,20 @@ def _prefill_fake(q, k, v, budget, causal, selection, fmt, softmax_scale, schedu
 
 
 def _sched_str(s: PrefillSchedule) -> str:
-    """A schedule as a plain string (custom-op argument; json is not traceable by dynamo)."""
-    return f"{s.tile_m},{s.tile_n},{s.num_warps},{s.stages},{int(s.mask_split)},{int(s.kv_dq16)}"
+    """A schedule as a plain string (custom-op argument; json is not traceable by dynamo): every field, so that
+    _sched_parse gives back an equal schedule (tests/test_harness.py checks the round trip)."""
+    return ";".join(f"{f.name}={getattr(s, f.name)}" for f in dataclasses.fields(s))
+
+
+def _sched_parse(text: str) -> PrefillSchedule:
+    """Inverse of _sched_str."""
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(PrefillSchedule)}
+    kw = {}
+    for item in text.split(";"):
+        name, val = item.split("=", 1)
+        kind = kinds[name]
+        kw[name] = (val == "True") if kind is bool else kind(val)
+    return PrefillSchedule(**kw)
 
 
 def check_device(q: torch.Tensor, where: str = "thrift_attention") -> None:
@@ -219,8 +232,8 @@ def thrift_attention(q, k, v, *, budget=0.05, causal=True, selection="block_mean
     scale = softmax_scale_or_default(softmax_scale, D, where=where)
     check_qk_rotation(qk_rotation, where)
     check_scale_rule(scale_rule, where)
-    sch = get_schedule(schedule)
     check_device(q, where)
+    sch = get_schedule(schedule, arch=_arch(q.device))
     if selected is not None:
         out, lse = _run_prefill(q.contiguous(), k.contiguous(), v.contiguous(), selected.to(torch.int32).contiguous(),
                                 causal, scale, sch, fmt, qk_rotation=qk_rotation, scale_rule=scale_rule)

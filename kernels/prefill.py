@@ -48,11 +48,12 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, Uint32, const_expr
-from cutlass.cute.nvgpu import cpasync, warp
+from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
+import cutlass.utils.hopper_helpers as sm90_helpers
 
 from kernels.arch_paths import e2m1_rne, e4m3_rne, ex2, lg2, make_arch_path
 from kernels.schedules import PrefillSchedule
-from layouts.prefill import PrefillSmemMap, smem_tile_layout_16b
+from layouts.prefill import PrefillSmemMap, smem_tile_layout_16b, wgmma_tile_layout_16b
 from layouts.sm120_fp4 import swizzle_bits as sm120_swizzle_bits
 from kernels.fp4_mma_sm120 import QFragments
 
@@ -86,10 +87,12 @@ class ThriftPrefillKernel:
         self.Tn = schedule.tile_n
         self.S = schedule.stages
         self.nthr = schedule.num_threads
-        self.smap = PrefillSmemMap(head_dim, self.Tm, self.Tn, self.S)
+        self.smap = PrefillSmemMap(head_dim, self.Tm, self.Tn, self.S, fp16_stages=schedule.fp16_stages)
         self.path = make_arch_path(arch, head_dim)
         # SM90: phase 1 streams dq(K)/dq(V) (16 bit, written by the quantizer) instead of decoding FP4 stages
         self.dq16 = schedule.uses_dq16(arch) and self.path.needs_decode
+        # sm_90a, schedule.mma == "wgmma": the 16-bit MMAs are warpgroup MMAs (one warpgroup = the 64-row block)
+        self.wg = schedule.uses_wgmma(arch) and not self.path.block_scaled
 
     # ------------------------------------------------------------------------------------------
     # host side
@@ -106,10 +109,14 @@ class ThriftPrefillKernel:
         mKd/mVd [B,Skv,Hkv,D] 16-bit dq(K)/dq(V) (read only by the SM90 dq16 schedules; else any such tensor)."""
         D, Tm, Tn, T = self.D, self.Tm, self.Tn, self.nthr
         dt = self.dtype
-        # 16-bit tiles: 128B-swizzled K-major
-        sQ_layout = smem_tile_layout_16b(Tm, D)
-        sKV_layout = smem_tile_layout_16b(Tn, D)
-        sVt_layout = smem_tile_layout_16b(D, Tn)  # decoded V^T (keys contiguous)
+        # 16-bit tiles: 128B-swizzled K-major (wgmma: the canonical wgmma atom, read by the MMA descriptors)
+        tile16 = smem_tile_layout_16b
+        if const_expr(self.wg):
+            def tile16(r, c):
+                return wgmma_tile_layout_16b(dt, r, c)
+        sQ_layout = tile16(Tm, D)
+        sKV_layout = tile16(Tn, D)
+        sVt_layout = tile16(D, Tn)  # decoded V^T (keys contiguous)
 
         # --- gmem -> smem copies -------------------------------------------------------------
         def tv(atom, rows_per_pass_threads, cols_threads, vals):
@@ -143,6 +150,16 @@ class ThriftPrefillKernel:
             (self.sch.num_warps, 1, 1),
             permutation_mnk=(self.sch.num_warps * 16, 16, 16),
         )
+        # wgmma (one warpgroup, M = 64 = Tm): S = Q K^T with Q and K both K-major in smem; O += P V with P from
+        # registers and B = decoded V^T (D x Tn, keys contiguous: K-major) or a 16-bit V tile (Tn x D: MN-major)
+        mma_qk = mma_pvk = mma_pvmn = tiled_mma
+        if const_expr(self.wg):
+            K, MN = OperandMajorMode.K, OperandMajorMode.MN
+            mma_qk = sm90_helpers.make_trivial_tiled_mma(dt, dt, K, K, Float32, (1, 1, 1), (Tm, Tn))
+            mma_pvk = sm90_helpers.make_trivial_tiled_mma(dt, dt, K, K, Float32, (1, 1, 1), (Tm, D),
+                                                          a_source=warpgroup.OperandSource.RMEM)
+            mma_pvmn = sm90_helpers.make_trivial_tiled_mma(dt, dt, K, MN, Float32, (1, 1, 1), (Tm, D),
+                                                           a_source=warpgroup.OperandSource.RMEM)
 
         nqb = cute.ceil_div(mQ.shape[1], Tm)
         grid = (nqb, cute.size(mQ.shape[2]), cute.size(mQ.shape[0]))
@@ -150,7 +167,10 @@ class ThriftPrefillKernel:
                     softmax_scale_log2, qhead_per_kv,
                     sQ_layout, sKV_layout, sVt_layout,
                     copy_kv16, copy_kp, copy_ks, copy_vp, copy_vs, copy_rows16, copy_vt16,
-                    tiled_mma).launch(grid=grid, block=[T, 1, 1], smem=self.smap.total_bytes, stream=stream)
+                    tiled_mma, mma_qk, mma_pvk, mma_pvmn).launch(
+                        grid=grid, block=[T, 1, 1], smem=self.smap.total_bytes, stream=stream,
+                        min_blocks_per_mp=self.sch.min_ctas,
+                        preferred_smem_carveout=100 if self.sch.min_ctas > 1 else None)  # (None queries the GPU)
 
     # ------------------------------------------------------------------------------------------
     # device side
@@ -164,7 +184,8 @@ class ThriftPrefillKernel:
                sQ_layout: cute.ComposedLayout, sKV_layout: cute.ComposedLayout, sVt_layout: cute.ComposedLayout,
                copy_kv16: cute.TiledCopy, copy_kp: cute.TiledCopy, copy_ks: cute.TiledCopy,
                copy_vp: cute.TiledCopy, copy_vs: cute.TiledCopy, copy_rows16: cute.TiledCopy,
-               copy_vt16: cute.TiledCopy, tiled_mma: cute.TiledMma):
+               copy_vt16: cute.TiledCopy, tiled_mma: cute.TiledMma, mma_qk: cute.TiledMma,
+               mma_pvk: cute.TiledMma, mma_pvmn: cute.TiledMma):
         D, Tm, Tn, S = self.D, self.Tm, self.Tn, self.S
         dt = self.dtype
         sm = self.smap
@@ -195,12 +216,19 @@ class ThriftPrefillKernel:
         def pu8(off):
             return cute.recast_ptr(base + off, dtype=cutlass.Uint8)
 
-        sQ = cute.make_tensor(p16(0), sQ_layout)
-        sKdec = cute.make_tensor(p16(sm.kdec_off), sKV_layout)
-        sVdec = cute.make_tensor(p16(sm.vdec_off), sVt_layout)  # (D, Tn)
-        # phase-2 stages: K stages contiguous, V stages contiguous (stage mode last)
-        sK16 = [cute.make_tensor(p16(sm.region_off + t * sm.kv16), sKV_layout) for t in range(2)]
-        sV16 = [cute.make_tensor(p16(sm.region_off + (2 + t) * sm.kv16), sKV_layout) for t in range(2)]
+        def t16(off, layout):
+            if const_expr(self.wg):  # wgmma descriptors need the swizzle on the pointer, an affine layout
+                return cute.make_tensor(cute.recast_ptr(base + off, layout.inner, dtype=dt), layout.outer)
+            return cute.make_tensor(p16(off), layout)
+
+        sQ = t16(0, sQ_layout)
+        sKdec = t16(sm.kdec_off, sKV_layout)
+        sVdec = t16(sm.vdec_off, sVt_layout)  # (D, Tn)
+        # phase-2 stages: K stages contiguous, V stages contiguous (stage mode last).  With one stage the
+        # stage-1 views alias stage 0 (traced, never taken: the stage index stays 0)
+        nf = self.sch.fp16_stages
+        sK16 = [t16(sm.fp16_k_off(min(t, nf - 1)), sKV_layout) for t in range(2)]
+        sV16 = [t16(sm.fp16_v_off(min(t, nf - 1)), sKV_layout) for t in range(2)]
         # FP4 stages (uint8, row-major), stage mode last
         st = sm.fp4_stage
         fp4_base = sm.region_off + 2 * sm.kv16
@@ -259,8 +287,27 @@ class ThriftPrefillKernel:
         tSsK16 = [thr_ld_k.partition_S(sK16[t]) for t in range(2)]
         tOsV16 = [thr_ld_vt.partition_S(vt_view(sV16[t])) for t in range(2)]
 
-        # row state: 2 rows per thread (m16n8 C layout: rows lane/4 and lane/4 + 8 of the warp's 16)
-        n_rows = acc_O.shape[0][0] * acc_O.shape[1]
+        # wgmma: operands are smem descriptors (K/Q/V never pass through registers); S and O partitions follow the
+        # warpgroup C layout ((2, 2, N/8), 1, 1) -- per warp the same rows/columns as the m16n8 layout above
+        thr_mma_s = thr_mma
+        tiled_mma_o = tiled_mma
+        wg_q = wg_kdec = wg_vdec = None
+        wg_k16 = wg_v16 = None
+        if const_expr(self.wg):
+            thr_mma_s = mma_qk.get_slice(tidx)
+            thr_pvk = mma_pvk.get_slice(tidx)
+            thr_pvmn = mma_pvmn.get_slice(tidx)
+            tiled_mma_o = mma_pvk
+            acc_O = cute.make_rmem_tensor(thr_pvk.partition_shape_C((Tm, D)), Float32)
+            acc_O.fill(0.0)
+            wg_q = thr_mma_s.make_fragment_A(thr_mma_s.partition_A(sQ))
+            wg_kdec = thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sKdec))
+            wg_k16 = [thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK16[t])) for t in range(2)]
+            wg_vdec = thr_pvk.make_fragment_B(thr_pvk.partition_B(sVdec))
+            wg_v16 = [thr_pvmn.make_fragment_B(thr_pvmn.partition_B(vt_view(sV16[t]))) for t in range(2)]
+
+        # row state: 2 rows per thread (m16n8 / wgmma C layout: rows lane/4 and lane/4 + 8 of the warp's 16)
+        n_rows = cute.size(self.mn_view(acc_O), mode=[0])
         row_max = cute.make_rmem_tensor((n_rows,), Float32)
         row_sum = cute.make_rmem_tensor((n_rows,), Float32)
         row_c = cute.make_rmem_tensor((n_rows,), Float32)
@@ -350,7 +397,9 @@ class ThriftPrefillKernel:
                 sKp=sKp, sKs=sKs, sVp=sVp, sVs=sVs, sKp32=sKp32, sVp32=sVp32, sKdec=sKdec, sVdec=sVdec,
                 sK16=sK16, sV16=sV16, copy_kv16=copy_kv16, copy_kp=copy_kp, copy_ks=copy_ks,
                 copy_vp=copy_vp, copy_vs=copy_vs, copy_rows16=copy_rows16, copy_vt16=copy_vt16,
-                tiled_mma=tiled_mma, thr_mma=thr_mma, tSrQ=tSrQ, tSrK=tSrK, tOrVt=tOrVt, acc_O=acc_O,
+                tiled_mma=tiled_mma, thr_mma=thr_mma, thr_mma_s=thr_mma_s, tiled_mma_o=tiled_mma_o,
+                mma_qk=mma_qk, mma_pvk=mma_pvk, mma_pvmn=mma_pvmn, wg_q=wg_q, wg_kdec=wg_kdec, wg_vdec=wg_vdec,
+                wg_k16=wg_k16, wg_v16=wg_v16, tSrQ=tSrQ, tSrK=tSrK, tOrVt=tOrVt, acc_O=acc_O,
                 ld_q=ld_q, ld_k=ld_k, ld_vt=ld_vt, tSsQ=tSsQ, tSrQ_v=tSrQ_v, tSrK_v=tSrK_v,
                 tOrVt_kv=tOrVt_kv, tOrVt_v=tOrVt_v, tSsKdec=tSsKdec, tOsVdec=tOsVdec,
                 tSsK16=tSsK16, tOsV16=tOsV16, row_max=row_max, row_sum=row_sum, row_c=row_c,
@@ -365,6 +414,7 @@ class ThriftPrefillKernel:
             gQp32 = cute.local_tile(cute.recast_tensor(mQp[b, None, hq, None], Uint32), (Tm, D // 8), (m_block, 0))
             gQs = cute.local_tile(mQs[b, None, hq, None], (Tm, D // 16), (m_block, 0))
             self.path.decode_rows(sQ, copy_rows16, tidx, gQp32, gQs, Sq - m_block * Tm, self.is_bf16)
+            self.to_async_proxy()
         if const_expr(self.dq16):
             # dq16: dq(K)/dq(V) tiles through the 2-stage 16-bit ring of phase 2 (load j+1 while j computes)
             n_cur = self.next_unselected(mask_row, n_block_max)
@@ -374,6 +424,7 @@ class ThriftPrefillKernel:
             j1 = Int32(0)
             while n_cur >= 0:
                 cute.arch.cp_async_wait_group(0)
+                self.to_async_proxy()
                 cute.arch.barrier()  # tile j landed for all threads; stage 1-j (tile j-1) is free
                 n_next = self.next_unselected(mask_row, n_cur)
                 if n_next >= 0:
@@ -401,6 +452,7 @@ class ThriftPrefillKernel:
             stage = Int32(0)
             while n_cur >= 0:
                 cute.arch.cp_async_wait_group(S - 2)
+                self.to_async_proxy()
                 cute.arch.barrier()
                 st_load = stage + (S - 1)
                 if st_load >= S:
@@ -457,13 +509,15 @@ class ThriftPrefillKernel:
                     n_i = self.sel_at(sel_row, i, n_block_max)
                     if n_i >= 0:
                         cute.arch.cp_async_wait_group(0)
+                        self.to_async_proxy()
                         cute.arch.barrier()
                         n_next = Int32(-1)
                         if i + 1 < cute.size(mSel.shape[3]):
                             n_next = self.sel_at(sel_row, i + 1, n_block_max)
-                        if n_next >= 0:
-                            self.load_kv16_tile(ctx, n_next, 1 - j, kind == 2)
-                        cute.arch.cp_async_commit_group()
+                        if const_expr(self.sch.fp16_stages == 2):  # next tile loads while this one computes
+                            if n_next >= 0:
+                                self.load_kv16_tile(ctx, n_next, 1 - j, kind == 2)
+                            cute.arch.cp_async_commit_group()
                         if const_expr(self.sch.mask_split):
                             need = self.tile_needs_mask(ctx, n_i)
                             if need:
@@ -472,7 +526,13 @@ class ThriftPrefillKernel:
                                 self.step(ctx, n_i, j, kind, False)
                         else:
                             self.step(ctx, n_i, j, kind, True)
-                        j = 1 - j
+                        if const_expr(self.sch.fp16_stages == 2):
+                            j = 1 - j
+                        else:  # one stage: every warp is done with it before the next tile overwrites it
+                            cute.arch.barrier()
+                            if n_next >= 0:
+                                self.load_kv16_tile(ctx, n_next, 0, kind == 2)
+                            cute.arch.cp_async_commit_group()
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.barrier()  # stage buffers are reused by the next pass
 
@@ -575,12 +635,22 @@ class ThriftPrefillKernel:
                                   ctx.sKs[None, None, stage], ctx.Skv - n * Tn, self.is_bf16)
             self.path.decode_rows(ctx.sVdec, ctx.copy_vt16, ctx.tidx, ctx.sVp32[None, None, stage],
                                   ctx.sVs[None, None, stage], self.D, self.is_bf16)
+            self.to_async_proxy()
             cute.arch.barrier()
 
-        acc_S = cute.make_rmem_tensor(ctx.thr_mma.partition_shape_C((Tm, Tn)), Float32)
-        acc_S.fill(0.0)
+        acc_S = cute.make_rmem_tensor(ctx.thr_mma_s.partition_shape_C((Tm, Tn)), Float32)
+        if const_expr(not self.wg):
+            acc_S.fill(0.0)
         if const_expr(phase == 1 and self.path.block_scaled):
             acc_S = self.path.tile.qk(QFragments(ctx.qf_frag, ctx.qf_sf), ctx.sKf[None, None, stage], ctx.sKs[None, None, stage], ctx.tidx)
+        elif const_expr(self.wg):
+            if const_expr(phase == 1 and not self.dq16):
+                self.wg_gemm(ctx.mma_qk, acc_S, ctx.wg_q, ctx.wg_kdec, True)
+            else:
+                if stage == 0:
+                    self.wg_gemm(ctx.mma_qk, acc_S, ctx.wg_q, ctx.wg_k16[0], True)
+                if stage != 0:
+                    self.wg_gemm(ctx.mma_qk, acc_S, ctx.wg_q, ctx.wg_k16[1], True)
         elif const_expr(phase == 1 and not self.dq16):
             self.gemm_ss(ctx, acc_S, ctx.tSsKdec)
         else:
@@ -593,7 +663,7 @@ class ThriftPrefillKernel:
         acc_O_mn = self.mn_view(ctx.acc_O)
         if const_expr(masked):
             cS = cute.local_tile(ctx.mcS, (Tm, Tn), (ctx.m_block, n))
-            tScS_mn = self.mn_view(ctx.thr_mma.partition_C(cS))
+            tScS_mn = self.mn_view(ctx.thr_mma_s.partition_C(cS))
             for r in cutlass.range_constexpr(cute.size(acc_S_mn, mode=[0])):
                 row = tScS_mn[r, 0][0]
                 limit = ctx.Skv
@@ -663,6 +733,22 @@ class ThriftPrefillKernel:
         if const_expr(phase == 1 and self.path.block_scaled):
             pf = self.path.tile.quantize_p_natural(acc_S, ctx.tidx)
             self.path.tile.pv(ctx.acc_O, pf, ctx.sVf[None, None, stage], ctx.sVs[None, None, stage], ctx.tidx)
+        elif const_expr(phase != 0 and self.wg):
+            # P (16-bit) as the register A operand of the wgmma: ((2,2,N/8),1,1) -> ((2,2,2),1,N/16)
+            rP = cute.make_fragment_like(acc_S, self.dtype)
+            rP.store(acc_S.load().to(self.dtype))
+            lay = cute.logical_divide(rP.layout, ((None, None, 2), None, None))
+            tOrP = cute.make_tensor(rP.iterator, cute.make_layout(
+                ((lay.shape[0][0], lay.shape[0][1], lay.shape[0][2][0]), lay.shape[1], (lay.shape[0][2][1], lay.shape[2])),
+                stride=((lay.stride[0][0], lay.stride[0][1], lay.stride[0][2][0]), lay.stride[1],
+                        (lay.stride[0][2][1], lay.stride[2]))))
+            if const_expr(phase == 1 and not self.dq16):
+                self.wg_gemm(ctx.mma_pvk, ctx.acc_O, tOrP, ctx.wg_vdec, False)
+            else:
+                if stage == 0:
+                    self.wg_gemm(ctx.mma_pvmn, ctx.acc_O, tOrP, ctx.wg_v16[0], False)
+                if stage != 0:
+                    self.wg_gemm(ctx.mma_pvmn, ctx.acc_O, tOrP, ctx.wg_v16[1], False)
         elif const_expr(phase != 0):
             # P (16-bit) as the A operand: (4, MMA_M, MMA_N) -> ((4,2), MMA_M, MMA_N/2)
             rP = cute.make_fragment_like(acc_S, self.dtype)
@@ -692,6 +778,27 @@ class ThriftPrefillKernel:
             cute.gemm(ctx.tiled_mma, acc, ctx.tSrQ[None, None, k], ctx.tSrK[None, None, k], acc)
 
     @cute.jit
+    def wg_gemm(self, tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB: cute.Tensor,
+                zero_init: cutlass.Constexpr):
+        """acc (+)= A B as one warpgroup MMA per 16-wide k-block, issued back to back, then waited for (the
+        accumulator is read right after).  zero_init: the first k-block overwrites acc."""
+        warpgroup.fence()
+        atom = cute.make_mma_atom(tiled_mma.op)  # a fresh atom: its ACCUMULATE field is changed below
+        atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
+        for k in cutlass.range_constexpr(cute.size(tA.shape[2])):
+            cute.gemm(atom, acc, tA[None, None, k], tB[None, None, k], acc)
+            atom.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+
+    @cute.jit
+    def to_async_proxy(self):
+        """wgmma reads shared memory through the async proxy: make this thread's generic-proxy writes (st.shared
+        of the decode, completed cp.async) visible to it; the CTA barrier that follows covers the other threads."""
+        if const_expr(self.wg):
+            cute.arch.fence_view_async_shared()
+
+    @cute.jit
     def gemm_rs(self, ctx, tOrP: cute.Tensor, ld: cute.TiledCopy, tOsV: cute.Tensor, tOrV_v: cute.Tensor):
         """acc_O += P V with P in registers and V^T ldmatrix'ed from smem."""
         nk = cute.size(tOrP.shape[2])
@@ -708,7 +815,7 @@ class ThriftPrefillKernel:
         acc_O_mn = self.mn_view(ctx.acc_O)
         n_rows = cute.size(ctx.row_sum)
         cS = cute.local_tile(ctx.mcS, (Tm, self.Tn), (ctx.m_block, 0))
-        tScS_mn = self.mn_view(ctx.thr_mma.partition_C(cS))
+        tScS_mn = self.mn_view(ctx.thr_mma_s.partition_C(cS))
         lane = ctx.tidx % 32
         for r in cutlass.range_constexpr(n_rows):
             l = self.quad_sum(ctx.row_sum[r])
@@ -725,7 +832,7 @@ class ThriftPrefillKernel:
         rO = cute.make_fragment_like(ctx.acc_O, self.dtype)
         rO.store(ctx.acc_O.load().to(self.dtype))
         st_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype)
-        st_c = cute.make_tiled_copy_C(st_atom, ctx.tiled_mma)
+        st_c = cute.make_tiled_copy_C(st_atom, ctx.tiled_mma_o)
         thr_st = st_c.get_slice(ctx.tidx)
         cute.copy(st_atom, thr_st.retile(rO), thr_st.partition_D(sQ))
         cute.arch.barrier()
@@ -743,10 +850,16 @@ class ThriftPrefillKernel:
     # ---------------- helpers ----------------
     @cute.jit
     def mn_view(self, acc: cute.Tensor) -> cute.Tensor:
-        """((2,2),M,N) m16n8 accumulator -> (rows, cols) view: rows (2,M), cols (2,N)."""
+        """((2,2),M,N) m16n8 accumulator -> (rows, cols) view: rows (2,M), cols (2,N); a wgmma accumulator
+        ((2,2,N/8),M,N) -> rows (2,M), cols (2,N/8,N).  Either way column c = 2*(n-atom) + (c % 2)."""
         l = cute.make_layout(acc.layout.shape)
-        mn = cute.make_layout(((l.shape[0][1], l.shape[1]), (l.shape[0][0], l.shape[2])),
-                              stride=((l.stride[0][1], l.stride[1]), (l.stride[0][0], l.stride[2])))
+        if const_expr(len(l.shape[0]) == 3):
+            mn = cute.make_layout(((l.shape[0][1], l.shape[1]), (l.shape[0][0], l.shape[0][2], l.shape[2])),
+                                  stride=((l.stride[0][1], l.stride[1]),
+                                          (l.stride[0][0], l.stride[0][2], l.stride[2])))
+        else:
+            mn = cute.make_layout(((l.shape[0][1], l.shape[1]), (l.shape[0][0], l.shape[2])),
+                                  stride=((l.stride[0][1], l.stride[1]), (l.stride[0][0], l.stride[2])))
         return cute.make_tensor(acc.iterator, cute.composition(acc.layout, mn))
 
     @cute.jit

@@ -30,6 +30,18 @@ class PrefillSchedule:
                 (FP4 traffic on every arch).  It measures the cost of the decode: 32k/5% quant+prefill 42.7 ms
                 vs 55.0 ms on the FP4 path (H100, profiling/RESULTS.md).  False (default): packed FP4 stages
                 decoded into 16-bit smem tiles each tile (``stages`` deep ring).
+    mma:        "sync" (default): warp-level mma.sync m16n8k16 everywhere, Q/K/V fragments ldmatrix'ed from
+                shared memory by every warp.  "wgmma": on sm_90a the 16-bit MMAs are warpgroup MMAs -- the CTA's 4
+                warps are exactly one warpgroup and the 64-row query block is exactly one m64 wgmma, so
+                S = Q K^T runs as m64n64k16 with both operands read by the tensor cores straight from shared
+                memory (no ldmatrix, no Q/K fragments in registers) and O += P V as m64nDk16 with P from
+                registers.  Same numerics (fp32 accumulation of the same exact 16-bit products).  Other archs
+                (sm_120a: block-scaled FP4 MMA + mma.sync FP16 phase) ignore it.
+    fp16_stages: depth of phase 2's 16-bit K/V ring (2: the next selected tile loads while one computes; 1: no
+                look-ahead, 32 KB less shared memory at D=128 -- phase 2 is ~5% of the tiles at the default
+                budget, so one stage costs little there and lets 3 CTAs share an SM).  The dq16 experiment streams
+                phase 1 through this ring and needs 2.
+    min_ctas:   .minnctapersm launch hint (0 = none): ptxas caps the registers so that this many CTAs fit an SM.
     """
 
     tile_m: int = 64
@@ -38,6 +50,9 @@ class PrefillSchedule:
     stages: int = 2
     mask_split: bool = True
     kv_dq16: bool = False
+    mma: str = "sync"
+    fp16_stages: int = 2
+    min_ctas: int = 0
 
     def __post_init__(self):
         if self.tile_n != SELECTION_BLOCK:
@@ -48,10 +63,22 @@ class PrefillSchedule:
             raise ValueError(f"schedule.num_warps must be tile_m/16 = {self.tile_m // 16}, got {self.num_warps}")
         if not 2 <= self.stages <= 4:
             raise ValueError(f"schedule.stages must be in [2, 4], got {self.stages}")
+        if self.mma not in ("sync", "wgmma"):
+            raise ValueError(f"schedule.mma must be 'sync' or 'wgmma', got {self.mma!r}")
+        if self.fp16_stages not in (1, 2):
+            raise ValueError(f"schedule.fp16_stages must be 1 or 2, got {self.fp16_stages}")
+        if self.kv_dq16 and self.fp16_stages != 2:
+            raise ValueError("schedule.kv_dq16 streams phase 1 through the 16-bit ring: needs fp16_stages=2")
+        if not 0 <= self.min_ctas <= 8:
+            raise ValueError(f"schedule.min_ctas must be in [0, 8] (0 = no hint), got {self.min_ctas}")
 
     def uses_dq16(self, arch: int) -> bool:
         """Whether phase 1 reads dq(K)/dq(V) in 16 bit on sm_<arch> (SM90 decode path only)."""
         return self.kv_dq16 and arch not in (120, 121)
+
+    def uses_wgmma(self, arch: int) -> bool:
+        """Whether the 16-bit MMAs are warpgroup MMAs on sm_<arch> (wgmma exists on sm_90a only)."""
+        return self.mma == "wgmma" and arch == 90
 
     @property
     def num_threads(self) -> int:
@@ -65,7 +92,8 @@ class PrefillSchedule:
         """Raise ValueError if this schedule cannot run head_dim on arch (shared-memory budget)."""
         from layouts.prefill import PrefillSmemMap
 
-        smem = PrefillSmemMap(head_dim, self.tile_m, self.tile_n, self.stages).total_bytes
+        smem = PrefillSmemMap(head_dim, self.tile_m, self.tile_n, self.stages,
+                              fp16_stages=self.fp16_stages).total_bytes
         limit = 99 * 1024 if arch >= 120 else 227 * 1024
         if smem > limit:
             raise ValueError(
@@ -82,15 +110,42 @@ SCHEDULES: dict[str, PrefillSchedule] = {
     "m64_w4_s2_allmask": PrefillSchedule(stages=2, mask_split=False),
     # SM90 experiment: phase 1 streams exact 16-bit dq(K)/dq(V) instead of decoding FP4 tiles (see kv_dq16)
     "m64_w4_s2_dq16": PrefillSchedule(stages=2, mask_split=True, kv_dq16=True),
+    # sm_90a default: warpgroup MMAs (see `mma`), phase 2 single-buffered (66 KB of smem at D=128) and registers
+    # capped at 168: 3 CTAs (12 warps) per SM.  (mma="wgmma" with 2 CTAs/SM, fp16_stages=2, measured 7% slower.)
+    "m64_wg_s2_f1_c3": PrefillSchedule(stages=2, mask_split=True, mma="wgmma", fp16_stages=1, min_ctas=3),
+    # wgmma + the dq16 experiment: what the tiling costs without the per-tile FP4 decode
+    "m64_wg_s2_dq16": PrefillSchedule(stages=2, mask_split=True, kv_dq16=True, mma="wgmma"),
 }
 
-DEFAULT_SCHEDULE = "m64_w4_s2"
+DEFAULT_SCHEDULE = "m64_w4_s2"  # every arch without an entry in ARCH_DEFAULT_SCHEDULES (sm_120a: FP4 MMA + mma.sync)
+# sm_90a (H100/H200): wgmma and 3 CTAs per SM, 20% faster than m64_w4_s2 at 32k (profiling/RESULTS.md)
+ARCH_DEFAULT_SCHEDULES = {90: "m64_wg_s2_f1_c3"}
 
 
-def get_schedule(schedule) -> PrefillSchedule:
-    """Resolve None / a name / a PrefillSchedule to a PrefillSchedule (ValueError/TypeError otherwise)."""
+def _current_arch():
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return 10 * major + minor
+    except Exception:  # no torch / no driver: the arch-independent default
+        pass
+    return None
+
+
+def default_schedule_name(arch=None) -> str:
+    """The default schedule for sm_<arch> (None: the current CUDA device's arch, if any)."""
+    if arch is None:
+        arch = _current_arch()
+    return ARCH_DEFAULT_SCHEDULES.get(arch, DEFAULT_SCHEDULE)
+
+
+def get_schedule(schedule, arch=None) -> PrefillSchedule:
+    """Resolve None (the default for sm_<arch>; arch None = the current CUDA device) / a name / a PrefillSchedule
+    to a PrefillSchedule (ValueError/TypeError otherwise)."""
     if schedule is None:
-        return SCHEDULES[DEFAULT_SCHEDULE]
+        return SCHEDULES[default_schedule_name(arch)]
     if isinstance(schedule, PrefillSchedule):
         return schedule
     if isinstance(schedule, str):

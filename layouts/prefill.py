@@ -159,3 +159,17 @@ def smem_rowmajor_bytes(rows: int, cols_bytes: int):
     import cutlass.cute as cute
 
     return cute.make_layout((rows, cols_bytes), stride=(cols_bytes, 1))
+
+
+def wgmma_tile_layout_16b(dtype, rows: int, cols: int):
+    """K-major 16-bit tile (rows x cols, cols contiguous) in the canonical wgmma shared-memory layout
+    (the 128 B swizzle atom the warpgroup MMA descriptors describe; 64 or 32 contiguous columns).  The same
+    tile can be read by wgmma as a K-major operand, or (transposed view) as an MN-major one.  Must be called
+    inside a CuTe JIT context."""
+    import cutlass.cute as cute
+    import cutlass.utils.hopper_helpers as sm90
+    from cutlass.cute.nvgpu import warpgroup
+    from cutlass.utils import LayoutEnum
+
+    atom = warpgroup.make_smem_layout_atom(sm90.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, cols), dtype)
+    return cute.tile_to_shape(atom, (rows, cols), (0, 1))

@@ -1,6 +1,7 @@
 """CPU compile tests of the fused prefill (no GPU): every shipped schedule compiles for sm_90a and sm_120a
 with fake tensors, ptxas reports 0 spill bytes, and the sm_120a PTX carries the block-scaled FP4 MMA
-(kind::mxf4nvf4.block_scale) next to the 16-bit m16n8k16 MMA of the FP16 phase.
+(kind::mxf4nvf4.block_scale) next to the 16-bit m16n8k16 MMA of the FP16 phase; the sm_90a wgmma schedules carry
+the warpgroup MMAs (QK^T from shared memory, P.V with P in registers) and the async-proxy fence, and no mma.sync.
 
 Each arch compiles in a subprocess (the DSL reads CUTE_DSL_ARCH at import).  Budget: 3 prefill kernels + the
 quantizer (with and without the Hadamard rotation; scale_rule "mse" -- the default -- and "amax") per arch.
@@ -104,6 +105,15 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
             # IEEE fp32 butterflies (no flush to zero), as torch computes them
             assert not re.search(r"(add|sub|mul)(\.rn)?\.ftz\.f32", text), name
             continue
+        if arch == "sm_90a" and SCHEDULES[name].uses_wgmma(90):
+            # one warpgroup: S = QK^T as m64n64k16 (both operands from smem), O += PV as m64n{D}k16; no mma.sync
+            assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.(f16|bf16)\.(f16|bf16)", text), name
+            # P.V: A = P from registers (a 4-register list after the accumulators), B = a V descriptor
+            assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n(64|128)k16\.f32\.(f16|bf16)\.(f16|bf16) "
+                             r"\{[^}]*\}, \{%r\d+, %r\d+, %r\d+, %r\d+\}, %rd\d+", text), name
+            assert "fence.proxy.async.shared::cta" in text, f"{name}: no async-proxy fence before the wgmma reads"
+            assert "mma.sync" not in text, name
+            continue
         assert re.search(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(f16|bf16)\.(f16|bf16)\.f32", text), name
         if arch == "sm_120a":
             assert "kind::mxf4nvf4.block_scale" in text, f"{name}: no block-scaled FP4 MMA in the sm_120a PTX"
@@ -162,3 +172,22 @@ def test_import_without_cuda():
     import kernels
 
     assert "thrift_attention" in kernels.__all__
+
+
+def test_schedule_string_round_trip():
+    # the torch.library op carries the schedule as a string: every field must survive (a lost field silently ran
+    # another schedule end to end)
+    from kernels.interface import _sched_parse, _sched_str
+    from kernels.schedules import SCHEDULES, PrefillSchedule
+
+    cases = list(SCHEDULES.values()) + [PrefillSchedule(mma="wgmma", fp16_stages=1, min_ctas=2, mask_split=False)]
+    for s in cases:
+        assert _sched_parse(_sched_str(s)) == s, s
+
+
+def test_default_schedule_per_arch():
+    from kernels.schedules import SCHEDULES, default_schedule_name, get_schedule
+
+    assert default_schedule_name(90) == "m64_wg_s2_f1_c3" and SCHEDULES["m64_wg_s2_f1_c3"].uses_wgmma(90)
+    assert default_schedule_name(120) == "m64_w4_s2" and not get_schedule(None, arch=120).uses_wgmma(120)
+    assert not SCHEDULES["m64_wg_s2_f1_c3"].uses_wgmma(120)  # sm_120a ignores mma="wgmma"

@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from kernels.schedules import PrefillSchedule
+
 pytestmark = pytest.mark.gpu
 
 TOL = 2e-3
@@ -66,7 +68,20 @@ def test_prefill_long_32k(budget, rng_seed):
     _run(1, 32768 + 17, 32768 + 17, 4, 1, 128, torch.bfloat16, True, budget, rng_seed)
 
 
-@pytest.mark.parametrize("schedule", ["m64_w4_s2_dq16", "m64_w4_s3", "m64_w4_s2_allmask"])
+@pytest.mark.parametrize("budget", [0.0, 0.05, 0.25, 1.0])
+@pytest.mark.parametrize("cfg", _CFGS, ids=_IDS)
+def test_prefill_sync_mma_matches_reference(cfg, budget, rng_seed):
+    # the mma.sync schedule (the sm_120a default's 16-bit path; on H100 the default is the wgmma schedule)
+    dtype, D, causal = cfg
+    _run(2, 333, 517, 8, 2, D, dtype, causal, budget, rng_seed, schedule="m64_w4_s2")
+
+
+def test_prefill_sync_mma_long_32k(rng_seed):
+    _run(1, 32768 + 17, 32768 + 17, 4, 1, 128, torch.bfloat16, True, 0.05, rng_seed, schedule="m64_w4_s2")
+
+
+@pytest.mark.parametrize("schedule", ["m64_w4_s2_dq16", "m64_w4_s3", "m64_w4_s2_allmask", "m64_wg_s2_dq16",
+                                      PrefillSchedule(mma="wgmma")])
 def test_prefill_schedules(schedule, rng_seed):
     _run(1, 200, 300, 4, 4, 128, torch.float16, True, 0.25, rng_seed, schedule=schedule)
 

@@ -10,7 +10,7 @@ i=0
 for sel in fp16_d64_causal fp16_d64_full fp16_d128_causal fp16_d128_full bf16_d64_causal bf16_d64_full bf16_d128_causal bf16_d128_full; do
   timeout 330 python -m pytest -q -s -x tests/test_prefill_gpu.py -k "$sel" > $OUT/t_$i.log 2>&1 & pids+=($!); i=$((i+1))
 done
-for sel in test_prefill_long_32k test_prefill_schedules test_prefill_mqa_fully_masked_rows test_public_entry_and_compile test_quant_kernel_bit_exact; do
+for sel in test_prefill_long_32k test_prefill_sync_mma_long_32k test_prefill_schedules test_prefill_mqa_fully_masked_rows test_public_entry_and_compile test_quant_kernel_bit_exact; do
   timeout 330 python -m pytest -q -s tests/test_prefill_gpu.py -k "$sel" > $OUT/t_$sel.log 2>&1 & pids+=($!)
 done
 (timeout 300 compute-sanitizer --tool memcheck --report-api-errors no python profiling/prefill/sanitize_case.py > $OUT/memcheck.log 2>&1) & pids+=($!)
