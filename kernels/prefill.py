@@ -38,6 +38,19 @@ those through the phase-2 16-bit stage ring (FP16 K/V stages t < 2 of the byte m
 ~530 decode instructions per warp and tile that the ncu profile showed, at the price of 16-bit K/V traffic and an
 extra 16-bit K/V copy (see profiling/RESULTS.md) -- it measures what the decode costs.
 The SM120 path ignores kv_dq16 (its MMA reads the packed FP4 stages).
+
+16-bit MMAs (schedule.mma).  "sync": mma.sync m16n8k16, each warp ldmatrix-loads its Q rows and the whole K / V^T
+tile (the sm_120a FP16 phase, and any arch without wgmma).  "wgmma" (sm_90a; the default there, m64_wg_s2_f1_c3):
+the 4 warps are one warpgroup and the 64-row block one m64 wgmma -- S = Q K^T is m64n64k16 with sQ and kdec / the
+FP16 K stage read as shared-memory descriptors, O += P V is m64nDk16 with P in registers (the accumulator re-viewed
+as A fragments) and B = vdec (K-major) or the FP16 V stage (MN-major view).  The 16-bit tiles then use the
+canonical wgmma 128 B-swizzle atom (swizzle on the pointer), every generic-proxy write that a wgmma reads (the
+decode's st.shared, completed cp.async) is followed by fence.proxy.async before the CTA barrier, and each wgmma
+group is waited for before its accumulator is read (overlapping them with the decode measured no gain: the kernel
+waits on ALU work, profiling/RESULTS.md "Session 5").  The C layout per warp equals mma.sync's (rows lane/4 and
+lane/4 + 8 of the warp's 16), so softmax, P quantization, masking and the epilogue are shared through mn_view.
+schedule.fp16_stages = 1 keeps a single FP16 K/V stage in phase 2 (no look-ahead; region = max(2*kv16 +
+S*fp4_stage, 2*kv16)), which with min_ctas = 3 lets 3 CTAs share an SM.
 """
 from __future__ import annotations
 

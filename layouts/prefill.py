@@ -21,7 +21,8 @@ aliased region on a 1024 B boundary):
                                         vp  D x Tn/2   packed E2M1 V^T rows (keys contiguous, = Vp)
                                         vs  D x Tn/16  E4M3 V scales (groups of 16 keys)
       phase 2 (FP16)  R + t*kv16, t < 2: FP16 K stage t (Tn x D);  R + 2*kv16 + t*kv16: FP16 V stage t
-    region = max(2*kv16 + S*fp4_stage, 2*2*kv16)
+    region = max(2*kv16 + S*fp4_stage, fp16_stages*2*kv16)   (fp16_stages = schedule.fp16_stages, 2 or 1; with 1
+    the single FP16 K/V stage sits at R + 0 / R + kv16, where kdec / vdec lived)
 
 SM90 dq16 schedules (kv_dq16, an opt-in experiment; default is the FP4 path above): phase 1 streams the 16-bit dq(K)/dq(V) tiles through the
 phase-2 stage buffers (FP16 K/V stages t < 2) and leaves kdec/vdec and the FP4 stages unused; same total.
