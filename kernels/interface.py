@@ -182,7 +182,7 @@ def _prefill_fake(q, k, v, budget, causal, selection, fmt, softmax_scale, schedu
 
 def _sched_str(s: PrefillSchedule) -> str:
     """A schedule as a plain string (custom-op argument; json is not traceable by dynamo): every field, so that
-    _sched_parse gives back an equal schedule (tests/test_harness.py checks the round trip)."""
+    _sched_parse gives back an equal schedule (tests/test_prefill_compile.py checks the round trip)."""
     return ";".join(f"{f.name}={getattr(s, f.name)}" for f in dataclasses.fields(s))
 
 

@@ -746,31 +746,20 @@ class ThriftPrefillKernel:
         if const_expr(phase == 1 and self.path.block_scaled):
             pf = self.path.tile.quantize_p_natural(acc_S, ctx.tidx)
             self.path.tile.pv(ctx.acc_O, pf, ctx.sVf[None, None, stage], ctx.sVs[None, None, stage], ctx.tidx)
-        elif const_expr(phase != 0 and self.wg):
-            # P (16-bit) as the register A operand of the wgmma: ((2,2,N/8),1,1) -> ((2,2,2),1,N/16)
-            rP = cute.make_fragment_like(acc_S, self.dtype)
-            rP.store(acc_S.load().to(self.dtype))
-            lay = cute.logical_divide(rP.layout, ((None, None, 2), None, None))
-            tOrP = cute.make_tensor(rP.iterator, cute.make_layout(
-                ((lay.shape[0][0], lay.shape[0][1], lay.shape[0][2][0]), lay.shape[1], (lay.shape[0][2][1], lay.shape[2])),
-                stride=((lay.stride[0][0], lay.stride[0][1], lay.stride[0][2][0]), lay.stride[1],
-                        (lay.stride[0][2][1], lay.stride[2]))))
-            if const_expr(phase == 1 and not self.dq16):
-                self.wg_gemm(ctx.mma_pvk, ctx.acc_O, tOrP, ctx.wg_vdec, False)
-            else:
-                if stage == 0:
-                    self.wg_gemm(ctx.mma_pvmn, ctx.acc_O, tOrP, ctx.wg_v16[0], False)
-                if stage != 0:
-                    self.wg_gemm(ctx.mma_pvmn, ctx.acc_O, tOrP, ctx.wg_v16[1], False)
         elif const_expr(phase != 0):
-            # P (16-bit) as the A operand: (4, MMA_M, MMA_N) -> ((4,2), MMA_M, MMA_N/2)
+            # P (16-bit) as the A operand of P.V: the same registers, re-viewed (a_view)
             rP = cute.make_fragment_like(acc_S, self.dtype)
             rP.store(acc_S.load().to(self.dtype))
-            lay = cute.logical_divide(rP.layout, (None, None, 2))
-            tOrP = cute.make_tensor(rP.iterator, cute.make_layout(
-                ((lay.shape[0], lay.shape[2][0]), lay.shape[1], lay.shape[2][1]),
-                stride=((lay.stride[0], lay.stride[2][0]), lay.stride[1], lay.stride[2][1])))
-            if const_expr(phase == 1 and not self.dq16):
+            tOrP = self.a_view(rP)
+            if const_expr(self.wg):
+                if const_expr(phase == 1 and not self.dq16):
+                    self.wg_gemm(ctx.mma_pvk, ctx.acc_O, tOrP, ctx.wg_vdec, False)
+                else:
+                    if stage == 0:
+                        self.wg_gemm(ctx.mma_pvmn, ctx.acc_O, tOrP, ctx.wg_v16[0], False)
+                    if stage != 0:
+                        self.wg_gemm(ctx.mma_pvmn, ctx.acc_O, tOrP, ctx.wg_v16[1], False)
+            elif const_expr(phase == 1 and not self.dq16):
                 self.gemm_rs(ctx, tOrP, ctx.ld_k, ctx.tOsVdec, ctx.tOrVt_kv)
             else:
                 if stage == 0:
@@ -874,6 +863,22 @@ class ThriftPrefillKernel:
             mn = cute.make_layout(((l.shape[0][1], l.shape[1]), (l.shape[0][0], l.shape[2])),
                                   stride=((l.stride[0][1], l.stride[1]), (l.stride[0][0], l.stride[2])))
         return cute.make_tensor(acc.iterator, cute.composition(acc.layout, mn))
+
+    @cute.jit
+    def a_view(self, acc: cute.Tensor) -> cute.Tensor:
+        """A C-layout tile (16-bit copy of S) viewed as the A fragments of the next MMA, k-blocks of 16 keys = two
+        n8 column atoms: m16n8 (4,M,N) -> ((4,2),M,N/2); wgmma ((2,2,N/8),M,N) -> ((2,2,2),M,N/16)."""
+        if const_expr(len(acc.layout.shape[0]) == 3):
+            l = cute.logical_divide(acc.layout, ((None, None, 2), None, None))
+            lay = cute.make_layout(
+                ((l.shape[0][0], l.shape[0][1], l.shape[0][2][0]), l.shape[1], (l.shape[0][2][1], l.shape[2])),
+                stride=((l.stride[0][0], l.stride[0][1], l.stride[0][2][0]), l.stride[1],
+                        (l.stride[0][2][1], l.stride[2])))
+        else:
+            l = cute.logical_divide(acc.layout, (None, None, 2))
+            lay = cute.make_layout(((l.shape[0], l.shape[2][0]), l.shape[1], l.shape[2][1]),
+                                   stride=((l.stride[0], l.stride[2][0]), l.stride[1], l.stride[2][1]))
+        return cute.make_tensor(acc.iterator, lay)
 
     @cute.jit
     def quad_max(self, v: Float32) -> Float32:
