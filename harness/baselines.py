@@ -326,7 +326,8 @@ def _accepts(fn, name: str) -> bool:
 def _thrift_variants(budgets: Sequence[float], schedules: Sequence[Optional[str]] = (None,)
                      ) -> Tuple[List[Variant], List[Skipped]]:
     """thrift prefill at each budget (budget 0 is the fp4-only mode, SageAttention3 numerics) and each tile
-    schedule (None = the kernel's default; names from kernels.schedules.SCHEDULES, appended as '@name')."""
+    schedule (None = the kernel's default; a name from kernels.schedules.SCHEDULES or an override string,
+    see kernels.schedules.get_schedule; appended as '@schedule')."""
     out: List[Variant] = []
     skipped: List[Skipped] = []
     why = _cuda_reason()

@@ -22,7 +22,8 @@ time Pareto across budgets) in ``results/<UTC timestamp>/`` (or --out).
 Shapes: ``--prefill B,Sq,Skv,Hq,Hkv,D`` / ``--decode B,Sq,Skv,Hq,Hkv,D`` (repeatable), or ``--seqlens`` with
 ``--batch/--heads/--kv-heads/--head-dim``, or ``--config file.json`` with keys prefill, decode (lists of
 [B, Sq, Skv, Hq, Hkv, D]), budgets, variants, schedules, dtype, causal. ``--schedules m64_w4_s2,m64_w4_s3`` runs
-the thrift prefill variants once per tile schedule. Without a GPU, ``--dry-run`` prints the plan and the
+the thrift prefill variants once per tile schedule (``--schedules "m64_wg_s2_f1:stages=3;min_ctas=2"`` sweeps
+fields of a named schedule). Without a GPU, ``--dry-run`` prints the plan and the
 discovery result (every skipped variant with its reason) and writes the report with 'skip' rows.
 """
 from __future__ import annotations
@@ -98,7 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variants", type=lambda s: [x for x in s.split(",") if x],
                    help="comma-separated name prefixes to keep, e.g. fa2,fa4,thrift-f0.05 (default: all)")
     g.add_argument("--schedules", type=lambda s: [x for x in s.split(",") if x],
-                   help="thrift prefill tile schedules (names in kernels.schedules.SCHEDULES), each a variant "
+                   help="thrift prefill tile schedules (names in kernels.schedules.SCHEDULES, or 'name:field=value;...' / "
+                        "'field=value;...' overrides, see kernels.schedules.get_schedule), each a variant "
                         "'<name>@<schedule>'; default: the kernel's default schedule")
     g.add_argument("--list", action="store_true", help="print discovered/skipped variants and exit")
     g = p.add_argument_group("measurement")

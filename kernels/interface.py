@@ -15,13 +15,11 @@ head counts and the GQA ratio are runtime values.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from kernels._validate import KERNEL_DTYPES, KERNEL_HEAD_DIMS, SELECTION_METHODS, check_bool, check_budget, \
     check_choice, check_qkv, check_scale_rule, softmax_scale_or_default
-from kernels.schedules import PrefillSchedule, get_schedule
+from kernels.schedules import PrefillSchedule, get_schedule, schedule_str
 from quant.rotation import check_qk_rotation
 from profiling.nvtx_ranges import phase  # NVTX "<variant>/<phase>/<shape>" ranges (no-op without a profiler)
 
@@ -166,7 +164,7 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float
                 qk_rotation: str = "hadamard", scale_rule: str = "mse") -> tuple[torch.Tensor, torch.Tensor]:
     from kernels.selection import select_blocks
 
-    sch = _sched_parse(schedule)
+    sch = get_schedule(schedule)  # schedule_str: every field
     with phase("select"):
         sel = select_blocks(q, k, budget=budget, causal=causal, method=selection)
     return _run_prefill(q.contiguous(), k.contiguous(), v.contiguous(), sel, causal, softmax_scale, sch, fmt,
@@ -178,23 +176,6 @@ def _prefill_fake(q, k, v, budget, causal, selection, fmt, softmax_scale, schedu
                   scale_rule="mse"):
     B, Sq, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, Sq), dtype=torch.float32)
-
-
-def _sched_str(s: PrefillSchedule) -> str:
-    """A schedule as a plain string (custom-op argument; json is not traceable by dynamo): every field, so that
-    _sched_parse gives back an equal schedule (tests/test_prefill_compile.py checks the round trip)."""
-    return ";".join(f"{f.name}={getattr(s, f.name)}" for f in dataclasses.fields(s))
-
-
-def _sched_parse(text: str) -> PrefillSchedule:
-    """Inverse of _sched_str."""
-    kinds = {f.name: type(f.default) for f in dataclasses.fields(PrefillSchedule)}
-    kw = {}
-    for item in text.split(";"):
-        name, val = item.split("=", 1)
-        kind = kinds[name]
-        kw[name] = (val == "True") if kind is bool else kind(val)
-    return PrefillSchedule(**kw)
 
 
 def check_device(q: torch.Tensor, where: str = "thrift_attention") -> None:
@@ -238,5 +219,5 @@ def thrift_attention(q, k, v, *, budget=0.05, causal=True, selection="block_mean
         out, lse = _run_prefill(q.contiguous(), k.contiguous(), v.contiguous(), selected.to(torch.int32).contiguous(),
                                 causal, scale, sch, fmt, qk_rotation=qk_rotation, scale_rule=scale_rule)
     else:
-        out, lse = _prefill_op(q, k, v, f, causal, selection, fmt, scale, _sched_str(sch), qk_rotation, scale_rule)
+        out, lse = _prefill_op(q, k, v, f, causal, selection, fmt, scale, schedule_str(sch), qk_rotation, scale_rule)
     return (out, lse) if return_lse else out

@@ -40,7 +40,7 @@ extra 16-bit K/V copy (see profiling/RESULTS.md) -- it measures what the decode 
 The SM120 path ignores kv_dq16 (its MMA reads the packed FP4 stages).
 
 16-bit MMAs (schedule.mma).  "sync": mma.sync m16n8k16, each warp ldmatrix-loads its Q rows and the whole K / V^T
-tile (the sm_120a FP16 phase, and any arch without wgmma).  "wgmma" (sm_90a; the default there, m64_wg_s2_f1_c3):
+tile (the sm_120a FP16 phase, and any arch without wgmma).  "wgmma" (sm_90a; the default there, m64_wg_s2_f1):
 the 4 warps are one warpgroup and the 64-row block one m64 wgmma -- S = Q K^T is m64n64k16 with sQ and kdec / the
 FP16 K stage read as shared-memory descriptors, O += P V is m64nDk16 with P in registers (the accumulator re-viewed
 as A fragments) and B = vdec (K-major) or the FP16 V stage (MN-major view).  The 16-bit tiles then use the
@@ -50,7 +50,7 @@ group is waited for before its accumulator is read (overlapping them with the de
 waits on ALU work, profiling/RESULTS.md "Session 5").  The C layout per warp equals mma.sync's (rows lane/4 and
 lane/4 + 8 of the warp's 16), so softmax, P quantization, masking and the epilogue are shared through mn_view.
 schedule.fp16_stages = 1 keeps a single FP16 K/V stage in phase 2 (no look-ahead; region = max(2*kv16 +
-S*fp4_stage, 2*kv16)), which with min_ctas = 3 lets 3 CTAs share an SM.
+S*fp4_stage, 2*kv16): 66 KB at D=128), so that 3 CTAs share an SM (at <= 168 registers).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ problem itself (dtype, head_dim, causal, format, arch).  It is part of the compi
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 SELECTION_BLOCK = 64  # the selection granularity (64x64 query/key block pairs) -- fixed by the contract
 
@@ -110,16 +110,18 @@ SCHEDULES: dict[str, PrefillSchedule] = {
     "m64_w4_s2_allmask": PrefillSchedule(stages=2, mask_split=False),
     # SM90 experiment: phase 1 streams exact 16-bit dq(K)/dq(V) instead of decoding FP4 tiles (see kv_dq16)
     "m64_w4_s2_dq16": PrefillSchedule(stages=2, mask_split=True, kv_dq16=True),
-    # sm_90a default: warpgroup MMAs (see `mma`), phase 2 single-buffered (66 KB of smem at D=128) and registers
-    # capped at 168: 3 CTAs (12 warps) per SM.  (mma="wgmma" with 2 CTAs/SM, fp16_stages=2, measured 7% slower.)
-    "m64_wg_s2_f1_c3": PrefillSchedule(stages=2, mask_split=True, mma="wgmma", fp16_stages=1, min_ctas=3),
+    # sm_90a default: warpgroup MMAs (see `mma`), phase 2 single-buffered (66 KB of smem at D=128): 3 CTAs (12 warps)
+    # per SM, as ptxas needs <= 168 registers here (the sm_90a compile test asserts it).  Measured on an H100
+    # (profiling/RESULTS.md, session 5): fp16_stages=2 (80 KB, 2 CTAs/SM) 7% slower; a .minnctapersm 3 hint
+    # (min_ctas=3) makes ptxas pick 156 registers and 4% slower code; min_ctas=2 (190 registers) 13% slower.
+    "m64_wg_s2_f1": PrefillSchedule(stages=2, mask_split=True, mma="wgmma", fp16_stages=1),
     # wgmma + the dq16 experiment: what the tiling costs without the per-tile FP4 decode
     "m64_wg_s2_dq16": PrefillSchedule(stages=2, mask_split=True, kv_dq16=True, mma="wgmma"),
 }
 
 DEFAULT_SCHEDULE = "m64_w4_s2"  # every arch without an entry in ARCH_DEFAULT_SCHEDULES (sm_120a: FP4 MMA + mma.sync)
-# sm_90a (H100/H200): wgmma and 3 CTAs per SM, 20% faster than m64_w4_s2 at 32k (profiling/RESULTS.md)
-ARCH_DEFAULT_SCHEDULES = {90: "m64_wg_s2_f1_c3"}
+# sm_90a (H100/H200): wgmma and 3 CTAs per SM, 24% faster than m64_w4_s2 at 32k (profiling/RESULTS.md)
+ARCH_DEFAULT_SCHEDULES = {90: "m64_wg_s2_f1"}
 
 
 def _current_arch():
@@ -141,15 +143,49 @@ def default_schedule_name(arch=None) -> str:
     return ARCH_DEFAULT_SCHEDULES.get(arch, DEFAULT_SCHEDULE)
 
 
+def schedule_str(s: PrefillSchedule) -> str:
+    """Every field as "name=value;..." -- get_schedule(schedule_str(s)) == s (the torch.library op carries the
+    schedule this way; json is not traceable by dynamo)."""
+    return ";".join(f"{f.name}={getattr(s, f.name)}" for f in fields(s))  # fields of the instance: dynamo traces it
+
+
+def _with_overrides(base: PrefillSchedule, text: str) -> PrefillSchedule:
+    kinds = {f.name: type(f.default) for f in fields(base)}
+    kw = {}
+    for item in (x for x in text.split(";") if x):
+        name, eq, val = item.partition("=")
+        if not eq or name not in kinds:
+            raise ValueError(f"schedule: expected 'field=value' items separated by ';' with fields in "
+                             f"{sorted(kinds)}, got {item!r}")
+        kind = kinds[name]
+        try:
+            if kind is bool:
+                if val not in ("True", "False", "1", "0"):
+                    raise ValueError(val)
+                kw[name] = val in ("True", "1")
+            else:
+                kw[name] = kind(val)
+        except ValueError:
+            raise ValueError(f"schedule: {name} must be a {kind.__name__}, got {val!r}") from None
+    return replace(base, **kw)
+
+
 def get_schedule(schedule, arch=None) -> PrefillSchedule:
-    """Resolve None (the default for sm_<arch>; arch None = the current CUDA device) / a name / a PrefillSchedule
-    to a PrefillSchedule (ValueError/TypeError otherwise)."""
+    """Resolve a schedule (ValueError/TypeError otherwise):
+      None                      the default for sm_<arch> (arch None = the current CUDA device)
+      "m64_w4_s2"               a name in SCHEDULES
+      "m64_w4_s2:stages=3;..."  a named schedule with fields changed (sweeps from the harness)
+      "stages=3;min_ctas=2"     the default for sm_<arch> with fields changed (schedule_str writes every field)
+      a PrefillSchedule         itself"""
     if schedule is None:
         return SCHEDULES[default_schedule_name(arch)]
     if isinstance(schedule, PrefillSchedule):
         return schedule
     if isinstance(schedule, str):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule: unknown name {schedule!r}; expected one of {sorted(SCHEDULES)}")
-        return SCHEDULES[schedule]
+        name, _, overrides = schedule.partition(":") if ":" in schedule else \
+            (("", "", schedule) if "=" in schedule else (schedule, "", ""))
+        if name and name not in SCHEDULES:
+            raise ValueError(f"schedule: unknown name {name!r}; expected one of {sorted(SCHEDULES)}")
+        base = SCHEDULES[name or default_schedule_name(arch)]
+        return _with_overrides(base, overrides) if overrides else base
     raise TypeError(f"schedule: expected None, a name or a PrefillSchedule, got {type(schedule).__name__}")
