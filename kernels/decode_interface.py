@@ -25,12 +25,13 @@ from profiling.nvtx_ranges import phase  # NVTX "<variant>/<phase>/<shape>" rang
 _COMPILED: dict = {}
 # One-warp CTAs per SM the split plan aims at (12 fit an H100 SM: ~157-168 registers, 13.9 KB smem with the default
 # K/V-half ring). 8 when the splits are short: at B=1, 128k, budget 0.05 10/SM (158 splits of 13 tiles) took 101.1 us
-# vs 98.0 at 8/SM with the static splits, and 83.5 vs 79.1 with the dynamic items (session 4). 10 once a split keeps
-# >= LONG_SPLIT_TILES tiles: B=8, 128k, budget 0.05 (21 splits of 98 tiles) 522.0 vs 552.3 us (static), 487 vs 532
-# (dynamic); B=8, 32k 159.9 vs 161.8 (profiling/RESULTS.md, decode section, H100, 2026-11-22).
+# vs 98.0 at 8/SM with the static splits, and 83.5 vs 79.1 with the dynamic items (session 4); 11 / 12 per SM 81.6 /
+# 81.3 vs 78.9 (session 6). 11 once a split keeps >= LONG_SPLIT_TILES tiles: B=8, 128k, budget 0.05 (23 splits of 90
+# tiles) 474.6 vs 487.7 us at 10/SM, 533.8 at 8/SM; B=8, 32k 138.4 vs 141.3 (session 6, two runs each; 12/SM: 25
+# splits, more CTAs than fit at once, 580.7 us) (profiling/RESULTS.md, decode sections, H100, 2026-11-22).
 DEFAULT_CTAS_PER_SM = 8
-LONG_CTAS_PER_SM = 10
-LONG_SPLIT_TILES = 24
+LONG_CTAS_PER_SM = 11
+LONG_SPLIT_TILES = 20
 
 
 def _arch(device) -> int:

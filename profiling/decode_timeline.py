@@ -10,6 +10,10 @@ Prints, in microseconds from the first CTA's entry: the spread of CTA starts, ea
 spread of CTA ends, the whole span; a least-squares fit of the loop time on the split's FP4 / FP16 tile counts;
 and, for the untraced default kernel on the same inputs, do_bench medians (L2 flushed) of the split kernel alone,
 the combine alone and the pair. The traced launch's outputs are not attention (the trace overwrites them).
+Occupancy caveat: the trace build takes more registers than the kernel it traces (sm_90a, D=128, G=4: 203 vs 168),
+so at most 8 one-warp CTAs fit an SM (the untraced kernel: 12). A schedule of more than 8 CTAs per SM runs in two
+waves here only (late CTA starts, a long tail), so its timeline is not the untraced kernel's; trust the do_bench
+figures for those, and read timelines of <= 8 CTAs per SM.
 """
 from __future__ import annotations
 

@@ -82,9 +82,11 @@ def test_plan_splits():
     ns, tps = plan_splits(3, 8, 8, 132)
     assert ns * tps >= 3 and ns <= 3
     assert plan_splits(100, 1, 1, 10, {"num_splits": 7}) == (7, 15)
-    # default CTAs per SM: 8 while splits are short (B=1, 128k: 128 splits), 10 once each keeps >= 24 tiles
+    # default CTAs per SM: 8 while splits are short (B=1, 128k: 128 splits; B=8, 8k), 11 once each keeps >= 20 tiles
     assert plan_splits(2048, 1, 8, 132) == (128, 16)
-    assert plan_splits(2048, 8, 8, 132) == (21, 98)
+    assert plan_splits(2048, 8, 8, 132) == (23, 90)
+    assert plan_splits(512, 8, 8, 132) == (23, 23)  # B=8, 32k
+    assert plan_splits(128, 8, 8, 132) == (16, 8)  # B=8, 8k: short splits, 8 per SM (17 planned, 8 tiles each)
     assert plan_splits(2048, 8, 8, 132, {"ctas_per_sm": 8}) == (17, 121)
     with pytest.raises(ValueError, match="schedule"):
         plan_splits(10, 1, 1, 10, {"bogus": 1})
