@@ -205,22 +205,26 @@ _LUT = {
 
 
 @dsl_user_op
-def fp4x8_decode(w, sc_byte, is_bf16: bool, *, loc=None, ip=None):
-    """Decode 8 packed E2M1 codes (element i in nibble i of w) times one E4M3 scale (low byte of
-    sc_byte) into 4 half2 words (element 2k in the low half of word k).  Exact in fp16 and bf16."""
+def e4m3_half2(sc_byte, is_bf16: bool, *, loc=None, ip=None) -> Uint32:
+    """The E4M3 scale in the low byte of sc_byte as a half2 (s, s) in fp16 or bf16 (exact)."""
+    to_bf16 = ("mov.b32 {sh, _}, s2;\n\tcvt.f32.f16 sf, sh;\n\tcvt.rn.bf16x2.f32 s2, sf, sf;\n\t"
+               if is_bf16 else "")  # e4m3 -> f16x2 -> f32 -> bf16x2 (all exact)
+    return Uint32(_asm(T.i32(), [Uint32(sc_byte).ir_value(loc=loc, ip=ip)],
+                       "{\n\t.reg .b32 s2, sbw;\n\t.reg .b16 sb, sh;\n\t.reg .f32 sf;\n\t"
+                       # replicate the scale byte into both bytes of a b16, convert
+                       "and.b32 sbw, $1, 255;\n\tprmt.b32 sbw, sbw, 0, 0x0000;\n\tcvt.u16.u32 sb, sbw;\n\t"
+                       "cvt.rn.f16x2.e4m3x2 s2, sb;\n\t" + to_bf16 + "mov.b32 $0, s2;\n\t}",
+                       "=r,r"))
+
+
+@dsl_user_op
+def fp4x8_decode_s2(w, s2, is_bf16: bool, *, loc=None, ip=None):
+    """Decode 8 packed E2M1 codes (element i in nibble i of w) times the half2 scale s2 (e4m3_half2) into 4 half2
+    words (element 2k in the low half of word k).  Exact in fp16 and bf16."""
     t = _LUT["bf16" if is_bf16 else "f16"]
     ty = "bf16x2" if is_bf16 else "f16x2"
-    scale_cvt = (
-        # e4m3 -> f16x2 -> f32 -> bf16x2 (all exact)
-        "cvt.rn.f16x2.e4m3x2 s2, sb;\n\tmov.b32 {sh, _}, s2;\n\tcvt.f32.f16 sf, sh;\n\t"
-        "cvt.rn.bf16x2.f32 s2, sf, sf;\n\t"
-        if is_bf16 else "cvt.rn.f16x2.e4m3x2 s2, sb;\n\t"
-    )
     text = (
-        "{\n\t.reg .b32 m, sg, se, so, h0, h1, l0, l1, g0, g1, s2, x, sbw;\n\t.reg .b16 sb, sh;\n\t.reg .f32 sf;\n\t"
-        # replicate the scale byte into both bytes of a b16, convert
-        "and.b32 sbw, $5, 255;\n\tprmt.b32 sbw, sbw, 0, 0x0000;\n\tcvt.u16.u32 sb, sbw;\n\t"
-        + scale_cvt +
+        "{\n\t.reg .b32 m, se, so, h0, h1, l0, l1, g0, g1, x;\n\t"
         "and.b32 m, $4, 0x77777777;\n\t"
         # high / low bytes of the 16-bit values of codes 0..3 (h0,l0) and 4..7 (h1,l1)
         f"prmt.b32 h0, {t['hi_lo']}, {t['hi_hi']}, m;\n\t"
@@ -235,13 +239,19 @@ def fp4x8_decode(w, sc_byte, is_bf16: bool, *, loc=None, ip=None):
         # interleave low/high bytes: word k = (elem 2k, elem 2k+1)
         "prmt.b32 $0, l0, h0, 0x5140;\n\tprmt.b32 $1, l0, h0, 0x7362;\n\t"
         "prmt.b32 $2, l1, h1, 0x5140;\n\tprmt.b32 $3, l1, h1, 0x7362;\n\t"
-        f"mul.rn.{ty} $0, $0, s2;\n\tmul.rn.{ty} $1, $1, s2;\n\tmul.rn.{ty} $2, $2, s2;\n\tmul.rn.{ty} $3, $3, s2;\n\t"
+        f"mul.rn.{ty} $0, $0, $5;\n\tmul.rn.{ty} $1, $1, $5;\n\tmul.rn.{ty} $2, $2, $5;\n\tmul.rn.{ty} $3, $3, $5;\n\t"
         "}"
     )
     res = _asm(llvm.StructType.get_literal([T.i32()] * 4),
-               [Uint32(w).ir_value(loc=loc, ip=ip), Uint32(sc_byte).ir_value(loc=loc, ip=ip)],
+               [Uint32(w).ir_value(loc=loc, ip=ip), Uint32(s2).ir_value(loc=loc, ip=ip)],
                text, "=r,=r,=r,=r,r,r")
     return tuple(Uint32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
+
+def fp4x8_decode(w, sc_byte, is_bf16: bool):
+    """Decode 8 packed E2M1 codes (element i in nibble i of w) times one E4M3 scale (low byte of
+    sc_byte) into 4 half2 words (element 2k in the low half of word k).  Exact in fp16 and bf16."""
+    return fp4x8_decode_s2(w, e4m3_half2(sc_byte, is_bf16), is_bf16)
 
 
 class Sm90DecodePath:
@@ -260,29 +270,28 @@ class Sm90DecodePath:
                     scales: cute.Tensor, row_limit: Int32, is_bf16: cutlass.Constexpr):
         """dst (rows x cols, 16-bit, swizzled) <- decode(src32 (rows x cols/8 u32), scales (rows x cols/16 u8)).
 
+        The tiled copy gives each thread 8 or 16 consecutive columns per step; with 16 (the prefill kernel's decode
+        copies) they are exactly one scale group, so its scale is loaded and converted once for the two code words.
         Rows >= row_limit are written as zeros (sequence tail / padding)."""
         thr = tiled_copy.get_slice(tidx)
         tD = thr.partition_D(dst)
         cD = thr.partition_D(cute.make_identity_tensor((cute.size(dst, mode=[0]), cute.size(dst, mode=[1]))))
-        frag = cute.make_rmem_tensor((8,), dst.element_type)
+        nv = cute.size(tD, mode=[0])  # values per thread and step: 8 (one code word) or 16 (one scale group)
+        frag = cute.make_rmem_tensor((nv,), dst.element_type)
         frag32 = cute.recast_tensor(frag, Uint32)
         for m in cutlass.range_constexpr(cute.size(tD, mode=[1])):
             for k in cutlass.range_constexpr(cute.size(tD, mode=[2])):
                 row = cD[0, m, k][0]
                 col = cD[0, m, k][1]
                 if row < row_limit:
-                    w = src32[row, col // 8]
-                    sb = Uint32(scales[row, col // 16])
-                    d0, d1, d2, d3 = fp4x8_decode(w, sb, is_bf16)
-                    frag32[0] = d0
-                    frag32[1] = d1
-                    frag32[2] = d2
-                    frag32[3] = d3
+                    s2 = e4m3_half2(Uint32(scales[row, col // 16]), is_bf16)
+                    for h in cutlass.range_constexpr(nv // 8):
+                        d = fp4x8_decode_s2(src32[row, col // 8 + h], s2, is_bf16)
+                        for i in cutlass.range_constexpr(4):
+                            frag32[4 * h + i] = d[i]
                 else:
-                    frag32[0] = Uint32(0)
-                    frag32[1] = Uint32(0)
-                    frag32[2] = Uint32(0)
-                    frag32[3] = Uint32(0)
+                    for i in cutlass.range_constexpr(nv // 2):
+                        frag32[i] = Uint32(0)
                 cute.autovec_copy(frag, tD[None, m, k])
 
 

@@ -155,8 +155,10 @@ class ThriftPrefillKernel:
         copy_vs = tv(atom_vs, D, 1, Tn // 16)  # D threads (guarded)
         # 16-bit register -> smem (decode output) and smem -> gmem (O) 16-byte copies
         atom_st = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dt, num_bits_per_copy=128)
-        copy_rows16 = tv(atom_st, T // ct, ct, 8)  # (.., D) tiles
-        copy_vt16 = tv(atom_st, T // (Tn // 8), Tn // 8, 8)  # (D, Tn) tiles
+        copy_rows16 = tv(atom_st, T // ct, ct, 8)  # (.., D) tiles: the epilogue's O
+        # FP4 decode outputs: 16 consecutive values (one E4M3 scale group) per thread, two 16-byte stores
+        copy_dec16 = tv(atom_st, T // (ct // 2), ct // 2, 16)  # decoded Q / K: (rows, D) tiles
+        copy_vt16 = tv(atom_st, T // (Tn // 16), Tn // 16, 16)  # decoded V^T: (D, Tn) tiles
 
         tiled_mma = cute.make_tiled_mma(
             warp.MmaF16BF16Op(dt, Float32, (16, 8, 16)),
@@ -179,7 +181,7 @@ class ThriftPrefillKernel:
         self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mMask, mSel, mO, mLSE, mKd, mVd,
                     softmax_scale_log2, qhead_per_kv,
                     sQ_layout, sKV_layout, sVt_layout,
-                    copy_kv16, copy_kp, copy_ks, copy_vp, copy_vs, copy_rows16, copy_vt16,
+                    copy_kv16, copy_kp, copy_ks, copy_vp, copy_vs, copy_rows16, copy_dec16, copy_vt16,
                     tiled_mma, mma_qk, mma_pvk, mma_pvmn).launch(
                         grid=grid, block=[T, 1, 1], smem=self.smap.total_bytes, stream=stream,
                         min_blocks_per_mp=self.sch.min_ctas,
@@ -197,7 +199,7 @@ class ThriftPrefillKernel:
                sQ_layout: cute.ComposedLayout, sKV_layout: cute.ComposedLayout, sVt_layout: cute.ComposedLayout,
                copy_kv16: cute.TiledCopy, copy_kp: cute.TiledCopy, copy_ks: cute.TiledCopy,
                copy_vp: cute.TiledCopy, copy_vs: cute.TiledCopy, copy_rows16: cute.TiledCopy,
-               copy_vt16: cute.TiledCopy, tiled_mma: cute.TiledMma, mma_qk: cute.TiledMma,
+               copy_dec16: cute.TiledCopy, copy_vt16: cute.TiledCopy, tiled_mma: cute.TiledMma, mma_qk: cute.TiledMma,
                mma_pvk: cute.TiledMma, mma_pvmn: cute.TiledMma):
         D, Tm, Tn, S = self.D, self.Tm, self.Tn, self.S
         dt = self.dtype
@@ -409,7 +411,7 @@ class ThriftPrefillKernel:
                 sKf=sKf, sVf=sVf, qf_frag=qf_frag, qf_sf=qf_sf,
                 sKp=sKp, sKs=sKs, sVp=sVp, sVs=sVs, sKp32=sKp32, sVp32=sVp32, sKdec=sKdec, sVdec=sVdec,
                 sK16=sK16, sV16=sV16, copy_kv16=copy_kv16, copy_kp=copy_kp, copy_ks=copy_ks,
-                copy_vp=copy_vp, copy_vs=copy_vs, copy_rows16=copy_rows16, copy_vt16=copy_vt16,
+                copy_vp=copy_vp, copy_vs=copy_vs, copy_rows16=copy_rows16, copy_dec16=copy_dec16, copy_vt16=copy_vt16,
                 tiled_mma=tiled_mma, thr_mma=thr_mma, thr_mma_s=thr_mma_s, tiled_mma_o=tiled_mma_o,
                 mma_qk=mma_qk, mma_pvk=mma_pvk, mma_pvmn=mma_pvmn, wg_q=wg_q, wg_kdec=wg_kdec, wg_vdec=wg_vdec,
                 wg_k16=wg_k16, wg_v16=wg_v16, tSrQ=tSrQ, tSrK=tSrK, tOrVt=tOrVt, acc_O=acc_O,
@@ -426,7 +428,7 @@ class ThriftPrefillKernel:
             # decoded FP4 Q -> sQ (exact 16-bit values of dq(Q))
             gQp32 = cute.local_tile(cute.recast_tensor(mQp[b, None, hq, None], Uint32), (Tm, D // 8), (m_block, 0))
             gQs = cute.local_tile(mQs[b, None, hq, None], (Tm, D // 16), (m_block, 0))
-            self.path.decode_rows(sQ, copy_rows16, tidx, gQp32, gQs, Sq - m_block * Tm, self.is_bf16)
+            self.path.decode_rows(sQ, copy_dec16, tidx, gQp32, gQs, Sq - m_block * Tm, self.is_bf16)
             self.to_async_proxy()
         if const_expr(self.dq16):
             # dq16: dq(K)/dq(V) tiles through the 2-stage 16-bit ring of phase 2 (load j+1 while j computes)
@@ -644,7 +646,7 @@ class ThriftPrefillKernel:
         Tm, Tn = self.Tm, self.Tn
         if const_expr(phase == 1 and self.path.needs_decode and not self.dq16):
             # SM90 path: decode this FP4 stage into the 16-bit kdec / vdec tiles
-            self.path.decode_rows(ctx.sKdec, ctx.copy_rows16, ctx.tidx, ctx.sKp32[None, None, stage],
+            self.path.decode_rows(ctx.sKdec, ctx.copy_dec16, ctx.tidx, ctx.sKp32[None, None, stage],
                                   ctx.sKs[None, None, stage], ctx.Skv - n * Tn, self.is_bf16)
             self.path.decode_rows(ctx.sVdec, ctx.copy_vt16, ctx.tidx, ctx.sVp32[None, None, stage],
                                   ctx.sVs[None, None, stage], self.D, self.is_bf16)
