@@ -32,7 +32,10 @@ Shared memory byte map (D = head_dim, kv16 = 64*D*2 bytes; see layouts.prefill.P
     i.e. the phase-2 K stages overwrite kdec/vdec, the V stages overwrite the FP4 stages.
 
 SM90 K/V source (default, FP4 memory traffic): packed FP4 stages decoded into the 16-bit kdec / vdec smem
-tiles each tile (dq(Q) is decoded into sQ).  Opt-in experiment (schedule.kv_dq16, schedule m64_w4_s2_dq16): the
+tiles each tile (dq(Q) is decoded into sQ); each thread decodes 16 consecutive values, one E4M3 group, so a scale
+is read and converted once per two code words. On the wgmma path phase 1 runs in fp16 whatever the input dtype
+(p1_dtype: the decoded tiles, P' and the phase-1 wgmmas): dq(Q), dq(K), dq(V) and P' = E2M1 * E4M3 are exact in
+fp16, and the fp16 decode is shorter than the bf16 one (no low-byte table, a 4-instruction scale conversion).  Opt-in experiment (schedule.kv_dq16, schedule m64_w4_s2_dq16): the
 quantizer also writes dq(K), dq(V) [B,Skv,Hkv,D] in the input dtype (exact E2M1*E4M3 values), and phase 1 streams
 those through the phase-2 16-bit stage ring (FP16 K/V stages t < 2 of the byte map): the same numbers without the
 ~530 decode instructions per warp and tile that the ncu profile showed, at the price of 16-bit K/V traffic and an
@@ -106,6 +109,11 @@ class ThriftPrefillKernel:
         self.dq16 = schedule.uses_dq16(arch) and self.path.needs_decode
         # sm_90a, schedule.mma == "wgmma": the 16-bit MMAs are warpgroup MMAs (one warpgroup = the 64-row block)
         self.wg = schedule.uses_wgmma(arch) and not self.path.block_scaled
+        # 16-bit type of the FP4 phase's decoded tiles, P' and MMAs on the wgmma decode path: fp16 for either input
+        # dtype -- dq(Q), dq(K), dq(V) and P' = E2M1 * E4M3 are exact in fp16 (|x| in [2^-10, 2688]) -- because the
+        # fp16 decode is cheaper (no low-byte lookups, a shorter scale conversion). Phase 2 stays in the input dtype.
+        self.p1_dtype = cutlass.Float16 if (self.wg and self.path.needs_decode and not self.dq16) else dtype
+        self.p1_bf16 = self.p1_dtype is cutlass.BFloat16
 
     # ------------------------------------------------------------------------------------------
     # host side
@@ -157,8 +165,9 @@ class ThriftPrefillKernel:
         atom_st = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dt, num_bits_per_copy=128)
         copy_rows16 = tv(atom_st, T // ct, ct, 8)  # (.., D) tiles: the epilogue's O
         # FP4 decode outputs: 16 consecutive values (one E4M3 scale group) per thread, two 16-byte stores
-        copy_dec16 = tv(atom_st, T // (ct // 2), ct // 2, 16)  # decoded Q / K: (rows, D) tiles
-        copy_vt16 = tv(atom_st, T // (Tn // 16), Tn // 16, 16)  # decoded V^T: (D, Tn) tiles
+        atom_dec = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.p1_dtype, num_bits_per_copy=128)
+        copy_dec16 = tv(atom_dec, T // (ct // 2), ct // 2, 16)  # decoded Q / K: (rows, D) tiles
+        copy_vt16 = tv(atom_dec, T // (Tn // 16), Tn // 16, 16)  # decoded V^T: (D, Tn) tiles
 
         tiled_mma = cute.make_tiled_mma(
             warp.MmaF16BF16Op(dt, Float32, (16, 8, 16)),
@@ -167,11 +176,14 @@ class ThriftPrefillKernel:
         )
         # wgmma (one warpgroup, M = 64 = Tm): S = Q K^T with Q and K both K-major in smem; O += P V with P from
         # registers and B = decoded V^T (D x Tn, keys contiguous: K-major) or a 16-bit V tile (Tn x D: MN-major)
-        mma_qk = mma_pvk = mma_pvmn = tiled_mma
+        mma_qk = mma_qk1 = mma_pvk = mma_pvmn = tiled_mma
         if const_expr(self.wg):
             K, MN = OperandMajorMode.K, OperandMajorMode.MN
+            p1 = self.p1_dtype
             mma_qk = sm90_helpers.make_trivial_tiled_mma(dt, dt, K, K, Float32, (1, 1, 1), (Tm, Tn))
-            mma_pvk = sm90_helpers.make_trivial_tiled_mma(dt, dt, K, K, Float32, (1, 1, 1), (Tm, D),
+            # phase 1 (FP4 decoded): S = dq(Q) dq(K)^T and O += P' dq(V) in p1_dtype
+            mma_qk1 = sm90_helpers.make_trivial_tiled_mma(p1, p1, K, K, Float32, (1, 1, 1), (Tm, Tn))
+            mma_pvk = sm90_helpers.make_trivial_tiled_mma(p1, p1, K, K, Float32, (1, 1, 1), (Tm, D),
                                                           a_source=warpgroup.OperandSource.RMEM)
             mma_pvmn = sm90_helpers.make_trivial_tiled_mma(dt, dt, K, MN, Float32, (1, 1, 1), (Tm, D),
                                                            a_source=warpgroup.OperandSource.RMEM)
@@ -182,7 +194,7 @@ class ThriftPrefillKernel:
                     softmax_scale_log2, qhead_per_kv,
                     sQ_layout, sKV_layout, sVt_layout,
                     copy_kv16, copy_kp, copy_ks, copy_vp, copy_vs, copy_rows16, copy_dec16, copy_vt16,
-                    tiled_mma, mma_qk, mma_pvk, mma_pvmn).launch(
+                    tiled_mma, mma_qk, mma_qk1, mma_pvk, mma_pvmn).launch(
                         grid=grid, block=[T, 1, 1], smem=self.smap.total_bytes, stream=stream,
                         min_blocks_per_mp=self.sch.min_ctas,
                         preferred_smem_carveout=100 if self.sch.min_ctas > 1 else None)  # (None queries the GPU)
@@ -200,7 +212,7 @@ class ThriftPrefillKernel:
                copy_kv16: cute.TiledCopy, copy_kp: cute.TiledCopy, copy_ks: cute.TiledCopy,
                copy_vp: cute.TiledCopy, copy_vs: cute.TiledCopy, copy_rows16: cute.TiledCopy,
                copy_dec16: cute.TiledCopy, copy_vt16: cute.TiledCopy, tiled_mma: cute.TiledMma, mma_qk: cute.TiledMma,
-               mma_pvk: cute.TiledMma, mma_pvmn: cute.TiledMma):
+               mma_qk1: cute.TiledMma, mma_pvk: cute.TiledMma, mma_pvmn: cute.TiledMma):
         D, Tm, Tn, S = self.D, self.Tm, self.Tn, self.S
         dt = self.dtype
         sm = self.smap
@@ -231,14 +243,22 @@ class ThriftPrefillKernel:
         def pu8(off):
             return cute.recast_ptr(base + off, dtype=cutlass.Uint8)
 
-        def t16(off, layout):
+        def t16(off, layout, ty=dt):
             if const_expr(self.wg):  # wgmma descriptors need the swizzle on the pointer, an affine layout
-                return cute.make_tensor(cute.recast_ptr(base + off, layout.inner, dtype=dt), layout.outer)
-            return cute.make_tensor(p16(off), layout)
+                return cute.make_tensor(cute.recast_ptr(base + off, layout.inner, dtype=ty), layout.outer)
+            return cute.make_tensor(cute.recast_ptr(base + off, dtype=ty), layout)
 
         sQ = t16(0, sQ_layout)
         sKdec = t16(sm.kdec_off, sKV_layout)
         sVdec = t16(sm.vdec_off, sVt_layout)  # (D, Tn)
+        # the same bytes typed as phase 1's decode output (p1_dtype; the 16-bit layouts do not depend on the type).
+        # The (unused on the wgmma path) mma.sync partitions below keep the input-dtype views.
+        p1 = self.p1_dtype
+        sQ1, sKdec1, sVdec1 = sQ, sKdec, sVdec
+        if const_expr(p1 is not dt):
+            sQ1 = t16(0, sQ_layout, p1)
+            sKdec1 = t16(sm.kdec_off, sKV_layout, p1)
+            sVdec1 = t16(sm.vdec_off, sVt_layout, p1)
         # phase-2 stages: K stages contiguous, V stages contiguous (stage mode last).  With one stage the
         # stage-1 views alias stage 0 (traced, never taken: the stage index stays 0)
         nf = self.sch.fp16_stages
@@ -306,19 +326,21 @@ class ThriftPrefillKernel:
         # warpgroup C layout ((2, 2, N/8), 1, 1) -- per warp the same rows/columns as the m16n8 layout above
         thr_mma_s = thr_mma
         tiled_mma_o = tiled_mma
-        wg_q = wg_kdec = wg_vdec = None
+        wg_q = wg_q1 = wg_kdec = wg_vdec = None
         wg_k16 = wg_v16 = None
         if const_expr(self.wg):
             thr_mma_s = mma_qk.get_slice(tidx)
+            thr_mma_s1 = mma_qk1.get_slice(tidx)
             thr_pvk = mma_pvk.get_slice(tidx)
             thr_pvmn = mma_pvmn.get_slice(tidx)
             tiled_mma_o = mma_pvk
             acc_O = cute.make_rmem_tensor(thr_pvk.partition_shape_C((Tm, D)), Float32)
             acc_O.fill(0.0)
             wg_q = thr_mma_s.make_fragment_A(thr_mma_s.partition_A(sQ))
-            wg_kdec = thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sKdec))
+            wg_q1 = thr_mma_s1.make_fragment_A(thr_mma_s1.partition_A(sQ1))
+            wg_kdec = thr_mma_s1.make_fragment_B(thr_mma_s1.partition_B(sKdec1))
             wg_k16 = [thr_mma_s.make_fragment_B(thr_mma_s.partition_B(sK16[t])) for t in range(2)]
-            wg_vdec = thr_pvk.make_fragment_B(thr_pvk.partition_B(sVdec))
+            wg_vdec = thr_pvk.make_fragment_B(thr_pvk.partition_B(sVdec1))
             wg_v16 = [thr_pvmn.make_fragment_B(thr_pvmn.partition_B(vt_view(sV16[t]))) for t in range(2)]
 
         # row state: 2 rows per thread (m16n8 / wgmma C layout: rows lane/4 and lane/4 + 8 of the warp's 16)
@@ -409,11 +431,12 @@ class ThriftPrefillKernel:
                 n_block_max=n_block_max, sl2=softmax_scale_log2, mask_row=mask_row,
                 mK=mK, mV=mV, mKp=mKp, mKs=mKs, mVp=mVp, mVs=mVs, mcS=mcS,
                 sKf=sKf, sVf=sVf, qf_frag=qf_frag, qf_sf=qf_sf,
-                sKp=sKp, sKs=sKs, sVp=sVp, sVs=sVs, sKp32=sKp32, sVp32=sVp32, sKdec=sKdec, sVdec=sVdec,
+                sKp=sKp, sKs=sKs, sVp=sVp, sVs=sVs, sKp32=sKp32, sVp32=sVp32, sKdec1=sKdec1, sVdec1=sVdec1,
                 sK16=sK16, sV16=sV16, copy_kv16=copy_kv16, copy_kp=copy_kp, copy_ks=copy_ks,
                 copy_vp=copy_vp, copy_vs=copy_vs, copy_rows16=copy_rows16, copy_dec16=copy_dec16, copy_vt16=copy_vt16,
                 tiled_mma=tiled_mma, thr_mma=thr_mma, thr_mma_s=thr_mma_s, tiled_mma_o=tiled_mma_o,
-                mma_qk=mma_qk, mma_pvk=mma_pvk, mma_pvmn=mma_pvmn, wg_q=wg_q, wg_kdec=wg_kdec, wg_vdec=wg_vdec,
+                mma_qk=mma_qk, mma_qk1=mma_qk1, mma_pvk=mma_pvk, mma_pvmn=mma_pvmn, wg_q=wg_q, wg_q1=wg_q1,
+                wg_kdec=wg_kdec, wg_vdec=wg_vdec,
                 wg_k16=wg_k16, wg_v16=wg_v16, tSrQ=tSrQ, tSrK=tSrK, tOrVt=tOrVt, acc_O=acc_O,
                 ld_q=ld_q, ld_k=ld_k, ld_vt=ld_vt, tSsQ=tSsQ, tSrQ_v=tSrQ_v, tSrK_v=tSrK_v,
                 tOrVt_kv=tOrVt_kv, tOrVt_v=tOrVt_v, tSsKdec=tSsKdec, tOsVdec=tOsVdec,
@@ -428,7 +451,7 @@ class ThriftPrefillKernel:
             # decoded FP4 Q -> sQ (exact 16-bit values of dq(Q))
             gQp32 = cute.local_tile(cute.recast_tensor(mQp[b, None, hq, None], Uint32), (Tm, D // 8), (m_block, 0))
             gQs = cute.local_tile(mQs[b, None, hq, None], (Tm, D // 16), (m_block, 0))
-            self.path.decode_rows(sQ, copy_dec16, tidx, gQp32, gQs, Sq - m_block * Tm, self.is_bf16)
+            self.path.decode_rows(sQ1, copy_dec16, tidx, gQp32, gQs, Sq - m_block * Tm, self.p1_bf16)
             self.to_async_proxy()
         if const_expr(self.dq16):
             # dq16: dq(K)/dq(V) tiles through the 2-stage 16-bit ring of phase 2 (load j+1 while j computes)
@@ -646,10 +669,10 @@ class ThriftPrefillKernel:
         Tm, Tn = self.Tm, self.Tn
         if const_expr(phase == 1 and self.path.needs_decode and not self.dq16):
             # SM90 path: decode this FP4 stage into the 16-bit kdec / vdec tiles
-            self.path.decode_rows(ctx.sKdec, ctx.copy_dec16, ctx.tidx, ctx.sKp32[None, None, stage],
-                                  ctx.sKs[None, None, stage], ctx.Skv - n * Tn, self.is_bf16)
-            self.path.decode_rows(ctx.sVdec, ctx.copy_vt16, ctx.tidx, ctx.sVp32[None, None, stage],
-                                  ctx.sVs[None, None, stage], self.D, self.is_bf16)
+            self.path.decode_rows(ctx.sKdec1, ctx.copy_dec16, ctx.tidx, ctx.sKp32[None, None, stage],
+                                  ctx.sKs[None, None, stage], ctx.Skv - n * Tn, self.p1_bf16)
+            self.path.decode_rows(ctx.sVdec1, ctx.copy_vt16, ctx.tidx, ctx.sVp32[None, None, stage],
+                                  ctx.sVs[None, None, stage], self.D, self.p1_bf16)
             self.to_async_proxy()
             cute.arch.barrier()
 
@@ -660,7 +683,7 @@ class ThriftPrefillKernel:
             acc_S = self.path.tile.qk(QFragments(ctx.qf_frag, ctx.qf_sf), ctx.sKf[None, None, stage], ctx.sKs[None, None, stage], ctx.tidx)
         elif const_expr(self.wg):
             if const_expr(phase == 1 and not self.dq16):
-                self.wg_gemm(ctx.mma_qk, acc_S, ctx.wg_q, ctx.wg_kdec, True)
+                self.wg_gemm(ctx.mma_qk1, acc_S, ctx.wg_q1, ctx.wg_kdec, True)
             else:
                 if stage == 0:
                     self.wg_gemm(ctx.mma_qk, acc_S, ctx.wg_q, ctx.wg_k16[0], True)
@@ -750,8 +773,9 @@ class ThriftPrefillKernel:
             self.path.tile.pv(ctx.acc_O, pf, ctx.sVf[None, None, stage], ctx.sVs[None, None, stage], ctx.tidx)
         elif const_expr(phase != 0):
             # P (16-bit) as the A operand of P.V: the same registers, re-viewed (a_view)
-            rP = cute.make_fragment_like(acc_S, self.dtype)
-            rP.store(acc_S.load().to(self.dtype))
+            pdt = self.p1_dtype if const_expr(phase == 1) else self.dtype  # P' of phase 1: exact in fp16
+            rP = cute.make_fragment_like(acc_S, pdt)
+            rP.store(acc_S.load().to(pdt))
             tOrP = self.a_view(rP)
             if const_expr(self.wg):
                 if const_expr(phase == 1 and not self.dq16):

@@ -1,7 +1,7 @@
 """Quick prefill timing: B=1, H=32, D=128, causal, bf16, budget 0.05 at S=8k/32k: SDPA flash vs thrift
 (end-to-end and quant+prefill with the selection given). Median of triton do_bench, L2 flushed.
-argv: optional schedule names (default: the default schedule)."""
-import math, sys, torch
+argv: optional schedule names (default: the default schedule). DTYPE=fp16 times fp16 inputs instead of bf16."""
+import math, os, sys, torch
 sys.path.insert(0, ".")
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -12,10 +12,11 @@ from kernels.schedules import get_schedule
 from kernels.selection import select_blocks
 
 scheds = sys.argv[1:] or [None]
+dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[os.environ.get("DTYPE", "bf16")]
 B, H, D = 1, 32, 128
 for S in (8192, 32768):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dtype) for _ in range(3))
     fl = 4 * B * H * S * S * D / 2
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
 
@@ -33,4 +34,4 @@ for S in (8192, 32768):
     e2e()
     rows.append(("thrift b=0.05 default (end-to-end)", do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
     for name, ms in rows:
-        print(f"S={S:6d} {name:48s} {ms:9.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s", flush=True)
+        print(f"{str(dtype)[6:]} S={S:6d} {name:48s} {ms:9.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s", flush=True)
