@@ -251,12 +251,6 @@ def fp4x8_decode_s2(w, s2, is_bf16: bool, *, loc=None, ip=None):
     return tuple(Uint32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
 
-def fp4x8_decode(w, sc_byte, is_bf16: bool):
-    """Decode 8 packed E2M1 codes (element i in nibble i of w) times one E4M3 scale (low byte of
-    sc_byte) into 4 half2 words (element 2k in the low half of word k).  Exact in fp16 and bf16."""
-    return fp4x8_decode_s2(w, e4m3_half2(sc_byte, is_bf16), is_bf16)
-
-
 class Sm90DecodePath:
     """FP4 via decode-to-16-bit in shared memory, then the 16-bit warp MMA (sm_80+ incl. sm_90a)."""
 

@@ -321,7 +321,7 @@ def lg2(x, *, loc=None, ip=None) -> Float32:
 @dsl_user_op
 def fp4x8_f16(w, s2, *, loc=None, ip=None):
     """8 packed E2M1 codes (element i in nibble i of w) times a half2 scale s2 -> 4 f16x2 words (elements 2k,
-    2k+1 in word k). A leaner fp16-only variant of arch_paths.fp4x8_decode (19 instructions per word; the scale
+    2k+1 in word k). A leaner fp16-only variant of arch_paths.fp4x8_decode_s2 (19 instructions per word; the scale
     is converted once per group by the caller): prmt table lookup of the magnitude's high byte, sign bits
     merged with two more prmts, interleave with zero low bytes, then one exact f16x2 multiply per pair."""
     text = (

@@ -35,11 +35,12 @@ SM90 K/V source (default, FP4 memory traffic): packed FP4 stages decoded into th
 tiles each tile (dq(Q) is decoded into sQ); each thread decodes 16 consecutive values, one E4M3 group, so a scale
 is read and converted once per two code words. On the wgmma path phase 1 runs in fp16 whatever the input dtype
 (p1_dtype: the decoded tiles, P' and the phase-1 wgmmas): dq(Q), dq(K), dq(V) and P' = E2M1 * E4M3 are exact in
-fp16, and the fp16 decode is shorter than the bf16 one (no low-byte table, a 4-instruction scale conversion).  Opt-in experiment (schedule.kv_dq16, schedule m64_w4_s2_dq16): the
-quantizer also writes dq(K), dq(V) [B,Skv,Hkv,D] in the input dtype (exact E2M1*E4M3 values), and phase 1 streams
-those through the phase-2 16-bit stage ring (FP16 K/V stages t < 2 of the byte map): the same numbers without the
-~530 decode instructions per warp and tile that the ncu profile showed, at the price of 16-bit K/V traffic and an
-extra 16-bit K/V copy (see profiling/RESULTS.md) -- it measures what the decode costs.
+fp16, and the fp16 decode is shorter than the bf16 one (no low-byte table, a 4-instruction scale conversion).
+Opt-in experiment (schedule.kv_dq16, schedule m64_w4_s2_dq16): the quantizer also writes dq(K), dq(V)
+[B,Skv,Hkv,D] in the input dtype (exact E2M1*E4M3 values), and phase 1 streams those through the phase-2 16-bit
+stage ring (FP16 K/V stages t < 2 of the byte map): the same numbers without the ~530 decode instructions per
+warp and tile that the ncu profile showed, at the price of 16-bit K/V traffic and an extra 16-bit K/V copy (see
+profiling/RESULTS.md) -- it measures what the decode costs.
 The SM120 path ignores kv_dq16 (its MMA reads the packed FP4 stages).
 
 16-bit MMAs (schedule.mma).  "sync": mma.sync m16n8k16, each warp ldmatrix-loads its Q rows and the whole K / V^T
@@ -182,7 +183,8 @@ class ThriftPrefillKernel:
             p1 = self.p1_dtype
             mma_qk = sm90_helpers.make_trivial_tiled_mma(dt, dt, K, K, Float32, (1, 1, 1), (Tm, Tn))
             # phase 1 (FP4 decoded): S = dq(Q) dq(K)^T and O += P' dq(V) in p1_dtype
-            mma_qk1 = sm90_helpers.make_trivial_tiled_mma(p1, p1, K, K, Float32, (1, 1, 1), (Tm, Tn))
+            mma_qk1 = mma_qk if p1 is dt else sm90_helpers.make_trivial_tiled_mma(p1, p1, K, K, Float32, (1, 1, 1),
+                                                                                   (Tm, Tn))
             mma_pvk = sm90_helpers.make_trivial_tiled_mma(p1, p1, K, K, Float32, (1, 1, 1), (Tm, D),
                                                           a_source=warpgroup.OperandSource.RMEM)
             mma_pvmn = sm90_helpers.make_trivial_tiled_mma(dt, dt, K, MN, Float32, (1, 1, 1), (Tm, D),
@@ -236,9 +238,6 @@ class ThriftPrefillKernel:
         # ---------------- shared memory ----------------
         smem = cutlass.utils.SmemAllocator()
         base = smem.allocate(sm.total_bytes, 1024)
-
-        def p16(off):
-            return cute.recast_ptr(base + off, dtype=dt)
 
         def pu8(off):
             return cute.recast_ptr(base + off, dtype=cutlass.Uint8)
