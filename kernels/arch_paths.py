@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, Uint32
+from cutlass import Float32, Int32, Uint32, const_expr
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
@@ -251,6 +251,51 @@ def fp4x8_decode_s2(w, s2, is_bf16: bool, *, loc=None, ip=None):
     return tuple(Uint32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
 
+# "bits" FP4 word layout (kernels/kv_cache.py BITS_POS: the decode cache, and the SM90 prefill's packed Q/K/V on its fp16
+# decode path): decoded values are E2M1 * scale * 2^(FP4_EXP - 14) in fp16 (exact:
+# the product's last bit is >= 2^-10 * 2^-7 = 2^-17 > 2^-24, and 6 * 448 * 2^-7 < 65504); the 2^(14 - FP4_EXP) goes
+# into the fp32 factors (softmax scale of S, s1 of O), which makes the result bit-identical to the "nibble" path.
+# 7 rather than 0 keeps most products fp16-normal (subnormal only below 2^-7), 1 extra HMUL2 per 16-group.
+FP4_EXP = 7
+
+
+@dsl_user_op
+def fp4x8_f16_bits(w, s2, *, loc=None, ip=None):
+    """8 E2M1 codes in the "bits" word layout (kernels/kv_cache.py: BITS_POS) times a half2 s2 -> 4 f16x2 words
+    (elements 2k, 2k+1 in word k). Each half is placed, not looked up: s<<15 | (e1 e0 m)<<9 is E2M1 * 2^-14 in
+    fp16 exactly (e = 0 gives the subnormal m * 2^-15), so pair k is a shift and a mask of w (pairs 2, 3 take
+    the sign from a second shift): 5 shifts + 6 logic ops, then the 4 exact multiplies (no .ftz: fp16
+    subnormals are kept). The caller passes s2 = scale * 2^FP4_EXP and folds 2^(14 - FP4_EXP) into fp32."""
+    text = (
+        "{\n\t.reg .b32 a, b;\n\t"
+        "and.b32 $0, $4, 0x8E008E00;\n\t"
+        "shl.b32 a, $4, 3;\n\tand.b32 $1, a, 0x8E008E00;\n\t"
+        "shl.b32 a, $4, 6;\n\tshl.b32 b, $4, 1;\n\tand.b32 a, a, 0x0E000E00;\n\tand.b32 b, b, 0x80008000;\n\t"
+        "or.b32 $2, a, b;\n\t"
+        "shl.b32 a, $4, 9;\n\tshl.b32 b, $4, 2;\n\tand.b32 a, a, 0x0E000E00;\n\tand.b32 b, b, 0x80008000;\n\t"
+        "or.b32 $3, a, b;\n\t"
+        "mul.rn.f16x2 $0, $0, $5;\n\tmul.rn.f16x2 $1, $1, $5;\n\tmul.rn.f16x2 $2, $2, $5;\n\t"
+        "mul.rn.f16x2 $3, $3, $5;\n\t}"
+    )
+    res = _asm(llvm.StructType.get_literal([T.i32()] * 4),
+               [Uint32(w).ir_value(loc=loc, ip=ip), Uint32(s2).ir_value(loc=loc, ip=ip)],
+               text, "=r,=r,=r,=r,r,r")
+    return tuple(Uint32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
+
+
+@dsl_user_op
+def e4m3_bcast_f16_pow2(word, i: int, exp2: int, *, loc=None, ip=None) -> Uint32:
+    """Byte i of `word` (an E4M3 code) times 2^exp2 as an f16x2 (s, s); exact for exp2 <= 7 (448 * 2^7 < 65504)."""
+    sel = 0x4400 | (i << 4) | i
+    f = 0x3C00 + (exp2 << 10)  # fp16 bits of 2^exp2
+    return Uint32(_asm(T.i32(), [Uint32(word).ir_value(loc=loc, ip=ip)],
+                       "{\n\t.reg .b32 t, f;\n\t.reg .b16 h;\n\t"
+                       f"prmt.b32 t, $1, 0, {sel};\n\tcvt.u16.u32 h, t;\n\tcvt.rn.f16x2.e4m3x2 t, h;\n\t"
+                       f"mov.b32 f, {(f << 16) | f};\n\tmul.rn.f16x2 $0, t, f;\n\t}}",
+                       "=r,r"))
+
+
+
 class Sm90DecodePath:
     """FP4 via decode-to-16-bit in shared memory, then the 16-bit warp MMA (sm_80+ incl. sm_90a)."""
 
@@ -264,12 +309,15 @@ class Sm90DecodePath:
 
     @cute.jit
     def decode_rows(self, dst: cute.Tensor, tiled_copy: cute.TiledCopy, tidx: Int32, src32: cute.Tensor,
-                    scales: cute.Tensor, row_limit: Int32, is_bf16: cutlass.Constexpr):
+                    scales: cute.Tensor, row_limit: Int32, is_bf16: cutlass.Constexpr,
+                    bits: cutlass.Constexpr = False, check_rows: cutlass.Constexpr = True):
         """dst (rows x cols, 16-bit, swizzled) <- decode(src32 (rows x cols/8 u32), scales (rows x cols/16 u8)).
 
         The tiled copy gives each thread 8 or 16 consecutive columns per step; with 16 (the prefill kernel's decode
         copies) they are exactly one scale group, so its scale is loaded and converted once for the two code words.
-        Rows >= row_limit are written as zeros (sequence tail / padding)."""
+        bits: the code words are in the "bits" layout and dst is fp16; the values written are dq * 2^(FP4_EXP - 14)
+        (the caller folds the factor back in fp32). Rows >= row_limit are written as zeros (sequence tail /
+        padding); check_rows=False: the caller knows every row is valid (no per-step test)."""
         thr = tiled_copy.get_slice(tidx)
         tD = thr.partition_D(dst)
         cD = thr.partition_D(cute.make_identity_tensor((cute.size(dst, mode=[0]), cute.size(dst, mode=[1]))))
@@ -280,16 +328,31 @@ class Sm90DecodePath:
             for k in cutlass.range_constexpr(cute.size(tD, mode=[2])):
                 row = cD[0, m, k][0]
                 col = cD[0, m, k][1]
-                if row < row_limit:
-                    s2 = e4m3_half2(Uint32(scales[row, col // 16]), is_bf16)
-                    for h in cutlass.range_constexpr(nv // 8):
-                        d = fp4x8_decode_s2(src32[row, col // 8 + h], s2, is_bf16)
-                        for i in cutlass.range_constexpr(4):
-                            frag32[4 * h + i] = d[i]
+                if const_expr(check_rows):
+                    if row < row_limit:
+                        self.decode_group(frag32, src32, scales, row, col, nv, is_bf16, bits)
+                    else:
+                        for i in cutlass.range_constexpr(nv // 2):
+                            frag32[i] = Uint32(0)
                 else:
-                    for i in cutlass.range_constexpr(nv // 2):
-                        frag32[i] = Uint32(0)
+                    self.decode_group(frag32, src32, scales, row, col, nv, is_bf16, bits)
                 cute.autovec_copy(frag, tD[None, m, k])
+
+    @cute.jit
+    def decode_group(self, frag32: cute.Tensor, src32: cute.Tensor, scales: cute.Tensor, row: Int32, col: Int32,
+                     nv: cutlass.Constexpr, is_bf16: cutlass.Constexpr, bits: cutlass.Constexpr):
+        """frag32[0 : nv/2] <- the nv (8 or 16) decoded values at (row, col..col+nv-1) as 16-bit pairs."""
+        if const_expr(bits):
+            s2 = e4m3_bcast_f16_pow2(Uint32(scales[row, col // 16]), 0, FP4_EXP)
+        else:
+            s2 = e4m3_half2(Uint32(scales[row, col // 16]), is_bf16)
+        for h in cutlass.range_constexpr(nv // 8):
+            if const_expr(bits):
+                d = fp4x8_f16_bits(src32[row, col // 8 + h], s2)
+            else:
+                d = fp4x8_decode_s2(src32[row, col // 8 + h], s2, is_bf16)
+            for i in cutlass.range_constexpr(4):
+                frag32[4 * h + i] = d[i]
 
 
 def make_arch_path(arch: int, head_dim: int = 128):

@@ -76,17 +76,13 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from ._validate import check_scale_rule
-from .arch_paths import e2m1_rne, e4m3_rne, ex2, mse_scale_steps, nvfp4_mse_scale
+from .arch_paths import (FP4_EXP, e2m1_rne, e4m3_bcast_f16_pow2, e4m3_rne, ex2, fp4x8_f16_bits,
+                         mse_scale_steps, nvfp4_mse_scale)
 from .kv_cache import DEFAULT_FP4_LAYOUT, tile_bytes
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 P_SCALE = 448.0 * 6.0  # two-level P: x = P~ / s1, s1 = rowmax / (448 * 6)
-# "bits" FP4 word layout (kv_cache.fp4_layout): decoded K'/V' are E2M1 * scale * 2^(FP4_EXP - 14) in fp16 (exact:
-# the product's last bit is >= 2^-10 * 2^-7 = 2^-17 > 2^-24, and 6 * 448 * 2^-7 < 65504); the 2^(14 - FP4_EXP) goes
-# into the fp32 factors (softmax scale of S, s1 of O), which makes the result bit-identical to the "nibble" path.
-# 7 rather than 0 keeps most products fp16-normal (subnormal only below 2^-7), 1 extra HMUL2 per 16-group.
-FP4_EXP = 7
 # Cost-balanced splits (DecodeConfig.f16_cost) only when the equal-count splits hold at least this many tiles: with
 # 1 tile per split (B=1, 8k, 128 splits) the flag scan cost 19.6 -> 23.9 us; from 4 tiles (B=1, 32k) it saves 9%.
 BALANCE_MIN_TILES = 4
@@ -342,42 +338,6 @@ def fp4x8_f16(w, s2, *, loc=None, ip=None):
                [Uint32(w).ir_value(loc=loc, ip=ip), Uint32(s2).ir_value(loc=loc, ip=ip)],
                text, "=r,=r,=r,=r,r,r", loc=loc, ip=ip)
     return _words(res, 4, loc, ip)
-
-
-@dsl_user_op
-def fp4x8_f16_bits(w, s2, *, loc=None, ip=None):
-    """8 E2M1 codes in the "bits" word layout (kernels/kv_cache.py: BITS_POS) times a half2 s2 -> 4 f16x2 words
-    (elements 2k, 2k+1 in word k). Each half is placed, not looked up: s<<15 | (e1 e0 m)<<9 is E2M1 * 2^-14 in
-    fp16 exactly (e = 0 gives the subnormal m * 2^-15), so pair k is a shift and a mask of w (pairs 2, 3 take
-    the sign from a second shift): 5 shifts + 6 logic ops, then the 4 exact multiplies (no .ftz: fp16
-    subnormals are kept). The caller passes s2 = scale * 2^FP4_EXP and folds 2^(14 - FP4_EXP) into fp32."""
-    text = (
-        "{\n\t.reg .b32 a, b;\n\t"
-        "and.b32 $0, $4, 0x8E008E00;\n\t"
-        "shl.b32 a, $4, 3;\n\tand.b32 $1, a, 0x8E008E00;\n\t"
-        "shl.b32 a, $4, 6;\n\tshl.b32 b, $4, 1;\n\tand.b32 a, a, 0x0E000E00;\n\tand.b32 b, b, 0x80008000;\n\t"
-        "or.b32 $2, a, b;\n\t"
-        "shl.b32 a, $4, 9;\n\tshl.b32 b, $4, 2;\n\tand.b32 a, a, 0x0E000E00;\n\tand.b32 b, b, 0x80008000;\n\t"
-        "or.b32 $3, a, b;\n\t"
-        "mul.rn.f16x2 $0, $0, $5;\n\tmul.rn.f16x2 $1, $1, $5;\n\tmul.rn.f16x2 $2, $2, $5;\n\t"
-        "mul.rn.f16x2 $3, $3, $5;\n\t}"
-    )
-    res = _asm(llvm.StructType.get_literal([T.i32()] * 4),
-               [Uint32(w).ir_value(loc=loc, ip=ip), Uint32(s2).ir_value(loc=loc, ip=ip)],
-               text, "=r,=r,=r,=r,r,r", loc=loc, ip=ip)
-    return _words(res, 4, loc, ip)
-
-
-@dsl_user_op
-def e4m3_bcast_f16_pow2(word, i: int, exp2: int, *, loc=None, ip=None) -> Uint32:
-    """Byte i of `word` (an E4M3 code) times 2^exp2 as an f16x2 (s, s); exact for exp2 <= 7 (448 * 2^7 < 65504)."""
-    sel = 0x4400 | (i << 4) | i
-    f = 0x3C00 + (exp2 << 10)  # fp16 bits of 2^exp2
-    return Uint32(_asm(T.i32(), [Uint32(word).ir_value(loc=loc, ip=ip)],
-                       "{\n\t.reg .b32 t, f;\n\t.reg .b16 h;\n\t"
-                       f"prmt.b32 t, $1, 0, {sel};\n\tcvt.u16.u32 h, t;\n\tcvt.rn.f16x2.e4m3x2 t, h;\n\t"
-                       f"mov.b32 f, {(f << 16) | f};\n\tmul.rn.f16x2 $0, t, f;\n\t}}",
-                       "=r,r", loc=loc, ip=ip))
 
 
 @dsl_user_op

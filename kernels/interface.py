@@ -59,11 +59,16 @@ def _torch_to_cutlass(dt):
     return {torch.float16: cutlass.Float16, torch.bfloat16: cutlass.BFloat16}[dt]
 
 
-def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse"):
+def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse",
+                         fp4_layout: str = "nibble"):
     """Run the CuTe quantizer: returns (Qp, Qs, Kp, Ks, Vp, Vs, Kmean) in the contract layouts (scales as uint8 bits);
     with_dq also (Kd, Vd): dq(K), dq(V) [B, Skv, Hkv, D] in q's dtype (exact; the SM90 prefill's dq16 K/V source).
     rotate: Qp/Qs, Kp/Ks (and Kd) are of quant.rotation.hadamard_rotate(q), (k); Kmean stays of the unrotated k.
-    scale_rule: "mse" (default) or "amax": the outputs equal quant.nvfp4.quantize(..., scale_rule=scale_rule)."""
+    scale_rule: "mse" (default) or "amax": the outputs equal quant.nvfp4.quantize(..., scale_rule=scale_rule).
+    fp4_layout: "nibble" (default: the contract's packing, as nvfp4.quantize) or "bits" (each 32-bit code word in
+    kernels/kv_cache.py's BITS_POS order: what the SM90 prefill reads, kernels.prefill.fp4_word_layout)."""
+    if fp4_layout not in ("nibble", "bits"):
+        raise ValueError(f"quantize_for_prefill: fp4_layout must be 'nibble' or 'bits', got {fp4_layout!r}")
     import cutlass.cute as cute
     from cutlass import Float32  # noqa: F401
 
@@ -90,10 +95,10 @@ def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False, s
 
     # the candidate tuple is part of the key: a changed quant.nvfp4.MSE_SCALE_STEPS gets a fresh kernel
     key = (_arch(dev), q.dtype, D, bool(with_dq), bool(rotate), scale_rule,
-           tuple(MSE_SCALE_STEPS) if scale_rule == "mse" else ())
+           tuple(MSE_SCALE_STEPS) if scale_rule == "mse" else (), fp4_layout)
     fn = _QUANT_CACHE.get(key)
     if fn is None:
-        kern = QuantKernel(_torch_to_cutlass(q.dtype), D, bool(with_dq), bool(rotate), scale_rule)
+        kern = QuantKernel(_torch_to_cutlass(q.dtype), D, bool(with_dq), bool(rotate), scale_rule, fp4_layout)
         fn = _QUANT_CACHE[key] = cute.compile(kern, *args, _stream())
     fn(*args, _stream())
     if with_dq:
@@ -123,7 +128,7 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
     import cutlass.cute as cute
     from cutlass import Float32, Int32
 
-    from kernels.prefill import ThriftPrefillKernel
+    from kernels.prefill import ThriftPrefillKernel, fp4_word_layout
 
     B, Sq, Hq, D = q.shape
     _, Skv, Hkv, _ = k.shape
@@ -132,7 +137,8 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
     nkb = -(-Skv // 64)
     dq16 = schedule.uses_dq16(arch)
     with phase("quantize"):
-        qo = quantize_for_prefill(q, k, v, with_dq=dq16, rotate=qk_rotation == "hadamard", scale_rule=scale_rule)
+        qo = quantize_for_prefill(q, k, v, with_dq=dq16, rotate=qk_rotation == "hadamard", scale_rule=scale_rule,
+                                  fp4_layout=fp4_word_layout(schedule, arch, q.dtype == torch.bfloat16))
     Qp, Qs, Kp, Ks, Vp, Vs = qo[:6]
     Kd, Vd = (qo[7], qo[8]) if dq16 else (k, v)  # without dq16 the kernel never reads them
     with phase("select"):

@@ -36,6 +36,11 @@ tiles each tile (dq(Q) is decoded into sQ); each thread decodes 16 consecutive v
 is read and converted once per two code words. On the wgmma path phase 1 runs in fp16 whatever the input dtype
 (p1_dtype: the decoded tiles, P' and the phase-1 wgmmas): dq(Q), dq(K), dq(V) and P' = E2M1 * E4M3 are exact in
 fp16, and the fp16 decode is shorter than the bf16 one (no low-byte table, a 4-instruction scale conversion).
+Where phase 1 decodes to fp16 the quantizer writes the code words in the "bits" order (fp4_word_layout; the decode
+cache's layout, kernels/kv_cache.py BITS_POS): each fp16 pair is one shift and mask of the word (s<<15 | e1e0m<<9
+is E2M1 * 2^-14, fp16 subnormals for e = 0) times the scale * 2^FP4_EXP, so dq(Q), dq(K), dq(V) land in smem
+scaled by 2^(FP4_EXP-14) (exact, some fp16 subnormal) and the kernel folds S_FOLD into the softmax max / exp
+argument and V_FOLD into the O scale c -- bit-identical to the unscaled decode, ~25% fewer decode instructions.
 Opt-in experiment (schedule.kv_dq16, schedule m64_w4_s2_dq16): the quantizer also writes dq(K), dq(V)
 [B,Skv,Hkv,D] in the input dtype (exact E2M1*E4M3 values), and phase 1 streams those through the phase-2 16-bit
 stage ring (FP16 K/V stages t < 2 of the byte map): the same numbers without the ~530 decode instructions per
@@ -68,7 +73,7 @@ from cutlass import Float32, Int32, Uint32, const_expr
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 import cutlass.utils.hopper_helpers as sm90_helpers
 
-from kernels.arch_paths import e2m1_rne, e4m3_rne, ex2, lg2, make_arch_path
+from kernels.arch_paths import FP4_EXP, e2m1_rne, e4m3_rne, ex2, lg2, make_arch_path
 from kernels.schedules import PrefillSchedule
 from layouts.prefill import PrefillSmemMap, smem_tile_layout_16b, wgmma_tile_layout_16b
 from layouts.sm120_fp4 import swizzle_bits as sm120_swizzle_bits
@@ -79,6 +84,22 @@ P_SCALE_MAX = 448.0 * 6.0  # two-level P: s1 = rowmax / (448*6)
 # A tile whose largest P~ (relative to the running max) is below 2^-60 contributes < 64*2^-60 of the row
 # sum: its FP4 numerator is dropped (keeps acc = O/c bounded in fp32).
 P_TILE_MIN = 2.0 ** -60
+# "bits" word layout (SM90 fp16 decode path, see fp4_word_layout): decoded dq(.) * 2^(FP4_EXP - 14); folded back in fp32
+V_FOLD = float(2 ** (14 - FP4_EXP))      # on the O accumulator (dq(V))
+S_FOLD = float(2 ** (2 * (14 - FP4_EXP)))  # on S = dq(Q) dq(K)^T
+
+
+def fp4_word_layout(schedule: PrefillSchedule, arch: int, is_bf16: bool) -> str:
+    """Bit order of the packed Q/K/V code words the prefill kernel reads, which the quantizer must write
+    (kernels/interface.py asks here): "bits" (kernels/kv_cache.py BITS_POS) where phase 1 decodes to fp16 (the SM90
+    decode path: wgmma, or mma.sync with fp16 inputs; one shift + mask per fp16 pair instead of table lookups),
+    else the contract's "nibble" (the sm_120a block-scaled MMA reads the codes as they are; the bf16 decode and the
+    dq16 experiment keep it)."""
+    if arch in (120, 121) or schedule.uses_dq16(arch):
+        return "nibble"
+    if schedule.uses_wgmma(arch) or not is_bf16:
+        return "bits"
+    return "nibble"
 
 
 class ThriftPrefillKernel:
@@ -115,6 +136,10 @@ class ThriftPrefillKernel:
         # fp16 decode is cheaper (no low-byte lookups, a shorter scale conversion). Phase 2 stays in the input dtype.
         self.p1_dtype = cutlass.Float16 if (self.wg and self.path.needs_decode and not self.dq16) else dtype
         self.p1_bf16 = self.p1_dtype is cutlass.BFloat16
+        # phase 1 decodes "bits" code words (fp16 only): dq(Q), dq(K), dq(V) land scaled by 2^(FP4_EXP - 14)
+        self.bits = fp4_word_layout(schedule, arch, self.is_bf16) == "bits"
+        if self.bits and (self.p1_bf16 or not self.path.needs_decode):
+            raise AssertionError("fp4_word_layout 'bits' needs the fp16 decode path")
 
     # ------------------------------------------------------------------------------------------
     # host side
@@ -447,10 +472,10 @@ class ThriftPrefillKernel:
         # ======================= phase 1: FP4 over the unselected tiles =======================
         # decoded FP4 Q -> sQ (exact 16-bit values of dq(Q))
         if const_expr(not self.path.block_scaled):
-            # decoded FP4 Q -> sQ (exact 16-bit values of dq(Q))
+            # decoded FP4 Q -> sQ (exact 16-bit values of dq(Q); times 2^(FP4_EXP-14) for "bits")
             gQp32 = cute.local_tile(cute.recast_tensor(mQp[b, None, hq, None], Uint32), (Tm, D // 8), (m_block, 0))
             gQs = cute.local_tile(mQs[b, None, hq, None], (Tm, D // 16), (m_block, 0))
-            self.path.decode_rows(sQ1, copy_dec16, tidx, gQp32, gQs, Sq - m_block * Tm, self.p1_bf16)
+            self.path.decode_rows(sQ1, copy_dec16, tidx, gQp32, gQs, Sq - m_block * Tm, self.p1_bf16, self.bits)
             self.to_async_proxy()
         if const_expr(self.dq16):
             # dq16: dq(K)/dq(V) tiles through the 2-stage 16-bit ring of phase 2 (load j+1 while j computes)
@@ -668,10 +693,11 @@ class ThriftPrefillKernel:
         Tm, Tn = self.Tm, self.Tn
         if const_expr(phase == 1 and self.path.needs_decode and not self.dq16):
             # SM90 path: decode this FP4 stage into the 16-bit kdec / vdec tiles
+            # K rows past Skv only in tiles that need the mask; V^T rows are the D channels (all valid)
             self.path.decode_rows(ctx.sKdec1, ctx.copy_dec16, ctx.tidx, ctx.sKp32[None, None, stage],
-                                  ctx.sKs[None, None, stage], ctx.Skv - n * Tn, self.p1_bf16)
+                                  ctx.sKs[None, None, stage], ctx.Skv - n * Tn, self.p1_bf16, self.bits, masked)
             self.path.decode_rows(ctx.sVdec1, ctx.copy_vt16, ctx.tidx, ctx.sVp32[None, None, stage],
-                                  ctx.sVs[None, None, stage], self.D, self.p1_bf16)
+                                  ctx.sVs[None, None, stage], self.D, self.p1_bf16, self.bits, False)
             self.to_async_proxy()
             cute.arch.barrier()
 
@@ -710,11 +736,18 @@ class ThriftPrefillKernel:
                     acc_S_mn[r, c] = -Float32.inf if tScS_mn[0, c][1] >= limit else acc_S_mn[r, c]
 
         sl2 = ctx.sl2
+        # "bits" decode (phase 1): dq(Q) and dq(K) came out scaled by 2^(FP4_EXP-14) each, so acc_S = S / S_FOLD
+        # exactly (power-of-two scaling commutes with the fp32 sums): the max and the exp argument are taken in
+        # true units (bit-identical to the unscaled decode)
+        fold = const_expr(phase == 1 and self.bits)
+        sl2_s = sl2 * Float32(S_FOLD) if fold else sl2
         ncols = cute.size(acc_S_mn, mode=[1])
         for r in cutlass.range_constexpr(cute.size(acc_S_mn, mode=[0])):
             s_row = acc_S_mn[r, None].load()
             tmax = s_row.reduce(cute.ReductionOp.MAX, -Float32.inf, 0)
             tmax = self.quad_max(tmax)
+            if const_expr(fold):
+                tmax = tmax * Float32(S_FOLD)
             m_old = ctx.row_max[r]
             m_new = cute.arch.fmax(m_old, tmax)
             m_use = Float32(0.0) if m_new == -Float32.inf else m_new
@@ -726,7 +759,7 @@ class ThriftPrefillKernel:
                 acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
             else:
                 for c in cutlass.range_constexpr(ncols):
-                    acc_S_mn[r, c] = ex2(acc_S_mn[r, c] * sl2 - ms)
+                    acc_S_mn[r, c] = ex2(acc_S_mn[r, c] * sl2_s - ms)
                 p_row = acc_S_mn[r, None].load()
                 ctx.row_sum[r] = ctx.row_sum[r] * alpha + p_row.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
                 ctx.row_max[r] = m_new
@@ -751,8 +784,11 @@ class ThriftPrefillKernel:
                     # reciprocal multiplies instead of the reference's true divisions: <= 1-2 ulp apart, which
                     # can flip an E4M3/E2M1 rounding only within that distance of a tie (negligible)
                     inv_s1 = cute.arch.rcp_approx(s1) if valid else Float32(0.0)
-                    ratio = alpha * ctx.row_c[r] * inv_s1 if valid else alpha
-                    ctx.row_c[r] = s1 if valid else ctx.row_c[r]
+                    # "bits": dq(V) is scaled by 2^(FP4_EXP-14), so P'V' adds acc in units of s1 * V_FOLD
+                    inv_c = inv_s1 * Float32(1.0 / V_FOLD) if fold else inv_s1
+                    c_new = s1 * Float32(V_FOLD) if fold else s1
+                    ratio = alpha * ctx.row_c[r] * inv_c if valid else alpha
+                    ctx.row_c[r] = c_new if valid else ctx.row_c[r]
                     if const_expr(self.path.block_scaled):
                         # the helper quantizes P~ itself (same s1); rows below the threshold contribute 0
                         keep = Float32(1.0) if valid else Float32(0.0)

@@ -51,6 +51,7 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 
 from kernels._validate import check_scale_rule
 from kernels.arch_paths import mse_scale_steps, nvfp4_mse_scale
+from kernels.kv_cache import BITS_POS
 
 THREADS = 128
 BLOCK = 64
@@ -109,9 +110,16 @@ class QuantKernel:
     """Static config: dtype (Float16/BFloat16), head_dim, with_dq (also write dq(K), dq(V) in 16 bit), rotate
     (Hadamard-rotate Q and K along head_dim before quantizing them) and scale_rule ("mse", the default: the NVFP4
     group scales of Q, K and V chosen by quant.nvfp4's "mse" encoder rule, candidates quant.nvfp4.MSE_SCALE_STEPS read
-    here at construction; "amax": the standard E4M3_RNE(amax/6))."""
+    here at construction; "amax": the standard E4M3_RNE(amax/6)).
+    fp4_layout: bit order of the 8 codes in each 32-bit word of Qp, Kp, Vp: "nibble" (the contract's, element e in
+    bits 4e..4e+3, what nvfp4.quantize returns) or "bits" (kernels/kv_cache.py BITS_POS: what the SM90 prefill's fp16
+    decode reads, kernels.prefill.fp4_word_layout); the same codes and scales either way."""
 
-    def __init__(self, dtype, head_dim: int, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse"):
+    def __init__(self, dtype, head_dim: int, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse",
+                 fp4_layout: str = "nibble"):
+        if fp4_layout not in ("nibble", "bits"):
+            raise ValueError(f"QuantKernel: fp4_layout must be 'nibble' or 'bits', got {fp4_layout!r}")
+        self.fp4_layout = fp4_layout
         self.dtype = dtype
         self.D = head_dim
         self.with_dq = with_dq
@@ -153,10 +161,21 @@ class QuantKernel:
             # candidates are codes in [1, 126], so the chosen scale is finite and > 0 whenever the amax one is
             code, s = nvfp4_mse_scale([vals[i] for i in range(16)], s, ok, self.mse_steps)
         div = s if ok else Float32(1.0)
+        if const_expr(self.fp4_layout == "bits"):
+            # the same 16 codes, each 32-bit word (8 codes) in the "bits" order (kernels/kv_cache.py BITS_POS)
+            for h in cutlass.range_constexpr(2):
+                w = Uint32(0)
+                for e in cutlass.range_constexpr(8):
+                    c = _e2m1_code(vals[8 * h + e] / div)
+                    w = w | ((c & Uint32(7)) << Uint32(BITS_POS[e][0])) | ((c >> Uint32(3)) << Uint32(BITS_POS[e][1]))
+                w = w if ok else Uint32(0)
+                for j in cutlass.range_constexpr(4):
+                    pk[4 * h + j] = Uint8((w >> Uint32(8 * j)) & Uint32(255))
         for i in cutlass.range_constexpr(8):
             lo = _e2m1_code(vals[2 * i] / div)
             hi = _e2m1_code(vals[2 * i + 1] / div)
-            pk[i] = Uint8(lo | (hi << Uint32(4))) if ok else Uint8(0)
+            if const_expr(self.fp4_layout == "nibble"):
+                pk[i] = Uint8(lo | (hi << Uint32(4))) if ok else Uint8(0)
             if const_expr(self.with_dq):
                 # decode exactly what was stored (codes 0 when !ok; scale NaN for a non-finite group)
                 lo = lo if ok else Uint32(0)
@@ -288,5 +307,6 @@ def fake_args(dtype, head_dim: int):
             make_fake_stream())
 
 
-def compile_quant(dtype, head_dim: int, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse"):
-    return cute.compile(QuantKernel(dtype, head_dim, with_dq, rotate, scale_rule), *fake_args(dtype, head_dim))
+def compile_quant(dtype, head_dim: int, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse",
+                  fp4_layout: str = "nibble"):
+    return cute.compile(QuantKernel(dtype, head_dim, with_dq, rotate, scale_rule, fp4_layout), *fake_args(dtype, head_dim))

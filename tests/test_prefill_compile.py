@@ -52,6 +52,8 @@ _SCRIPT = textwrap.dedent("""
     out["quant_rot64"] = save(compile_quant(cutlass.Float16, 64, False, True), "quant_rot64")
     # the standard amax scale rule (scale_rule="amax"; the others use the default "mse")
     out["quant_amax"] = save(compile_quant(cutlass.BFloat16, 128, False, True, "amax"), "quant_amax")
+    # the SM90 prefill's "bits" code-word order (kernels.prefill.fp4_word_layout)
+    out["quant_bits"] = save(compile_quant(cutlass.Float16, 128, False, True, "mse", "bits"), "quant_bits")
     print("RESULT" + json.dumps(out))
 """)
 
@@ -81,6 +83,7 @@ def _ptxas(arch, ptx):
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_120a"])
 def test_prefill_compiles_no_spills(arch, tmp_path):
+    from kernels.prefill import fp4_word_layout
     from kernels.schedules import SCHEDULES, default_schedule_name
 
     ptx = _compile_arch(arch, tmp_path)
@@ -93,7 +96,7 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
         if name.startswith("quant"):
             # rotation: strides 16, 32 (, 64) by full-mask butterfly shuffles, 16 values each; none without it
             n_shfl = len(re.findall(r"shfl\.sync\.bfly\.b32\s+%r\d+, %r\d+, \d+, 31, -1;", text))
-            want = {"quant": 0, "quant_rot": 16 * 3, "quant_rot64": 16 * 2, "quant_amax": 16 * 3}[name]
+            want = {"quant": 0, "quant_rot": 16 * 3, "quant_rot64": 16 * 2, "quant_amax": 16 * 3, "quant_bits": 16 * 3}[name]
             assert n_shfl == want, f"{name}: {n_shfl} shuffles, expected {want}"
             # "mse" scale rule: the per-element SSE step e*e then acc + e, both explicitly rounded (no contraction)
             from quant.nvfp4 import MSE_SCALE_STEPS
@@ -105,6 +108,12 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
             # IEEE fp32 butterflies (no flush to zero), as torch computes them
             assert not re.search(r"(add|sub|mul)(\.rn)?\.ftz\.f32", text), name
             continue
+        # phase-1 decode: shift-and-mask of "bits" code words where it decodes to fp16, else the prmt tables
+        i_sch = sorted(SCHEDULES).index(name)  # the script's dtype choice: bf16 for odd indices
+        bits = fp4_word_layout(SCHEDULES[name], int("".join(ch for ch in arch if ch.isdigit())), i_sch % 2 == 1) == "bits"
+        assert ("0x8E008E00" in text) == bits, f"{arch} {name}: bits decode expected {bits}"
+        if bits:
+            assert "0x3E3C3800" not in text and "0x3F3F3F00" not in text, f"{name}: table decode left in"
         if arch == "sm_90a" and name == default_schedule_name(90):
             # bf16, D=128, causal (i = its sorted index, odd): <= 168 registers keeps 3 CTAs of 128 threads per SM
             assert max(regs) <= 168, f"{name}: {regs} registers -> fewer than 3 CTAs per SM on sm_90a"

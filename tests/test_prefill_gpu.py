@@ -20,7 +20,7 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def _run(B, Sq, Skv, Hq, Hkv, D, dtype, causal, budget, seed, schedule=None, check_lse=True):
+def _run(B, Sq, Skv, Hq, Hkv, D, dtype, causal, budget, seed, schedule=None, check_lse=True, mags=(1.0, 1.0, 1.0)):
     from kernels.interface import _run_prefill
     from kernels.reference import thrift_attention_ref
     from kernels.schedules import get_schedule
@@ -30,6 +30,7 @@ def _run(B, Sq, Skv, Hq, Hkv, D, dtype, causal, budget, seed, schedule=None, che
     q = torch.randn(B, Sq, Hq, D, device="cuda", dtype=dtype, generator=g)
     k = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dtype, generator=g)
     v = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dtype, generator=g)
+    q, k, v = (x * m if m != 1.0 else x for x, m in zip((q, k, v), mags))
     sel = select_blocks(q, k, budget=budget, causal=causal)
     scale = 1.0 / math.sqrt(D)
     # poisoned outputs: anything the kernel fails to write stays NaN
@@ -86,6 +87,14 @@ def test_prefill_schedules(schedule, rng_seed):
     _run(1, 200, 300, 4, 4, 128, torch.float16, True, 0.25, rng_seed, schedule=schedule)
 
 
+@pytest.mark.parametrize("schedule", [None, "m64_w4_s2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_prefill_small_kv_magnitude(dtype, schedule, rng_seed):
+    # K, V ~ 2^-8 (Q ~ 2^8 keeps S = O(1)): most decoded dq(K), dq(V) are fp16 subnormals on the "bits" decode
+    # path (values * 2^(FP4_EXP - 14)), so this fails if the decode or the 16-bit MMAs flush subnormals
+    _run(1, 333, 333, 4, 1, 128, dtype, True, 0.05, rng_seed, schedule=schedule, mags=(2.0 ** 8, 2.0 ** -8, 2.0 ** -8))
+
+
 def test_prefill_mqa_fully_masked_rows(rng_seed):
     # Sq > Skv causal: the first Sq - Skv rows see no key -> O = 0, LSE = -inf
     _run(1, 300, 100, 4, 1, 64, torch.float16, True, 0.05, rng_seed)
@@ -137,3 +146,11 @@ def test_quant_kernel_bit_exact(rule, rng_seed):
     assert torch.equal(dk.to(k.dtype).float(), dk), "dq(K) not exact in bf16"
     assert torch.equal(Kd, dk.to(k.dtype)), "Kd != dequantize(Kp, Ks)"
     assert torch.equal(Vd, dv.to(v.dtype)), "Vd != dequantize(Vp, Vs)"
+    # fp4_layout="bits" (what the SM90 fp16 decode reads): the same words, each in kernels.kv_cache.BITS_POS order
+    from kernels.kv_cache import _permute_code_words
+
+    ob = quantize_for_prefill(q, k, v, scale_rule=rule, fp4_layout="bits")
+    for got, nib, name in ((ob[0], Qp, "Qp"), (ob[2], Kp, "Kp"), (ob[4], Vp, "Vp")):
+        assert torch.equal(got, _permute_code_words(nib, True)), f"bits layout {name}"
+        assert not torch.equal(got, nib), f"{name}: the bits layout left the words unchanged"
+    assert all(torch.equal(ob[i], x) for i, x in ((1, Qs), (3, Ks), (5, Vs), (6, Km)))
