@@ -120,15 +120,51 @@ def _e4m3_candidate(code, step: int, *, loc=None, ip=None):
             Float32(llvm.extractvalue(T.f32(), res, [1], loc=loc, ip=ip)))
 
 
+# --------------------------------------------------------------- true division by a shared divisor
+# x / s for the 16 values of a group with one divisor: ptxas's own div.rn.f32 fast path (MUFU.RCP, one Newton step
+# r = r0 + r0 (1 - s r0), q0 = x r, remainder t = x - s q0 by FMA, q = q0 + r t) with the reciprocal computed once
+# per divisor instead of once per division, and without div.rn's FCHK range check + slow-path call.  FCHK only
+# diverts operands with extreme exponents (denormal / huge x or s); here s is an E4M3 value in [2^-9, 448] (or 1.0)
+# and, wherever the fast path could be off by an ulp, |x / s| is < 2^-100 or > 2^100, where the E2M1 code (0 or
+# the saturated 6) and the squared error m*s - |x| do not depend on it.  So the results equal div.rn's, ~3
+# instructions per division instead of ~10.  The dv_ register names make the FMAs recognisable in the PTX (the
+# quantizer's numerics have no other FMA; tests/test_prefill_compile.py checks it).
+
+def _rcp_ptx(s: str) -> str:
+    """PTX (inside a scope declaring dv_r, dv_nb, dv_t) setting dv_r = refined 1/s, dv_nb = -s."""
+    return (f"neg.f32 dv_nb, {s};\n\trcp.approx.ftz.f32 dv_r, {s};\n\t"
+            "fma.rn.f32 dv_t, dv_nb, dv_r, 0f3F800000;\n\tfma.rn.f32 dv_r, dv_r, dv_t, dv_r;\n\t")
+
+
+def _div_ptx(dst: str, x: str) -> str:
+    """PTX: dst = x / s (see above; needs dv_r, dv_nb from _rcp_ptx, and scratch dv_q, dv_t)."""
+    return (f"mul.rn.f32 dv_q, {x}, dv_r;\n\tfma.rn.f32 dv_t, dv_nb, dv_q, {x};\n\t"
+            f"fma.rn.f32 {dst}, dv_r, dv_t, dv_q;\n\t")
+
+
+@dsl_user_op
+def div16(xs, s, *, loc=None, ip=None):
+    """[x / s for x in xs] (16 fp32, one divisor s: an E4M3 scale or 1.0), equal to IEEE div.rn (see above)."""
+    args = [Float32(a).ir_value(loc=loc, ip=ip) for a in xs] + [Float32(s).ir_value(loc=loc, ip=ip)]
+    n = len(xs)
+    body = "{\n\t.reg .f32 dv_r, dv_nb, dv_q, dv_t;\n\t" + _rcp_ptx(f"${2 * n}")
+    for i in range(n):
+        body += _div_ptx(f"${i}", f"${n + i}")
+    res = _asm(llvm.StructType.get_literal([T.f32()] * n), args, body + "}",
+               ",".join(["=f"] * n) + "," + ",".join(["f"] * (n + 1)))
+    return [Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(n)]
+
+
 def _sse16_ptx() -> str:
     """PTX of the squared error of one 16-element group at scale $17 (inputs $1..$16 = |x|): per element in order
-    y = |x| / s (div.rn: IEEE true division), m = E2M1_RNE(y), e = m*s - |x|, acc = acc + e*e -- every step an
-    explicit .rn instruction, which ptxas never contracts into an FMA (the codec's one-multiply-then-one-add order;
-    |e| equals |q - x| of the codec since the code's sign is x's). The mse_e / mse_acc names make it countable in
-    the PTX (tests/test_prefill_compile.py, tests/test_decode_compile.py)."""
-    body = "{\n\t.reg .f32 mse_y, mse_m, mse_e, mse_acc;\n\tmov.b32 mse_acc, 0f00000000;\n\t"
+    y = |x| / s (IEEE true division: div.rn's fast path with the reciprocal shared, see above), m = E2M1_RNE(y),
+    e = m*s - |x|, acc = acc + e*e -- every step an explicit .rn instruction, which ptxas never contracts into an FMA
+    (the codec's one-multiply-then-one-add order; |e| equals |q - x| of the codec since the code's sign is x's). The
+    mse_e / mse_acc names make it countable in the PTX (tests/test_prefill_compile.py, tests/test_decode_compile.py)."""
+    body = ("{\n\t.reg .f32 mse_y, mse_m, mse_e, mse_acc, dv_r, dv_nb, dv_q, dv_t;\n\tmov.b32 mse_acc, 0f00000000;\n\t"
+            + _rcp_ptx("$17"))
     for i in range(1, 17):
-        body += (f"div.rn.f32 mse_y, ${i}, $17;\n\t" + _e2m1_rne_ptx("mse_m", "mse_y") + "\n\t"
+        body += (_div_ptx("mse_y", f"${i}") + _e2m1_rne_ptx("mse_m", "mse_y") + "\n\t"
                  f"mul.rn.f32 mse_m, mse_m, $17;\n\tsub.rn.f32 mse_e, mse_m, ${i};\n\t"
                  "mul.rn.f32 mse_e, mse_e, mse_e;\n\tadd.rn.f32 mse_acc, mse_acc, mse_e;\n\t")
     return body + "mov.b32 $0, mse_acc;\n\t}"

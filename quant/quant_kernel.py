@@ -29,7 +29,7 @@ shuffles with the full mask (V items and the past-the-end items of the last warp
 predicated, the shuffles are not); a V lane is never the partner of a Q/K lane (nQ + nK is a multiple of D/16).
 
 Numerics (fp32): scale = E4M3_RNE(amax/6) with saturation at 448 (cvt.rn.satfinite), code = E2M1_RNE(x/scale)
-by true division, sign kept for values rounding to 0; scale 0 -> codes 0; a group with NaN/Inf gets scale
+by true division (kernels/arch_paths.div16: div.rn's fast path, one reciprocal per group), sign kept for values rounding to 0; scale 0 -> codes 0; a group with NaN/Inf gets scale
 0x7F (NaN) and codes 0.
 Scale rule (scale_rule, static): "mse" (the default) replaces the amax scale of every finite, non-flushed Q, K (after
 the rotation) and V group by the best of it and its E4M3 neighbours quant.nvfp4.MSE_SCALE_STEPS (read at construction)
@@ -50,7 +50,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from kernels._validate import check_scale_rule
-from kernels.arch_paths import mse_scale_steps, nvfp4_mse_scale
+from kernels.arch_paths import div16, mse_scale_steps, nvfp4_mse_scale
 from kernels.kv_cache import BITS_POS
 
 THREADS = 128
@@ -161,19 +161,20 @@ class QuantKernel:
             # candidates are codes in [1, 126], so the chosen scale is finite and > 0 whenever the amax one is
             code, s = nvfp4_mse_scale([vals[i] for i in range(16)], s, ok, self.mse_steps)
         div = s if ok else Float32(1.0)
+        quo = div16([vals[i] for i in range(16)], div)  # == vals[i] / div (IEEE), one reciprocal per group
         if const_expr(self.fp4_layout == "bits"):
             # the same 16 codes, each 32-bit word (8 codes) in the "bits" order (kernels/kv_cache.py BITS_POS)
             for h in cutlass.range_constexpr(2):
                 w = Uint32(0)
                 for e in cutlass.range_constexpr(8):
-                    c = _e2m1_code(vals[8 * h + e] / div)
+                    c = _e2m1_code(quo[8 * h + e])
                     w = w | ((c & Uint32(7)) << Uint32(BITS_POS[e][0])) | ((c >> Uint32(3)) << Uint32(BITS_POS[e][1]))
                 w = w if ok else Uint32(0)
                 for j in cutlass.range_constexpr(4):
                     pk[4 * h + j] = Uint8((w >> Uint32(8 * j)) & Uint32(255))
         for i in cutlass.range_constexpr(8):
-            lo = _e2m1_code(vals[2 * i] / div)
-            hi = _e2m1_code(vals[2 * i + 1] / div)
+            lo = _e2m1_code(quo[2 * i])
+            hi = _e2m1_code(quo[2 * i + 1])
             if const_expr(self.fp4_layout == "nibble"):
                 pk[i] = Uint8(lo | (hi << Uint32(4))) if ok else Uint8(0)
             if const_expr(self.with_dq):
