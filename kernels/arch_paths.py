@@ -212,7 +212,7 @@ def nvfp4_mse_scale(xs, s, ok, steps=None):
     Candidates: the amax code c, then c + d for d in `steps` (default quant.nvfp4.MSE_SCALE_STEPS), codes outside
     [1, 126] skipped; the strictly smallest fixed-order fp32 squared error wins, the earlier on ties -- exactly
     quant.nvfp4.mse_refine. Returns (E4M3 code as Uint32, scale as Float32). Straight-line (no branches), so every
-    lane of a warp may call it; cost ~(1 + len(steps)) * 16 IEEE divisions."""
+    lane of a warp may call it; cost (1 + len(steps)) * 16 true divisions (div16's ~3-instruction form)."""
     steps = mse_scale_steps() if steps is None else tuple(steps)
     ax = [_fabs(x) for x in xs]
     if len(ax) != 16:

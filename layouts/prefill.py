@@ -5,7 +5,8 @@ kv16 = Tn*D*2 bytes = one 16-bit K (or V) tile; every piece starts on a 128 B bo
 aliased region on a 1024 B boundary):
 
     [0, q16)                sQ: 16-bit Q tile (Tm x D, 128 B-swizzled rows).  Phase 1 holds the
-                            decoded FP4 Q (exact fp16/bf16 values of dq(Q)); phase 2 overwrites it with
+                            decoded FP4 Q (exact fp16/bf16 values of dq(Q), times 2^(FP4_EXP-14) from "bits"
+                            code words); phase 2 overwrites it with
                             the real fp16/bf16 Q (loaded only if the CTA has a selected tile).
                             (qk_rotation="hadamard", the default: the FP4 Q/K -- Qp/Qs, Kp/Ks, dq(K) -- are
                             of the Hadamard-rotated Q/K, quant/rotation.py; the 16-bit Q and K are unrotated.
@@ -20,6 +21,8 @@ aliased region on a 1024 B boundary):
                                         ks  Tn x D/16  E4M3 K scales
                                         vp  D x Tn/2   packed E2M1 V^T rows (keys contiguous, = Vp)
                                         vs  D x Tn/16  E4M3 V scales (groups of 16 keys)
+                                        (the code words' bit order, nibble or "bits", is the quantizer's
+                                        fp4_layout = kernels.prefill.fp4_word_layout; the bytes are the same size)
       phase 2 (FP16)  R + t*kv16, t < 2: FP16 K stage t (Tn x D);  R + 2*kv16 + t*kv16: FP16 V stage t
     region = max(2*kv16 + S*fp4_stage, fp16_stages*2*kv16)   (fp16_stages = schedule.fp16_stages, 2 or 1; with 1
     the single FP16 K/V stage sits at R + 0 / R + kv16, where kdec / vdec lived)

@@ -7,6 +7,8 @@ Outputs (contract layouts, see layouts/prefill.py):
     Vp [B,Hkv,D,Skv_pad/2], Vs [B,Hkv,D,Skv_pad/16] (Skv_pad = round_up(Skv, 64), zero padded)
                                           = nvfp4.quantize(pad(v).permute(0,2,3,1), dim=-1, scale_rule=rule)
     Kmean [B, nkb, Hkv, D] fp32: mean of each 64-key block over its valid keys (always of the UNrotated K).
+    fp4_layout="bits": Qp, Kp, Vp hold the same codes with every 32-bit word in kernels/kv_cache.py's BITS_POS order
+    (what the SM90 prefill's fp16 decode reads; kernels.prefill.fp4_word_layout) instead of nvfp4's nibble order.
     rotate=True (qk_rotation="hadamard"): Q and K are rotated first, Qp/Qs = nvfp4.quantize(hadamard_rotate(q)),
     Kp/Ks likewise (and Kd = dq of the rotated K); see "Rotation" below.
     with_dq=True (the SM90 prefill's "dq16" K/V source, see kernels/prefill.py):
@@ -29,14 +31,14 @@ shuffles with the full mask (V items and the past-the-end items of the last warp
 predicated, the shuffles are not); a V lane is never the partner of a Q/K lane (nQ + nK is a multiple of D/16).
 
 Numerics (fp32): scale = E4M3_RNE(amax/6) with saturation at 448 (cvt.rn.satfinite), code = E2M1_RNE(x/scale)
-by true division (kernels/arch_paths.div16: div.rn's fast path, one reciprocal per group), sign kept for values rounding to 0; scale 0 -> codes 0; a group with NaN/Inf gets scale
-0x7F (NaN) and codes 0.
+by true division (kernels/arch_paths.div16: div.rn's fast path, one reciprocal per group and divisor), sign kept for
+values rounding to 0; scale 0 -> codes 0; a group with NaN/Inf gets scale 0x7F (NaN) and codes 0.
 Scale rule (scale_rule, static): "mse" (the default) replaces the amax scale of every finite, non-flushed Q, K (after
 the rotation) and V group by the best of it and its E4M3 neighbours quant.nvfp4.MSE_SCALE_STEPS (read at construction)
 under the fixed-order fp32 squared error -- kernels/arch_paths.nvfp4_mse_scale, the device twin of
 quant.nvfp4.mse_refine, so the outputs equal nvfp4.quantize(..., scale_rule="mse") bit for bit; the codes are then
-encoded with the chosen scale as above. "amax" keeps E4M3_RNE(amax/6). Cost of "mse": ~16 * (1 + len(steps)) extra
-IEEE divisions per group. (P, quantized inside the prefill kernel, always uses the amax rule.)
+encoded with the chosen scale as above. "amax" keeps E4M3_RNE(amax/6). Cost of "mse": 16 * (1 + len(steps)) extra
+true divisions (~3 instructions each) and E2M1 roundings per group. (P, quantized inside the prefill kernel, always uses the amax rule.)
 """
 from __future__ import annotations
 

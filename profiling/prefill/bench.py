@@ -4,7 +4,8 @@ import json, math, os, sys, time, torch
 sys.path.insert(0, ".")
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from kernels.interface import _run_prefill, quantize_for_prefill, selection_bitmask
+from kernels.interface import _arch, _run_prefill, quantize_for_prefill, selection_bitmask
+from kernels.prefill import fp4_word_layout
 import kernels
 from kernels.schedules import SCHEDULES, get_schedule
 from kernels.selection import select_blocks
@@ -62,7 +63,10 @@ for S, q, k, v in cases:
         ms = do_bench(lambda: _run_prefill(q, k, v, sel, True, 1 / math.sqrt(D), get_schedule(None), "nvfp4", out=o, lse=l),
                       warmup=20, rep=300, return_mode="median")
         rows.append(dict(S=S, method=f"thrift b={b} (quant+prefill)", ms=ms, tflops=tf(ms)))
-        ms = do_bench(lambda: quantize_for_prefill(q, k, v), warmup=20, rep=200, return_mode="median")
+        # as thrift_attention runs it: Hadamard-rotated Q/K, the default schedule's code-word order, "mse" scales
+        lay = fp4_word_layout(get_schedule(None), _arch(q.device), q.dtype == torch.bfloat16)
+        ms = do_bench(lambda: quantize_for_prefill(q, k, v, rotate=True, fp4_layout=lay), warmup=20, rep=200,
+                      return_mode="median")
         rows.append(dict(S=S, method=f"  quant kernel only", ms=ms, tflops=float("nan")))
     for r in rows:
         if r["S"] == S:
