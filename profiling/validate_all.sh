@@ -34,8 +34,10 @@ done
 for p in "${pids[@]}"; do wait $p; done
 echo "phase A done $(date -u)" >> $W/device.txt
 touch $FLAG; wait $BENCH
-timeout 280 python -m kernels.decode_bench --out $W/decode_bench.json --ctas-per-sm 8 10 --schedules "work=static" --no-fa4 \
-  > $W/decode_bench.log 2>&1
+if [ "${SKIP_DECODE_BENCH:-0}" != 1 ]; then  # SKIP_DECODE_BENCH=1: no decode timing (e.g. no decode code changed)
+  timeout 280 python -m kernels.decode_bench --out $W/decode_bench.json --ctas-per-sm 8 10 --schedules "work=static" --no-fa4 \
+    > $W/decode_bench.log 2>&1
+fi
 echo "phase B done $(date -u)" >> $W/device.txt
 # Phase C: Nsight Compute --set full of one split-KV decode launch, B=1, L=128k, budget 0.05 (the issue-4 goal shape)
 if [ "${SKIP_NCU:-0}" != 1 ]; then
