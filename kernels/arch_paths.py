@@ -123,10 +123,11 @@ def _e4m3_candidate(code, step: int, *, loc=None, ip=None):
 # --------------------------------------------------------------- true division by a shared divisor
 # x / s for the 16 values of a group with one divisor: ptxas's own div.rn.f32 fast path (MUFU.RCP, one Newton step
 # r = r0 + r0 (1 - s r0), q0 = x r, remainder t = x - s q0 by FMA, q = q0 + r t) with the reciprocal computed once
-# per divisor instead of once per division, and without div.rn's FCHK range check + slow-path call.  FCHK only
-# diverts operands with extreme exponents (denormal / huge x or s); here s is an E4M3 value in [2^-9, 448] (or 1.0)
-# and, wherever the fast path could be off by an ulp, |x / s| is < 2^-100 or > 2^100, where the E2M1 code (0 or
-# the saturated 6) and the squared error m*s - |x| do not depend on it.  So the results equal div.rn's, ~3
+# per divisor instead of once per division, and without div.rn's FCHK range check + slow-path call.  FCHK diverts
+# only operands with extreme exponents (zero / denormal / inf / nan, or near the ends of the fp32 range); here s is
+# an E4M3 value in [2^-9, 448] (or 1.0), so such an x has |x / s| far below 0.25 or far above 6 (or is not finite:
+# its group keeps scale NaN and zero codes), where the E2M1 code (0 or the saturated 6) and the squared error
+# m*s - |x| do not depend on the last ulp of the quotient.  So the codes and errors equal div.rn's, at ~3
 # instructions per division instead of ~10.  The dv_ register names make the FMAs recognisable in the PTX (the
 # quantizer's numerics have no other FMA; tests/test_prefill_compile.py checks it).
 
@@ -287,11 +288,11 @@ def fp4x8_decode_s2(w, s2, is_bf16: bool, *, loc=None, ip=None):
     return tuple(Uint32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4))
 
 
-# "bits" FP4 word layout (kernels/kv_cache.py BITS_POS: the decode cache, and the SM90 prefill's packed Q/K/V on its fp16
-# decode path): decoded values are E2M1 * scale * 2^(FP4_EXP - 14) in fp16 (exact:
-# the product's last bit is >= 2^-10 * 2^-7 = 2^-17 > 2^-24, and 6 * 448 * 2^-7 < 65504); the 2^(14 - FP4_EXP) goes
-# into the fp32 factors (softmax scale of S, s1 of O), which makes the result bit-identical to the "nibble" path.
-# 7 rather than 0 keeps most products fp16-normal (subnormal only below 2^-7), 1 extra HMUL2 per 16-group.
+# "bits" FP4 word layout (kernels/kv_cache.py BITS_POS: the decode cache, and the SM90 prefill's packed Q/K/V on its
+# fp16 decode path): decoded values are E2M1 * scale * 2^(FP4_EXP - 14) in fp16 (exact: the product's last bit is
+# >= 2^-10 * 2^-7 = 2^-17 > 2^-24, and 6 * 448 * 2^-7 < 65504); the 2^(14 - FP4_EXP) goes into the fp32 factors
+# (softmax scale of S, s1 of O), which makes the result bit-identical to the "nibble" path. 7 rather than 0 keeps
+# most products fp16-normal (subnormal only below 2^-7), at 1 extra HMUL2 per 16-group.
 FP4_EXP = 7
 
 
@@ -329,7 +330,6 @@ def e4m3_bcast_f16_pow2(word, i: int, exp2: int, *, loc=None, ip=None) -> Uint32
                        f"prmt.b32 t, $1, 0, {sel};\n\tcvt.u16.u32 h, t;\n\tcvt.rn.f16x2.e4m3x2 t, h;\n\t"
                        f"mov.b32 f, {(f << 16) | f};\n\tmul.rn.f16x2 $0, t, f;\n\t}}",
                        "=r,r"))
-
 
 
 class Sm90DecodePath:

@@ -38,7 +38,8 @@ the rotation) and V group by the best of it and its E4M3 neighbours quant.nvfp4.
 under the fixed-order fp32 squared error -- kernels/arch_paths.nvfp4_mse_scale, the device twin of
 quant.nvfp4.mse_refine, so the outputs equal nvfp4.quantize(..., scale_rule="mse") bit for bit; the codes are then
 encoded with the chosen scale as above. "amax" keeps E4M3_RNE(amax/6). Cost of "mse": 16 * (1 + len(steps)) extra
-true divisions (~3 instructions each) and E2M1 roundings per group. (P, quantized inside the prefill kernel, always uses the amax rule.)
+true divisions (~3 instructions each) and E2M1 roundings per group. (P, quantized inside the prefill kernel, always
+uses the amax rule.)
 """
 from __future__ import annotations
 
