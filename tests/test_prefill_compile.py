@@ -96,7 +96,8 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
         if name.startswith("quant"):
             # rotation: strides 16, 32 (, 64) by full-mask butterfly shuffles, 16 values each; none without it
             n_shfl = len(re.findall(r"shfl\.sync\.bfly\.b32\s+%r\d+, %r\d+, \d+, 31, -1;", text))
-            want = {"quant": 0, "quant_rot": 16 * 3, "quant_rot64": 16 * 2, "quant_amax": 16 * 3, "quant_bits": 16 * 3}[name]
+            want = {"quant": 0, "quant_rot": 16 * 3, "quant_rot64": 16 * 2, "quant_amax": 16 * 3,
+                    "quant_bits": 16 * 3}[name]
             assert n_shfl == want, f"{name}: {n_shfl} shuffles, expected {want}"
             # "mse" scale rule: the per-element SSE step e*e then acc + e, both explicitly rounded (no contraction)
             from quant.nvfp4 import MSE_SCALE_STEPS
@@ -114,7 +115,8 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
             continue
         # phase-1 decode: shift-and-mask of "bits" code words where it decodes to fp16, else the prmt tables
         i_sch = sorted(SCHEDULES).index(name)  # the script's dtype choice: bf16 for odd indices
-        bits = fp4_word_layout(SCHEDULES[name], int("".join(ch for ch in arch if ch.isdigit())), i_sch % 2 == 1) == "bits"
+        arch_num = int("".join(ch for ch in arch if ch.isdigit()))
+        bits = fp4_word_layout(SCHEDULES[name], arch_num, i_sch % 2 == 1) == "bits"
         assert ("0x8E008E00" in text) == bits, f"{arch} {name}: bits decode expected {bits}"
         if bits:
             assert "0x3E3C3800" not in text and "0x3F3F3F00" not in text, f"{name}: table decode left in"
