@@ -165,19 +165,20 @@ class QuantKernel:
             code, s = nvfp4_mse_scale([vals[i] for i in range(16)], s, ok, self.mse_steps)
         div = s if ok else Float32(1.0)
         quo = div16([vals[i] for i in range(16)], div)  # == vals[i] / div (IEEE), one reciprocal per group
+        codes = [_e2m1_code(quo[i]) for i in range(16)]
         if const_expr(self.fp4_layout == "bits"):
-            # the same 16 codes, each 32-bit word (8 codes) in the "bits" order (kernels/kv_cache.py BITS_POS)
+            # each 32-bit word (8 codes) in the "bits" order (kernels/kv_cache.py BITS_POS)
             for h in cutlass.range_constexpr(2):
                 w = Uint32(0)
                 for e in cutlass.range_constexpr(8):
-                    c = _e2m1_code(quo[8 * h + e])
+                    c = codes[8 * h + e]
                     w = w | ((c & Uint32(7)) << Uint32(BITS_POS[e][0])) | ((c >> Uint32(3)) << Uint32(BITS_POS[e][1]))
                 w = w if ok else Uint32(0)
                 for j in cutlass.range_constexpr(4):
                     pk[4 * h + j] = Uint8((w >> Uint32(8 * j)) & Uint32(255))
         for i in cutlass.range_constexpr(8):
-            lo = _e2m1_code(quo[2 * i])
-            hi = _e2m1_code(quo[2 * i + 1])
+            lo = codes[2 * i]
+            hi = codes[2 * i + 1]
             if const_expr(self.fp4_layout == "nibble"):
                 pk[i] = Uint8(lo | (hi << Uint32(4))) if ok else Uint8(0)
             if const_expr(self.with_dq):
