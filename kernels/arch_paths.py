@@ -76,6 +76,49 @@ def e2m1_rne(y, *, loc=None, ip=None) -> Float32:
     return Float32(_asm(T.f32(), [Float32(y).ir_value(loc=loc, ip=ip)], _e2m1_rne_ptx("$0", "$1"), "=f,f"))
 
 
+
+@dsl_user_op
+def e2m1_rne_x22(y22, *, loc=None, ip=None) -> Float32:
+    """E2M1 RNE of y = y22 * 2^-22 >= 0, NOT saturated (7 -> 8): e2m1_rne's rounding in 4 instructions, for
+    callers that saturate and scale later in packed 16-bit (pack_p_sat_scale).  The 2^22 is folded into the
+    multiply that produces y22 (exact), so max(y22, 2^22) & exponent-mask is e2m1_rne's magic c directly (no
+    integer add), and fma(y22, 2^-22, c) = add.rn(y, c) (the product is exact): same result as e2m1_rne."""
+    return Float32(_asm(
+        T.f32(), [Float32(y22).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .b32 c;\n\t.reg .f32 r;\n\t"
+        "max.f32 r, $1, 0f4A800000;\n\tmov.b32 c, r;\n\tand.b32 c, c, 0x7F800000;\n\tmov.b32 r, c;\n\t"
+        "fma.rn.f32 $0, $1, 0f34800000, r;\n\tsub.rn.f32 $0, $0, r;\n\t}",
+        "=f,f"))
+
+
+@dsl_user_op
+def e4m3_rne_pair(x, is_bf16: bool, *, loc=None, ip=None):
+    """e4m3_rne(x) as (fp32 value, the same value as a half2 (s, s) in fp16 or bf16): both exact."""
+    to_bf16 = "cvt.rn.bf16x2.f32 h2, $0, $0;\n\t" if is_bf16 else ""
+    res = _asm(llvm.StructType.get_literal([T.f32(), T.i32()]), [Float32(x).ir_value(loc=loc, ip=ip)],
+               "{\n\t.reg .b16 e;\n\t.reg .b32 h2;\n\t.reg .f16 h;\n\t"
+               "cvt.rn.satfinite.e4m3x2.f32 e, $2, $2;\n\tcvt.rn.f16x2.e4m3x2 h2, e;\n\t"
+               "mov.b32 {h, _}, h2;\n\tcvt.f32.f16 $0, h;\n\t" + to_bf16 + "mov.b32 $1, h2;\n\t}",
+               "=f,=r,f")
+    return (Float32(llvm.extractvalue(T.f32(), res, [0], loc=loc, ip=ip)),
+            Uint32(llvm.extractvalue(T.i32(), res, [1], loc=loc, ip=ip)))
+
+
+@dsl_user_op
+def pack_p_sat_scale(a, b, s2, is_bf16: bool, *, loc=None, ip=None) -> Uint32:
+    """(a, b) unsaturated E2M1 values (e2m1_rne_x22) -> the half2 (min(a, 6) * s, min(b, 6) * s) in fp16 or bf16
+    (a in the low half): 3 instructions per pair instead of 2 fp32 min + 2 fp32 multiplies + the pack.  Exact,
+    so bit-identical to packing e2m1_rne(.) * s: E2M1 values are exact in 16 bit, and every E2M1 * E4M3 product
+    fits fp16 (2^-10 .. 2688) and bf16 (at most 6 significant bits)."""
+    ty = "bf16x2" if is_bf16 else "f16x2"
+    six = 0x40C040C0 if is_bf16 else 0x46004600
+    return Uint32(_asm(T.i32(), [Float32(a).ir_value(loc=loc, ip=ip), Float32(b).ir_value(loc=loc, ip=ip),
+                                 Uint32(s2).ir_value(loc=loc, ip=ip)],
+                       "{\n\t.reg .b32 w, k;\n\t"
+                       f"cvt.rn.{ty}.f32 w, $2, $1;\n\tmov.b32 k, {six};\n\tmin.{ty} w, w, k;\n\t"
+                       f"mul.rn.{ty} $0, w, $3;\n\t}}",
+                       "=r,f,f,r"))
+
 # ------------------------------------------------------------------------------- NVFP4 "mse" scale rule
 # The one device implementation of quant.nvfp4's "mse" encoder rule (module docstring there), shared by the prefill
 # quantizer (quant/quant_kernel.py: Q, K, V groups) and the decode kernel's in-register query quantization

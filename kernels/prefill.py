@@ -73,7 +73,8 @@ from cutlass import Float32, Int32, Uint32, const_expr
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 import cutlass.utils.hopper_helpers as sm90_helpers
 
-from kernels.arch_paths import FP4_EXP, e2m1_rne, e4m3_rne, ex2, lg2, make_arch_path
+from kernels.arch_paths import (FP4_EXP, e2m1_rne_x22, e4m3_rne_pair, ex2, lg2, make_arch_path,
+                                pack_p_sat_scale)
 from kernels.schedules import PrefillSchedule
 from layouts.prefill import PrefillSmemMap, smem_tile_layout_16b, wgmma_tile_layout_16b
 from layouts.sm120_fp4 import swizzle_bits as sm120_swizzle_bits
@@ -742,10 +743,26 @@ class ThriftPrefillKernel:
         fold = const_expr(phase == 1 and self.bits)
         sl2_s = sl2 * Float32(S_FOLD) if fold else sl2
         ncols = cute.size(acc_S_mn, mode=[1])
+        p_scales = {}  # phase 1, SM90: (row, 16-key group) -> sc as a 16-bit pair
         for r in cutlass.range_constexpr(cute.size(acc_S_mn, mode=[0])):
-            s_row = acc_S_mn[r, None].load()
-            tmax = s_row.reduce(cute.ReductionOp.MAX, -Float32.inf, 0)
-            tmax = self.quad_max(tmax)
+            # SM90 phase 1: the per-16-key group maxima are taken of S (quad_max over the 4 lanes that hold the
+            # group), before the exp: the row max is their max, and the group maxima of P~ = ex2(S*sl2 - m) are
+            # ex2 of them (exp is monotone, and it is the same fma + ex2 as the element's own), so the P scale
+            # chain below runs beside the 32 exps instead of after a second max pass over P~
+            p_gmax_from_s = const_expr(phase == 1 and not self.path.block_scaled)
+            gmax_s = []
+            if const_expr(p_gmax_from_s):
+                for g in cutlass.range_constexpr(ncols // 4):
+                    v = cute.arch.fmax(cute.arch.fmax(acc_S_mn[r, 4 * g], acc_S_mn[r, 4 * g + 1]),
+                                       cute.arch.fmax(acc_S_mn[r, 4 * g + 2], acc_S_mn[r, 4 * g + 3]))
+                    gmax_s.append(self.quad_max(v))
+                tmax = gmax_s[0]
+                for g in cutlass.range_constexpr(1, ncols // 4):
+                    tmax = cute.arch.fmax(tmax, gmax_s[g])
+            else:
+                s_row = acc_S_mn[r, None].load()
+                tmax = s_row.reduce(cute.ReductionOp.MAX, -Float32.inf, 0)
+                tmax = self.quad_max(tmax)
             if const_expr(fold):
                 tmax = tmax * Float32(S_FOLD)
             m_old = ctx.row_max[r]
@@ -773,9 +790,7 @@ class ThriftPrefillKernel:
                         rmax = self.quad_max(p_row.reduce(cute.ReductionOp.MAX, Float32(0.0), 0))
                     else:
                         for g in cutlass.range_constexpr(ncols // 4):
-                            v = cute.arch.fmax(cute.arch.fmax(acc_S_mn[r, 4 * g], acc_S_mn[r, 4 * g + 1]),
-                                               cute.arch.fmax(acc_S_mn[r, 4 * g + 2], acc_S_mn[r, 4 * g + 3]))
-                            gmax.append(self.quad_max(v))
+                            gmax.append(ex2(gmax_s[g] * sl2_s - ms))
                         rmax = gmax[0]
                         for g in cutlass.range_constexpr(1, ncols // 4):
                             rmax = cute.arch.fmax(rmax, gmax[g])
@@ -793,12 +808,16 @@ class ThriftPrefillKernel:
                         # the helper quantizes P~ itself (same s1); rows below the threshold contribute 0
                         keep = Float32(1.0) if valid else Float32(0.0)
                         acc_S_mn[r, None] = acc_S_mn[r, None].load() * keep
+                    # x / sc = P~ * (1/s1) * (1/sc): one multiply per element by kq = inv_s1/sc, taken times 2^22
+                    # (exact) for e2m1_rne_x22; acc_S keeps the unsaturated E2M1 value, the saturation and the
+                    # scale sc are applied in packed 16 bit when P' is built below (pack_p_sat_scale)
+                    inv_s1_22 = inv_s1 * Float32(2.0 ** 22)
                     for g in cutlass.range_constexpr(0 if self.path.block_scaled else ncols // 4):
-                        sc = e4m3_rne((gmax[g] * inv_s1) * Float32(1.0 / 6.0))
-                        # x / sc = P~ * (1/s1) * (1/sc): one multiply per element by kq = inv_s1/sc
-                        kq = inv_s1 * cute.arch.rcp_approx(sc) if sc > Float32(0.0) else Float32(0.0)
+                        sc, sc2 = e4m3_rne_pair((gmax[g] * inv_s1) * Float32(1.0 / 6.0), self.p1_bf16)
+                        kq22 = inv_s1_22 * cute.arch.rcp_approx(sc) if sc > Float32(0.0) else Float32(0.0)
                         for q in cutlass.range_constexpr(4):
-                            acc_S_mn[r, 4 * g + q] = e2m1_rne(acc_S_mn[r, 4 * g + q] * kq) * sc
+                            acc_S_mn[r, 4 * g + q] = e2m1_rne_x22(acc_S_mn[r, 4 * g + q] * kq22)
+                        p_scales[(r, g)] = sc2
                     acc_O_mn[r, None] = acc_O_mn[r, None].load() * ratio
                 else:
                     acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
@@ -810,7 +829,18 @@ class ThriftPrefillKernel:
             # P (16-bit) as the A operand of P.V: the same registers, re-viewed (a_view)
             pdt = self.p1_dtype if const_expr(phase == 1) else self.dtype  # P' of phase 1: exact in fp16
             rP = cute.make_fragment_like(acc_S, pdt)
-            rP.store(acc_S.load().to(pdt))
+            if const_expr(phase == 1):
+                # P' = min(E2M1, 6) * sc per column pair (2k, 2k+1) of an mn row: adjacent registers (mn_view), so
+                # one 32-bit word of rP, written through a flat word view at the pair's register offset
+                rP32 = cute.make_tensor(cute.recast_ptr(rP.iterator, dtype=Uint32),
+                                        cute.make_layout(cute.size(rP) // 2))
+                for r in cutlass.range_constexpr(cute.size(acc_S_mn, mode=[0])):
+                    for c in cutlass.range_constexpr(0, ncols, 2):
+                        off = self.reg_offset(acc_S_mn, r, c)
+                        rP32[off // 2] = pack_p_sat_scale(acc_S_mn[r, c], acc_S_mn[r, c + 1], p_scales[(r, c // 4)],
+                                                          self.p1_bf16)
+            else:
+                rP.store(acc_S.load().to(pdt))
             tOrP = self.a_view(rP)
             if const_expr(self.wg):
                 if const_expr(phase == 1 and not self.dq16):
@@ -924,6 +954,13 @@ class ThriftPrefillKernel:
             mn = cute.make_layout(((l.shape[0][1], l.shape[1]), (l.shape[0][0], l.shape[2])),
                                   stride=((l.stride[0][1], l.stride[1]), (l.stride[0][0], l.stride[2])))
         return cute.make_tensor(acc.iterator, cute.composition(acc.layout, mn))
+
+    def reg_offset(self, t_mn: cute.Tensor, r: int, c: int) -> int:
+        """Register (storage) offset of element (r, c) of a static mn view; (r, c + 1) must be the next register."""
+        off = cute.crd2idx((r, c), t_mn.layout)
+        assert isinstance(off, int) and off % 2 == 0 and cute.crd2idx((r, c + 1), t_mn.layout) == off + 1, \
+            f"mn view: columns {c}, {c + 1} of row {r} are not one aligned register pair"
+        return off
 
     @cute.jit
     def a_view(self, acc: cute.Tensor) -> cute.Tensor:

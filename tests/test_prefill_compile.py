@@ -176,6 +176,37 @@ def test_e2m1_magic_rounding_matches_codec():
     assert np.array_equal(got, ref)
 
 
+
+def test_p_quant_x22_and_packed_scale_match_codec():
+    """The prefill's P' path: kernels.arch_paths.e2m1_rne_x22 (c = max(y22, 2^22) & exponent mask, fma(y22, 2^-22,
+    c) - c, y22 = y * 2^22) then pack_p_sat_scale (16-bit min(., 6) * sc), emulated bit for bit in numpy, equals the
+    codec's E2M1 RNE times sc on every decision point, its fp32 neighbours and random y, for fp16 and bf16."""
+    import numpy as np
+    import torch
+
+    from quant._fp4common import e2m1_decode, e2m1_encode
+
+    pts = [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 2688]
+    ys = []
+    for p in pts:
+        x = np.float32(p)
+        ys += [x, np.nextafter(x, np.float32(0)), np.nextafter(x, np.float32(1e9))]
+    ys = np.concatenate([np.array(ys, np.float32), np.random.rand(200000).astype(np.float32) * 7,
+                         np.float32(2.0) ** -np.random.randint(1, 140, 1000).astype(np.float32)])
+    y22 = ys * np.float32(2.0 ** 22)  # exact (power of two)
+    c = (np.maximum(y22, np.float32(2.0 ** 22)).view(np.uint32) & np.uint32(0x7F800000)).view(np.float32)
+    # fma(y22, 2^-22, c) rounds y + c once; y22 * 2^-22 == ys exactly, so float64 sum -> float32 is that rounding
+    r = ((y22.astype(np.float64) * 2.0 ** -22 + c.astype(np.float64)).astype(np.float32) - c).astype(np.float32)
+    q = e2m1_decode(e2m1_encode(torch.from_numpy(ys)))
+    assert np.array_equal(np.minimum(r, np.float32(6)), q.numpy())
+    # packed: 16-bit conversion of r (exact), min 6, times an E4M3 scale: exact, so equal to the fp32 product
+    scales = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # every finite E4M3 > 0
+    for dt in (torch.float16, torch.bfloat16):
+        h = torch.from_numpy(r).to(dt).clamp(max=6.0)
+        for sc in scales[:: 5].tolist() + [float(scales[-1])]:
+            got = (h * torch.tensor(sc, dtype=dt)).float()
+            assert torch.equal(got, q * sc), (dt, sc)
+
 def test_smem_map_aliasing():
     from layouts.prefill import PrefillSmemMap
 
