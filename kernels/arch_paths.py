@@ -403,33 +403,56 @@ class Sm90DecodePath:
         nv = cute.size(tD, mode=[0])  # values per thread and step: 8 (one code word) or 16 (one scale group)
         frag = cute.make_rmem_tensor((nv,), dst.element_type)
         frag32 = cute.recast_tensor(frag, Uint32)
-        for m in cutlass.range_constexpr(cute.size(tD, mode=[1])):
-            for k in cutlass.range_constexpr(cute.size(tD, mode=[2])):
-                row = cD[0, m, k][0]
-                col = cD[0, m, k][1]
-                if const_expr(check_rows):
+        if const_expr(check_rows):
+            for m in cutlass.range_constexpr(cute.size(tD, mode=[1])):
+                for k in cutlass.range_constexpr(cute.size(tD, mode=[2])):
+                    row = cD[0, m, k][0]
+                    col = cD[0, m, k][1]
                     if row < row_limit:
                         self.decode_group(frag32, src32, scales, row, col, nv, is_bf16, bits)
                     else:
                         for i in cutlass.range_constexpr(nv // 2):
                             frag32[i] = Uint32(0)
-                else:
-                    self.decode_group(frag32, src32, scales, row, col, nv, is_bf16, bits)
-                cute.autovec_copy(frag, tD[None, m, k])
+                    cute.autovec_copy(frag, tD[None, m, k])
+        else:
+            # every row valid: all of this thread's code words and scales are loaded first, then decoded and
+            # stored -- ptxas does not move a load of src above a store to dst (it cannot tell they do not alias),
+            # so loading inside the store loop exposed each load's latency (short scoreboard stalls in the profile)
+            loaded = []
+            for m in cutlass.range_constexpr(cute.size(tD, mode=[1])):
+                for k in cutlass.range_constexpr(cute.size(tD, mode=[2])):
+                    row = cD[0, m, k][0]
+                    col = cD[0, m, k][1]
+                    words = [src32[row, col // 8 + h] for h in range(nv // 8)]
+                    loaded.append((Uint32(scales[row, col // 16]), words))
+            i_mk = 0
+            for m in cutlass.range_constexpr(cute.size(tD, mode=[1])):
+                for k in cutlass.range_constexpr(cute.size(tD, mode=[2])):
+                    sc, words = loaded[i_mk]
+                    i_mk += 1
+                    self.decode_words(frag32, sc, words, is_bf16, bits)
+                    cute.autovec_copy(frag, tD[None, m, k])
 
     @cute.jit
     def decode_group(self, frag32: cute.Tensor, src32: cute.Tensor, scales: cute.Tensor, row: Int32, col: Int32,
                      nv: cutlass.Constexpr, is_bf16: cutlass.Constexpr, bits: cutlass.Constexpr):
         """frag32[0 : nv/2] <- the nv (8 or 16) decoded values at (row, col..col+nv-1) as 16-bit pairs."""
+        self.decode_words(frag32, Uint32(scales[row, col // 16]), [src32[row, col // 8 + h] for h in range(nv // 8)],
+                          is_bf16, bits)
+
+    @cute.jit
+    def decode_words(self, frag32: cute.Tensor, sc: Uint32, words: list, is_bf16: cutlass.Constexpr,
+                     bits: cutlass.Constexpr):
+        """frag32[0 : 4 * len(words)] <- the code words (8 E2M1 codes each) times the E4M3 scale in sc's low byte."""
         if const_expr(bits):
-            s2 = e4m3_bcast_f16_pow2(Uint32(scales[row, col // 16]), 0, FP4_EXP)
+            s2 = e4m3_bcast_f16_pow2(sc, 0, FP4_EXP)
         else:
-            s2 = e4m3_half2(Uint32(scales[row, col // 16]), is_bf16)
-        for h in cutlass.range_constexpr(nv // 8):
+            s2 = e4m3_half2(sc, is_bf16)
+        for h in cutlass.range_constexpr(len(words)):
             if const_expr(bits):
-                d = fp4x8_f16_bits(src32[row, col // 8 + h], s2)
+                d = fp4x8_f16_bits(words[h], s2)
             else:
-                d = fp4x8_decode_s2(src32[row, col // 8 + h], s2, is_bf16)
+                d = fp4x8_decode_s2(words[h], s2, is_bf16)
             for i in cutlass.range_constexpr(4):
                 frag32[4 * h + i] = d[i]
 
