@@ -53,7 +53,7 @@ fi
   echo "worst prefill relL2: $(grep -ho 'relL2=[0-9.e+-]*' $W/t_prefill_*.log | cut -d= -f2 | sort -g | tail -1)"
   echo "worst decode rel L2: $(grep -h 'rel L2' $W/t_decode.log | sed 's/.*rel L2 \([0-9.e+-]*\).*/\1/' | sort -g | tail -1)"
   echo "== sanitizers"; for f in $W/*memcheck.log $W/*racecheck.log; do echo "$(basename $f): $(grep -E 'SUMMARY' $f | tail -1)"; done
-  echo "== prefill bench"; grep -E "S=|\|" $W/prefill_bench.log | tail -30
+  echo "== prefill bench"; grep -E "S=|\|" $W/prefill_bench.log | tail -50
   echo "== decode bench"; tail -n 40 $W/decode_bench.log
   echo "== ncu decode (B=1, 128k, b=0.05)"; tail -n 5 $W/ncu_decode.log 2>/dev/null
   grep -hE "^  [A-Z].*(Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issued Ipc|Warp Cycles Per Issued|No Eligible|Theoretical Occupancy) " $W/ncu/*.details.txt 2>/dev/null | head -20
