@@ -300,31 +300,43 @@ def e4m3_half2(sc_byte, is_bf16: bool, *, loc=None, ip=None) -> Uint32:
 @dsl_user_op
 def fp4x8_decode_s2(w, s2, is_bf16: bool, *, loc=None, ip=None):
     """Decode 8 packed E2M1 codes (element i in nibble i of w) times the half2 scale s2 (e4m3_half2) into 4 half2
-    words (element 2k in the low half of word k).  Exact in fp16 and bf16."""
+    words (element 2k in the low half of word k).  Exact in fp16 and bf16.  The prefill's "nibble" decode and the
+    decode kernel's (kernels/decode.py, fp16 only: 19 instructions per word, the scale converted once per group)."""
     t = _LUT["bf16" if is_bf16 else "f16"]
-    ty = "bf16x2" if is_bf16 else "f16x2"
-    if is_bf16:  # low bytes from their own table, interleaved with the high bytes: word k = (elem 2k, elem 2k+1)
-        lows = (f"prmt.b32 l0, {t['lo_lo']}, {t['lo_hi']}, m;\n\tprmt.b32 l1, {t['lo_lo']}, {t['lo_hi']}, x;\n\t")
-        inter = ("prmt.b32 $0, l0, h0, 0x5140;\n\tprmt.b32 $1, l0, h0, 0x7362;\n\t"
-                 "prmt.b32 $2, l1, h1, 0x5140;\n\tprmt.b32 $3, l1, h1, 0x7362;\n\t")
-    else:  # every fp16 E2M1 value has a zero low byte: interleave the high bytes with zeros (ptxas does not
-        # fold a prmt of two zero tables, so the low-byte lookups are left out; 2 instructions fewer per word)
-        lows = ""
-        inter = ("prmt.b32 $0, h0, 0, 0x1404;\n\tprmt.b32 $1, h0, 0, 0x3424;\n\t"
-                 "prmt.b32 $2, h1, 0, 0x1404;\n\tprmt.b32 $3, h1, 0, 0x3424;\n\t")
-    text = (
-        "{\n\t.reg .b32 m, se, so, h0, h1, l0, l1, g0, g1, x;\n\t"
-        "and.b32 m, $4, 0x77777777;\n\tshr.b32 x, m, 16;\n\t"
-        # high (and, bf16, low) bytes of the 16-bit values of codes 0..3 (h0, l0) and 4..7 (h1, l1)
-        f"prmt.b32 h0, {t['hi_lo']}, {t['hi_hi']}, m;\n\t"
-        f"prmt.b32 h1, {t['hi_lo']}, {t['hi_hi']}, x;\n\t" + lows +
-        # sign bits: even nibbles (bit 3 of each byte) and odd nibbles (bit 7) -> bit 7 of a byte
-        "and.b32 se, $4, 0x08080808;\n\tshl.b32 se, se, 4;\n\tand.b32 so, $4, 0x80808080;\n\t"
-        "prmt.b32 g0, se, so, 0x5140;\n\tprmt.b32 g1, se, so, 0x7362;\n\t"
-        "or.b32 h0, h0, g0;\n\tor.b32 h1, h1, g1;\n\t" + inter +
-        f"mul.rn.{ty} $0, $0, $5;\n\tmul.rn.{ty} $1, $1, $5;\n\tmul.rn.{ty} $2, $2, $5;\n\tmul.rn.{ty} $3, $3, $5;\n\t"
-        "}"
-    )
+    if not is_bf16:  # every fp16 E2M1 value has a zero low byte: the high bytes are interleaved with zeros (ptxas
+        # does not fold a prmt of two zero tables, so there are no low-byte lookups: 2 instructions fewer per word)
+        text = (
+            "{\n\t.reg .b32 m, x, h0, h1, se, so, g0, g1;\n\t"
+            "and.b32 m, $4, 0x77777777;\n\t"
+            f"prmt.b32 h0, 0x{t['hi_lo']:08X}, 0x{t['hi_hi']:08X}, m;\n\t"
+            "shr.b32 x, m, 16;\n\t"
+            f"prmt.b32 h1, 0x{t['hi_lo']:08X}, 0x{t['hi_hi']:08X}, x;\n\t"
+            # sign bits: even nibbles (bit 3 of each byte, shifted to bit 7) and odd nibbles (bit 7)
+            "shl.b32 se, $4, 4;\n\tand.b32 se, se, 0x80808080;\n\tand.b32 so, $4, 0x80808080;\n\t"
+            "prmt.b32 g0, se, so, 0x5140;\n\tprmt.b32 g1, se, so, 0x7362;\n\t"
+            "or.b32 h0, h0, g0;\n\tor.b32 h1, h1, g1;\n\t"
+            "prmt.b32 $0, h0, 0, 0x1404;\n\tprmt.b32 $1, h0, 0, 0x3424;\n\t"
+            "prmt.b32 $2, h1, 0, 0x1404;\n\tprmt.b32 $3, h1, 0, 0x3424;\n\t"
+            "mul.rn.f16x2 $0, $0, $5;\n\tmul.rn.f16x2 $1, $1, $5;\n\tmul.rn.f16x2 $2, $2, $5;\n\t"
+            "mul.rn.f16x2 $3, $3, $5;\n\t}"
+        )
+    else:  # low bytes from their own table, interleaved with the high bytes: word k = (elem 2k, elem 2k+1)
+        text = (
+            "{\n\t.reg .b32 m, se, so, h0, h1, l0, l1, g0, g1, x;\n\t"
+            "and.b32 m, $4, 0x77777777;\n\tshr.b32 x, m, 16;\n\t"
+            # high and low bytes of the 16-bit values of codes 0..3 (h0, l0) and 4..7 (h1, l1)
+            f"prmt.b32 h0, {t['hi_lo']}, {t['hi_hi']}, m;\n\t"
+            f"prmt.b32 h1, {t['hi_lo']}, {t['hi_hi']}, x;\n\t"
+            f"prmt.b32 l0, {t['lo_lo']}, {t['lo_hi']}, m;\n\tprmt.b32 l1, {t['lo_lo']}, {t['lo_hi']}, x;\n\t"
+            # sign bits: even nibbles (bit 3 of each byte) and odd nibbles (bit 7) -> bit 7 of a byte
+            "and.b32 se, $4, 0x08080808;\n\tshl.b32 se, se, 4;\n\tand.b32 so, $4, 0x80808080;\n\t"
+            "prmt.b32 g0, se, so, 0x5140;\n\tprmt.b32 g1, se, so, 0x7362;\n\t"
+            "or.b32 h0, h0, g0;\n\tor.b32 h1, h1, g1;\n\t"
+            "prmt.b32 $0, l0, h0, 0x5140;\n\tprmt.b32 $1, l0, h0, 0x7362;\n\t"
+            "prmt.b32 $2, l1, h1, 0x5140;\n\tprmt.b32 $3, l1, h1, 0x7362;\n\t"
+            "mul.rn.bf16x2 $0, $0, $5;\n\tmul.rn.bf16x2 $1, $1, $5;\n\tmul.rn.bf16x2 $2, $2, $5;\n\t"
+            "mul.rn.bf16x2 $3, $3, $5;\n\t}"
+        )
     res = _asm(llvm.StructType.get_literal([T.i32()] * 4),
                [Uint32(w).ir_value(loc=loc, ip=ip), Uint32(s2).ir_value(loc=loc, ip=ip)],
                text, "=r,=r,=r,=r,r,r")

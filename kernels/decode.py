@@ -76,7 +76,8 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from ._validate import check_scale_rule
-from .arch_paths import (FP4_EXP, e2m1_rne, e4m3_bcast_f16_pow2, e4m3_rne, ex2, fp4x8_f16_bits,
+from .arch_paths import (FP4_EXP, e2m1_rne, e4m3_bcast_f16_pow2, e4m3_rne, ex2, fp4x8_decode_s2,
+                         fp4x8_f16_bits,
                          mse_scale_steps, nvfp4_mse_scale)
 from .kv_cache import DEFAULT_FP4_LAYOUT, tile_bytes
 
@@ -312,32 +313,6 @@ def prmt(a, b, sel: int, *, loc=None, ip=None) -> Uint32:
 def lg2(x, *, loc=None, ip=None) -> Float32:
     return Float32(_asm(T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "lg2.approx.f32 $0, $1;", "=f,f",
                         loc=loc, ip=ip))
-
-
-@dsl_user_op
-def fp4x8_f16(w, s2, *, loc=None, ip=None):
-    """8 packed E2M1 codes (element i in nibble i of w) times a half2 scale s2 -> 4 f16x2 words (elements 2k,
-    2k+1 in word k). A leaner fp16-only variant of arch_paths.fp4x8_decode_s2 (19 instructions per word; the scale
-    is converted once per group by the caller): prmt table lookup of the magnitude's high byte, sign bits
-    merged with two more prmts, interleave with zero low bytes, then one exact f16x2 multiply per pair."""
-    text = (
-        "{\n\t.reg .b32 m, x, h0, h1, se, so, g0, g1;\n\t"
-        "and.b32 m, $4, 0x77777777;\n\t"
-        "prmt.b32 h0, 0x3E3C3800, 0x46444240, m;\n\t"
-        "shr.b32 x, m, 16;\n\t"
-        "prmt.b32 h1, 0x3E3C3800, 0x46444240, x;\n\t"
-        "shl.b32 se, $4, 4;\n\tand.b32 se, se, 0x80808080;\n\tand.b32 so, $4, 0x80808080;\n\t"
-        "prmt.b32 g0, se, so, 0x5140;\n\tprmt.b32 g1, se, so, 0x7362;\n\t"
-        "or.b32 h0, h0, g0;\n\tor.b32 h1, h1, g1;\n\t"
-        "prmt.b32 $0, h0, 0, 0x1404;\n\tprmt.b32 $1, h0, 0, 0x3424;\n\t"
-        "prmt.b32 $2, h1, 0, 0x1404;\n\tprmt.b32 $3, h1, 0, 0x3424;\n\t"
-        "mul.rn.f16x2 $0, $0, $5;\n\tmul.rn.f16x2 $1, $1, $5;\n\tmul.rn.f16x2 $2, $2, $5;\n\t"
-        "mul.rn.f16x2 $3, $3, $5;\n\t}"
-    )
-    res = _asm(llvm.StructType.get_literal([T.i32()] * 4),
-               [Uint32(w).ir_value(loc=loc, ip=ip), Uint32(s2).ir_value(loc=loc, ip=ip)],
-               text, "=r,=r,=r,=r,r,r", loc=loc, ip=ip)
-    return _words(res, 4, loc, ip)
 
 
 @dsl_user_op
@@ -907,7 +882,7 @@ class ThriftDecodeSplitKV:
         """8 codes of one word -> 4 f16x2 (the decode of the cache's fp4_layout)."""
         if self.bits:
             return fp4x8_f16_bits(w, s2)
-        return fp4x8_f16(w, s2)
+        return fp4x8_decode_s2(w, s2, False)
 
     @cute.jit
     def _fp4_qk(self, sb, lane, qf4, m_run, l_run, pb_out, fac, scale_log2):
