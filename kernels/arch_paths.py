@@ -119,6 +119,7 @@ def pack_p_sat_scale(a, b, s2, is_bf16: bool, *, loc=None, ip=None) -> Uint32:
                        f"mul.rn.{ty} $0, w, $3;\n\t}}",
                        "=r,f,f,r"))
 
+
 # ------------------------------------------------------------------------------- NVFP4 "mse" scale rule
 # The one device implementation of quant.nvfp4's "mse" encoder rule (module docstring there), shared by the prefill
 # quantizer (quant/quant_kernel.py: Q, K, V groups) and the decode kernel's in-register query quantization
