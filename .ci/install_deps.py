@@ -50,3 +50,17 @@ if os.environ.get("THRIFT_MINIMAL_DEPS") != "1":
         else:
             print("install_deps: corpus package r-cran-janeaustenr not installed (needs root + apt-get); "
                   "corpus-based quality tests will skip")
+
+# transformers >= 5 requires Hugging Face's `kernels` distribution, whose import name is this project's top-level
+# `kernels` package (the layout is fixed). With both present, `import transformers` sees the distribution's version,
+# finds our package first on sys.path and fails importing hub-kernel names from it. The project never uses hub
+# kernels: remove the distribution, so transformers reports them unavailable and leaves `kernels` alone.
+try:
+    import importlib.metadata as _md
+
+    _md.distribution("kernels")
+    print("install_deps: removing Hugging Face's `kernels` distribution (its import name clashes with ./kernels)")
+    subprocess.check_call([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "kernels"],
+                          env=dict(os.environ, PIP_ROOT_USER_ACTION="ignore"))
+except _md.PackageNotFoundError:
+    pass

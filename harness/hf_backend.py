@@ -707,6 +707,9 @@ def load_smollm2(dtype=torch.float32, device="cpu"):
     """(model, tokenizer): SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 kv heads, head_dim 64, context 8192),
     dequantized from the Q4_1 GGUF by transformers (needs `gguf` and `accelerate`), eval mode. Cached per process."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    # transformers >= 5 kernelizes models with Hugging Face hub kernels by default, and raises when they are not
+    # installed (.ci/install_deps.py removes them: their import name is this project's `kernels` package)
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
     folder, f = smollm2_path()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=f, dtype=dtype)
