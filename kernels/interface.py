@@ -128,7 +128,7 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
     import cutlass.cute as cute
     from cutlass import Float32, Int32
 
-    from kernels.prefill import ThriftPrefillKernel, fp4_word_layout
+    from kernels.prefill import fp4_word_layout, make_prefill_kernel
 
     B, Sq, Hq, D = q.shape
     _, Skv, Hkv, _ = k.shape
@@ -157,7 +157,7 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
     sl2 = Float32(scale * math.log2(math.e))
     ratio = Int32(Hq // Hkv)
     if fn is None:
-        kern = ThriftPrefillKernel(_torch_to_cutlass(q.dtype), D, causal, schedule, arch, fmt=fmt)
+        kern = make_prefill_kernel(_torch_to_cutlass(q.dtype), D, causal, schedule, arch, fmt=fmt)
         fn = _PREFILL_CACHE[key] = cute.compile(kern, *args, sl2, ratio, _stream())
     with phase("attention"):
         fn(*args, sl2, ratio, _stream())

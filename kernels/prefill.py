@@ -106,6 +106,10 @@ def fp4_word_layout(schedule: PrefillSchedule, arch: int, is_bf16: bool) -> str:
 class ThriftPrefillKernel:
     """Static configuration of one compiled prefill kernel (see module docstring)."""
 
+    # kernels/prefill_ws.py: a producer warpgroup decodes phase 1's FP4 tiles into a staged 16-bit ring (the step
+    # then neither decodes nor syncs the CTA, and reads ring stage `stage`)
+    ws = False
+
     def __init__(self, dtype, head_dim: int, causal: bool, schedule: PrefillSchedule, arch: int,
                  fmt: str = "nvfp4", has_lse: bool = True):
         if dtype not in (cutlass.Float16, cutlass.BFloat16):
@@ -166,6 +170,23 @@ class ThriftPrefillKernel:
         sKV_layout = tile16(Tn, D)
         sVt_layout = tile16(D, Tn)  # decoded V^T (keys contiguous)
 
+        h = self.copies_and_mmas()
+        nqb = cute.ceil_div(mQ.shape[1], Tm)
+        grid = (nqb, cute.size(mQ.shape[2]), cute.size(mQ.shape[0]))
+        self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mMask, mSel, mO, mLSE, mKd, mVd,
+                    softmax_scale_log2, qhead_per_kv,
+                    sQ_layout, sKV_layout, sVt_layout,
+                    h.copy_kv16, h.copy_kp, h.copy_ks, h.copy_vp, h.copy_vs, h.copy_rows16, h.copy_dec16, h.copy_vt16,
+                    h.tiled_mma, h.mma_qk, h.mma_qk1, h.mma_pvk, h.mma_pvmn).launch(
+                        grid=grid, block=[T, 1, 1], smem=self.smap.total_bytes, stream=stream,
+                        min_blocks_per_mp=self.sch.min_ctas,
+                        preferred_smem_carveout=100 if self.sch.min_ctas > 1 else None)  # (None queries the GPU)
+
+    def copies_and_mmas(self) -> SimpleNamespace:
+        """The gmem <-> smem tiled copies (for one 128-thread warpgroup) and the tiled MMAs; traced inside the
+        host-side @cute.jit."""
+        D, Tm, Tn, T = self.D, self.Tm, self.Tn, self.nthr
+        dt = self.dtype
         # --- gmem -> smem copies -------------------------------------------------------------
         def tv(atom, rows_per_pass_threads, cols_threads, vals):
             return cute.make_tiled_copy_tv(
@@ -216,16 +237,10 @@ class ThriftPrefillKernel:
             mma_pvmn = sm90_helpers.make_trivial_tiled_mma(dt, dt, K, MN, Float32, (1, 1, 1), (Tm, D),
                                                            a_source=warpgroup.OperandSource.RMEM)
 
-        nqb = cute.ceil_div(mQ.shape[1], Tm)
-        grid = (nqb, cute.size(mQ.shape[2]), cute.size(mQ.shape[0]))
-        self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mMask, mSel, mO, mLSE, mKd, mVd,
-                    softmax_scale_log2, qhead_per_kv,
-                    sQ_layout, sKV_layout, sVt_layout,
-                    copy_kv16, copy_kp, copy_ks, copy_vp, copy_vs, copy_rows16, copy_dec16, copy_vt16,
-                    tiled_mma, mma_qk, mma_qk1, mma_pvk, mma_pvmn).launch(
-                        grid=grid, block=[T, 1, 1], smem=self.smap.total_bytes, stream=stream,
-                        min_blocks_per_mp=self.sch.min_ctas,
-                        preferred_smem_carveout=100 if self.sch.min_ctas > 1 else None)  # (None queries the GPU)
+        return SimpleNamespace(copy_kv16=copy_kv16, copy_kp=copy_kp, copy_ks=copy_ks, copy_vp=copy_vp,
+                               copy_vs=copy_vs, copy_rows16=copy_rows16, copy_dec16=copy_dec16,
+                               copy_vt16=copy_vt16, tiled_mma=tiled_mma, mma_qk=mma_qk, mma_qk1=mma_qk1,
+                               mma_pvk=mma_pvk, mma_pvmn=mma_pvmn)
 
     # ------------------------------------------------------------------------------------------
     # device side
@@ -452,7 +467,7 @@ class ThriftPrefillKernel:
 
         def mkctx():
                 return SimpleNamespace(
-                g=mkg(), tidx=tidx, b=b, hq=hq, hkv=hkv, m_block=m_block, Sq=Sq, Skv=Skv, nkb=nkb,
+                g=mkg(), tidx=tidx, bar_id=None, b=b, hq=hq, hkv=hkv, m_block=m_block, Sq=Sq, Skv=Skv, nkb=nkb,
                 n_block_max=n_block_max, sl2=softmax_scale_log2, mask_row=mask_row,
                 mK=mK, mV=mV, mKp=mKp, mKs=mKs, mVp=mVp, mVs=mVs, mcS=mcS,
                 sKf=sKf, sVf=sVf, qf_frag=qf_frag, qf_sf=qf_sf,
@@ -543,19 +558,33 @@ class ThriftPrefillKernel:
 
         # ======================= phase 2: FP16 over the selected tiles =======================
         ctx = mkctx()
+        ctx_pass = {0: mkctx(), 2: mkctx()}  # fresh per pass (closures cannot run inside staged regions)
+        self.phase2(ctx, ctx_pass, sel_row, cute.size(mSel.shape[3]), n_block_max, n_rows)
+
+        # ======================= finalize =======================
+        ctx = mkctx()
+        self.epilogue(ctx, mO, mLSE, sQ)
+
+    # ------------------------------------------------------------------------------------------
+    @cute.jit
+    def phase2(self, ctx, ctx_pass: dict, sel_row: cute.Tensor, n_sel: Int32, n_block_max: Int32,
+               n_rows: cutlass.Constexpr):
+        """Phase 2: the FP16 pass(es) over this query block's selected key tiles (none: nothing is touched).
+        ctx_pass: one fresh context per pass kind (0: bf16 max-only pass, 2: the FP16 pass); the barriers are
+        self.sync(ctx): the CTA's, or the warpgroup's named barrier in the warp-specialized kernel."""
+        Tm = self.Tm
         k_sel = Int32(0)
-        for i in range(cute.size(mSel.shape[3])):
+        for i in range(n_sel):
             nsel = sel_row[i]
             if nsel >= 0 and nsel < n_block_max:
                 k_sel = k_sel + 1
-        ctx_pass = {0: mkctx(), 2: mkctx()}  # fresh per pass (closures cannot run inside staged regions)
         if k_sel > 0:
             # acc from units of c (last FP4 tile's s1) to true units; phase 2 keeps c = 1
-            acc_mn = self.mn_view(acc_O)
+            acc_mn = self.mn_view(ctx.acc_O)
             for r in cutlass.range_constexpr(n_rows):
-                acc_mn[r, None] = acc_mn[r, None].load() * row_c[r]
-                row_c[r] = 1.0
-            cute.arch.barrier()  # every warp is done with sQ / the phase-1 buffers
+                acc_mn[r, None] = acc_mn[r, None].load() * ctx.row_c[r]
+                ctx.row_c[r] = 1.0
+            self.sync(ctx)  # every warp is done with sQ / the phase-1 buffers
             # bf16: two passes over the selected tiles: pass 0 computes S16 = QK^T only to finish the row max,
             # so pass 2 rounds P~ = exp(S - m) to bf16 relative to the FINAL row max, exactly like the
             # reference (a running max would round P~ differently: ~2e-3 relative noise in bf16).
@@ -565,20 +594,20 @@ class ThriftPrefillKernel:
                 ctx = ctx_pass[kind]
                 if const_expr(kind == passes[0]):
                     # real 16-bit Q over the decoded one (same cp.async group as the first K tile)
-                    self.load_rows16(ctx, ctx.g.tQ16_g, ctx.g.tQ16_s, m_block * Tm, Sq)
+                    self.load_rows16(ctx, ctx.g.tQ16_g, ctx.g.tQ16_s, ctx.m_block * Tm, ctx.Sq)
                 n0 = self.sel_at(sel_row, 0, n_block_max)
                 if n0 >= 0:
                     self.load_kv16_tile(ctx, n0, 0, kind == 2)
                 cute.arch.cp_async_commit_group()
                 j = Int32(0)
-                for i in range(cute.size(mSel.shape[3])):
+                for i in range(n_sel):
                     n_i = self.sel_at(sel_row, i, n_block_max)
                     if n_i >= 0:
                         cute.arch.cp_async_wait_group(0)
                         self.to_async_proxy()
-                        cute.arch.barrier()
+                        self.sync(ctx)
                         n_next = Int32(-1)
-                        if i + 1 < cute.size(mSel.shape[3]):
+                        if i + 1 < n_sel:
                             n_next = self.sel_at(sel_row, i + 1, n_block_max)
                         if const_expr(self.sch.fp16_stages == 2):  # next tile loads while this one computes
                             if n_next >= 0:
@@ -595,18 +624,28 @@ class ThriftPrefillKernel:
                         if const_expr(self.sch.fp16_stages == 2):
                             j = 1 - j
                         else:  # one stage: every warp is done with it before the next tile overwrites it
-                            cute.arch.barrier()
+                            self.sync(ctx)
                             if n_next >= 0:
                                 self.load_kv16_tile(ctx, n_next, 0, kind == 2)
                             cute.arch.cp_async_commit_group()
                 cute.arch.cp_async_wait_group(0)
-                cute.arch.barrier()  # stage buffers are reused by the next pass
+                self.sync(ctx)  # stage buffers are reused by the next pass
 
-        # ======================= finalize =======================
-        ctx = mkctx()
-        self.epilogue(ctx, mO, mLSE, sQ)
+    @cute.jit
+    def sync(self, ctx):
+        """The barrier of the threads that share this context's tiles: the CTA (ctx.bar_id None) or one
+        warpgroup's named barrier (the warp-specialized kernel's consumers)."""
+        if const_expr(ctx.bar_id is None):
+            cute.arch.barrier()
+        else:
+            cute.arch.barrier(barrier_id=ctx.bar_id, number_of_threads=self.nthr)
 
-    # ------------------------------------------------------------------------------------------
+    def ring_stage(self, frag: cute.Tensor, stage: Int32) -> cute.Tensor:
+        """Phase 1's decoded K / V^T wgmma operand: the tile itself, or (warp-specialized kernel) its ring stage."""
+        if const_expr(self.ws):
+            return frag[None, None, None, stage]
+        return frag
+
     @cute.jit
     def next_unselected_cached(self, mask_row: cute.Tensor, n: Int32, widx: Int32, word: Uint32):
         """The largest key tile index < n that is not selected (-1 if none), as (tile, widx, word): the bitmask word
@@ -698,7 +737,7 @@ class ThriftPrefillKernel:
     def step(self, ctx, n: Int32, stage: Int32, phase: cutlass.Constexpr, masked: cutlass.Constexpr):
         """One key tile: S = QK^T, mask, online softmax, (phase 1: two-level P quantization), O += PV."""
         Tm, Tn = self.Tm, self.Tn
-        if const_expr(phase == 1 and self.path.needs_decode and not self.dq16):
+        if const_expr(phase == 1 and self.path.needs_decode and not self.dq16 and not self.ws):
             # SM90 path: decode this FP4 stage into the 16-bit kdec / vdec tiles
             # K rows past Skv only in tiles that need the mask; V^T rows are the D channels (all valid)
             self.path.decode_rows(ctx.sKdec1, ctx.copy_dec16, ctx.tidx, ctx.sKp32[None, None, stage],
@@ -715,7 +754,7 @@ class ThriftPrefillKernel:
             acc_S = self.path.tile.qk(QFragments(ctx.qf_frag, ctx.qf_sf), ctx.sKf[None, None, stage], ctx.sKs[None, None, stage], ctx.tidx)
         elif const_expr(self.wg):
             if const_expr(phase == 1 and not self.dq16):
-                self.wg_gemm(ctx.mma_qk1, acc_S, ctx.wg_q1, ctx.wg_kdec, True)
+                self.wg_gemm(ctx.mma_qk1, acc_S, ctx.wg_q1, self.ring_stage(ctx.wg_kdec, stage), True)
             else:
                 if stage == 0:
                     self.wg_gemm(ctx.mma_qk, acc_S, ctx.wg_q, ctx.wg_k16[0], True)
@@ -850,7 +889,7 @@ class ThriftPrefillKernel:
             tOrP = self.a_view(rP)
             if const_expr(self.wg):
                 if const_expr(phase == 1 and not self.dq16):
-                    self.wg_gemm(ctx.mma_pvk, ctx.acc_O, tOrP, ctx.wg_vdec, False)
+                    self.wg_gemm(ctx.mma_pvk, ctx.acc_O, tOrP, self.ring_stage(ctx.wg_vdec, stage), False)
                 else:
                     if stage == 0:
                         self.wg_gemm(ctx.mma_pvmn, ctx.acc_O, tOrP, ctx.wg_v16[0], False)
@@ -926,15 +965,15 @@ class ThriftPrefillKernel:
                 row = tScS_mn[r, 0][0]
                 if lane % 4 == 0 and row < ctx.Sq:
                     mLSE[ctx.b, ctx.hq, row] = lse
-        # O through smem (rows owned by this warp only: no barrier needed before the write)
-        cute.arch.barrier()  # phase-2 / phase-1 warps may still read sQ rows of other warps? (A rows are per warp; be safe)
+        # O through sQ: the wgmma paths read sQ as a whole (every warp's rows) until their last S wgmma completed
+        self.sync(ctx)
         rO = cute.make_fragment_like(ctx.acc_O, self.dtype)
         rO.store(ctx.acc_O.load().to(self.dtype))
         st_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype)
         st_c = cute.make_tiled_copy_C(st_atom, ctx.tiled_mma_o)
         thr_st = st_c.get_slice(ctx.tidx)
         cute.copy(st_atom, thr_st.retile(rO), thr_st.partition_D(sQ))
-        cute.arch.barrier()
+        self.sync(ctx)
         gO = cute.local_tile(mO[ctx.b, None, ctx.hq, None], (Tm, D), (ctx.m_block, 0))
         thr = ctx.copy_rows16.get_slice(ctx.tidx)
         tOs = thr.partition_S(sQ)
@@ -1029,5 +1068,16 @@ def fake_args(dtype, head_dim: int):
 def compile_prefill(dtype, head_dim: int, causal: bool, schedule: PrefillSchedule, arch: int,
                     has_lse: bool = True, options: str = ""):
     """cute.compile the kernel for fake tensors; the arch comes from CUTE_DSL_ARCH (or the GPU)."""
-    k = ThriftPrefillKernel(dtype, head_dim, causal, schedule, arch, has_lse=has_lse)
+    k = make_prefill_kernel(dtype, head_dim, causal, schedule, arch, has_lse=has_lse)
     return cute.compile(k, *fake_args(dtype, head_dim), options=options)
+
+
+def make_prefill_kernel(dtype, head_dim: int, causal: bool, schedule: PrefillSchedule, arch: int, fmt: str = "nvfp4",
+                        has_lse: bool = True):
+    """The kernel object for this schedule on sm_<arch>: ThriftPrefillWSKernel (kernels/prefill_ws.py) where the
+    schedule is warp-specialized there (schedule.uses_ws), else ThriftPrefillKernel. Same __call__ arguments."""
+    if schedule.uses_ws(arch):
+        from kernels.prefill_ws import ThriftPrefillWSKernel
+
+        return ThriftPrefillWSKernel(dtype, head_dim, causal, schedule, arch, fmt=fmt, has_lse=has_lse)
+    return ThriftPrefillKernel(dtype, head_dim, causal, schedule, arch, fmt=fmt, has_lse=has_lse)

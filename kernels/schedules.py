@@ -42,6 +42,17 @@ class PrefillSchedule:
                 budget, so one stage costs little there and lets 3 CTAs share an SM).  The dq16 experiment streams
                 phase 1 through this ring and needs 2.
     min_ctas:   .minnctapersm launch hint (0 = none): ptxas caps the registers so that this many CTAs fit an SM.
+    warp_spec:  sm_90a wgmma FP4-decode path only (kernels/prefill_ws.py; other archs and the dq16 experiment ignore
+                it): a CTA of 1 + `consumers` warpgroups -- one producer that loads each FP4 key tile and decodes it
+                ONCE into a staged 16-bit ring (mbarrier full/empty handshake, no CTA barrier in the consumers'
+                loop), and `consumers` consumers, each one 64-row query block (adjacent blocks per CTA), that run S,
+                the softmax, the two-level P quantization and P.V on the ring's tiles.  1/consumers of the decode per
+                query block; setmaxnreg moves registers from the producer (producer_regs) to the consumers.  Needs
+                fp16_stages=1 (phase 2 puts each consumer's 16-bit K/V tile over one ring stage).
+    consumers:  warp_spec: consumer warpgroups (query blocks) per CTA, 2 or 3 (one CTA per SM either way).
+    producer_regs: warp_spec: the producer warpgroup's setmaxnreg count; the consumers get the rest of the CTA's
+                registers (consumer_regs; setmaxnreg.inc waits for registers the producer's setmaxnreg.dec released,
+                so asking for more than the CTA holds hangs).
     """
 
     tile_m: int = 64
@@ -53,6 +64,9 @@ class PrefillSchedule:
     mma: str = "sync"
     fp16_stages: int = 2
     min_ctas: int = 0
+    warp_spec: bool = False
+    consumers: int = 2
+    producer_regs: int = 96
 
     def __post_init__(self):
         if self.tile_n != SELECTION_BLOCK:
@@ -71,6 +85,31 @@ class PrefillSchedule:
             raise ValueError("schedule.kv_dq16 streams phase 1 through the 16-bit ring: needs fp16_stages=2")
         if not 0 <= self.min_ctas <= 8:
             raise ValueError(f"schedule.min_ctas must be in [0, 8] (0 = no hint), got {self.min_ctas}")
+        if self.warp_spec and (self.mma != "wgmma" or self.fp16_stages != 1 or self.kv_dq16 or self.min_ctas):
+            raise ValueError("schedule.warp_spec needs mma='wgmma', fp16_stages=1, kv_dq16=False and min_ctas=0")
+        if self.consumers not in (2, 3):
+            raise ValueError(f"schedule.consumers must be 2 or 3, got {self.consumers}")
+        if self.producer_regs % 8 or not 24 <= self.producer_regs <= self.entry_regs:
+            raise ValueError(f"schedule.producer_regs must be a multiple of 8 in [24, {self.entry_regs}] (the "
+                             f"registers a thread of the {self.ws_threads}-thread CTA starts with), got "
+                             f"{self.producer_regs}")
+
+    @property
+    def ws_threads(self) -> int:
+        """warp_spec: threads per CTA (1 producer + `consumers` warpgroups of 128)."""
+        return 128 * (1 + self.consumers)
+
+    @property
+    def entry_regs(self) -> int:
+        """warp_spec: the registers per thread ptxas allots at entry (one CTA per SM: 65536 / threads, in 8s)."""
+        return 65536 // self.ws_threads // 8 * 8
+
+    @property
+    def consumer_regs(self) -> int:
+        """warp_spec: the consumers' setmaxnreg count, producer + consumers x it <= (1 + consumers) x entry_regs
+        (168 x 3 = 504 with 2 consumers, 128 x 4 = 512 with 3)."""
+        total = (1 + self.consumers) * self.entry_regs
+        return min(256, (total - self.producer_regs) // self.consumers // 8 * 8)
 
     def uses_dq16(self, arch: int) -> bool:
         """Whether phase 1 reads dq(K)/dq(V) in 16 bit on sm_<arch> (SM90 decode path only)."""
@@ -79,6 +118,10 @@ class PrefillSchedule:
     def uses_wgmma(self, arch: int) -> bool:
         """Whether the 16-bit MMAs are warpgroup MMAs on sm_<arch> (wgmma exists on sm_90a only)."""
         return self.mma == "wgmma" and arch == 90
+
+    def uses_ws(self, arch: int) -> bool:
+        """Whether sm_<arch> runs the warp-specialized kernel (kernels/prefill_ws.py)."""
+        return self.warp_spec and self.uses_wgmma(arch) and not self.uses_dq16(arch)
 
     @property
     def num_threads(self) -> int:
@@ -90,10 +133,14 @@ class PrefillSchedule:
 
     def validate_for(self, head_dim: int, arch: int) -> None:
         """Raise ValueError if this schedule cannot run head_dim on arch (shared-memory budget)."""
-        from layouts.prefill import PrefillSmemMap
+        from layouts.prefill import PrefillSmemMap, PrefillWSSmemMap
 
-        smem = PrefillSmemMap(head_dim, self.tile_m, self.tile_n, self.stages,
-                              fp16_stages=self.fp16_stages).total_bytes
+        if self.uses_ws(arch):
+            smem = PrefillWSSmemMap(head_dim, self.tile_m, self.tile_n, self.stages, ring=max(2, self.consumers),
+                                    consumers=self.consumers).total_bytes
+        else:
+            smem = PrefillSmemMap(head_dim, self.tile_m, self.tile_n, self.stages,
+                                  fp16_stages=self.fp16_stages).total_bytes
         limit = 99 * 1024 if arch >= 120 else 227 * 1024
         if smem > limit:
             raise ValueError(
@@ -115,6 +162,13 @@ SCHEDULES: dict[str, PrefillSchedule] = {
     # (profiling/RESULTS.md, session 5): fp16_stages=2 (80 KB, 2 CTAs/SM) 7% slower; a .minnctapersm 3 hint
     # (min_ctas=3) makes ptxas pick 156 registers and 4% slower code; min_ctas=2 (190 registers) 13% slower.
     "m64_wg_s2_f1": PrefillSchedule(stages=2, mask_split=True, mma="wgmma", fp16_stages=1),
+    # sm_90a warp specialization (see `warp_spec`): 1 producer warpgroup decoding each FP4 tile once for 2 consumer
+    # warpgroups (2 query blocks per CTA), 1 CTA of 384 threads per SM
+    "wg2_ws_s2": PrefillSchedule(stages=2, mask_split=True, mma="wgmma", fp16_stages=1, warp_spec=True),
+    # 1 producer + 3 consumers (3 query blocks per CTA, 512 threads): a third of the decode per block, 12 math warps
+    # per SM; the producer runs on 40 registers (32 spills) so that the consumers get 152
+    "wg3_ws_s2": PrefillSchedule(stages=2, mask_split=True, mma="wgmma", fp16_stages=1, warp_spec=True,
+                                 consumers=3, producer_regs=40),
     # wgmma + the dq16 experiment: what the tiling costs without the per-tile FP4 decode
     "m64_wg_s2_dq16": PrefillSchedule(stages=2, mask_split=True, kv_dq16=True, mma="wgmma"),
 }

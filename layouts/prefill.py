@@ -146,6 +146,97 @@ class PrefillSmemMap:
         return "\n".join(rows)
 
 
+@dataclass(frozen=True)
+class PrefillWSSmemMap:
+    """Byte map of the warp-specialized prefill (kernels/prefill_ws.py): one producer warpgroup decodes every FP4
+    key tile once into a 2-stage 16-bit ring that two consumer warpgroups (two 64-row query blocks) read.
+
+        [0, 2*q16)                     sQ[c], c < 2: consumer c's Q tile (decoded FP4 Q in phase 1, the real
+                                       16-bit Q in phase 2, O in the epilogue); stage mode = c, stride q16
+        R = round_up(2*q16, 1024), the aliased region:
+          phase 1   R + r*kv16, r < 2         kring[r]: decoded K tile of ring stage r (Tn x D, fp16)
+                    R + (2 + r)*kv16          vring[r]: decoded V^T tile of ring stage r (D x Tn, fp16)
+                    R + 4*kv16 + s*fp4_stage  FP4 stage s < S (the producer's cp.async ring; pieces as
+                                              PrefillSmemMap's)
+          phase 2   R + c*kv16                consumer c's 16-bit K tile   (over kring[c])
+                    R + (2 + c)*kv16          consumer c's 16-bit V tile   (Tn x D, over vring[c])
+        meta_off: 2 x int32 per ring stage (key tile index, -1 = end of stream; which consumers use it)
+        mbar_off: full[r] (128 producer arrivals), empty[r] (256 consumer arrivals), 8 B each
+
+    Phase 2 starts only after both consumers passed their named barrier that ends phase 1 (the producer has
+    finished then: it wrote the end-of-stream entry after its last decode and cp.async wait).  D=128, S=2:
+    32 + 64 + 18 KiB + 48 B = 114 KiB (one CTA of 384 threads per SM; registers allow no second one)."""
+
+    head_dim: int
+    tile_m: int = 64
+    tile_n: int = 64
+    stages: int = 2
+    ring: int = 2
+    consumers: int = 2
+
+    def _fp4(self) -> PrefillSmemMap:
+        return PrefillSmemMap(self.head_dim, self.tile_m, self.tile_n, self.stages, fp16_stages=1)
+
+    @property
+    def q16(self) -> int:
+        return self.tile_m * self.head_dim * 2
+
+    @property
+    def kv16(self) -> int:
+        return self.tile_n * self.head_dim * 2
+
+    @property
+    def fp4_stage(self) -> int:
+        return self._fp4().fp4_stage
+
+    @property
+    def region_off(self) -> int:
+        return _up(self.consumers * self.q16, 1024)
+
+    @property
+    def kring_off(self) -> int:
+        return self.region_off
+
+    @property
+    def vring_off(self) -> int:
+        return self.region_off + self.ring * self.kv16
+
+    @property
+    def fp4_base(self) -> int:
+        return self.region_off + 2 * self.ring * self.kv16
+
+    @property
+    def region_bytes(self) -> int:
+        assert self.consumers <= self.ring, "phase 2 puts consumer c's K/V tiles over ring stage c"
+        return 2 * self.ring * self.kv16 + self.stages * self.fp4_stage
+
+    @property
+    def meta_off(self) -> int:
+        return self.region_off + self.region_bytes
+
+    @property
+    def mbar_off(self) -> int:
+        return _up(self.meta_off + 8 * self.ring, 8)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.mbar_off + 2 * self.ring * 8
+
+    def describe(self) -> str:
+        rows = [f"sQ[c<{self.consumers}]     [0, {self.consumers * self.q16})"]
+        for name, off, what in (("kring", self.kring_off, "K"), ("vring", self.vring_off, "V")):
+            for r in range(self.ring):
+                tail = f"  (phase 2: consumer {r}'s {what})" if r < self.consumers else ""
+                rows.append(f"{name} {r}       [{off + r * self.kv16}, {off + (r + 1) * self.kv16}){tail}")
+        for s_ in range(self.stages):
+            o = self.fp4_base + s_ * self.fp4_stage
+            rows.append(f"fp4 stage {s_}   [{o}, {o + self.fp4_stage})")
+        rows.append(f"meta          [{self.meta_off}, {self.meta_off + 8 * self.ring})")
+        rows.append(f"mbarriers     [{self.mbar_off}, {self.total_bytes})")
+        rows.append(f"total         {self.total_bytes} B")
+        return "\n".join(rows)
+
+
 def smem_tile_layout_16b(rows: int, cols: int):
     """Swizzled K-major 16-bit tile (rows x cols, cols contiguous): 8-row x 64-col atoms with a
     Swizzle<3,3,3> (128 B rows, conflict-free ldmatrix), or 8 x 32 with Swizzle<2,3,3> for 32-col tiles.
@@ -165,15 +256,18 @@ def smem_rowmajor_bytes(rows: int, cols_bytes: int):
     return cute.make_layout((rows, cols_bytes), stride=(cols_bytes, 1))
 
 
-def wgmma_tile_layout_16b(dtype, rows: int, cols: int):
+def wgmma_tile_layout_16b(dtype, rows: int, cols: int, stages: int = 0):
     """K-major 16-bit tile (rows x cols, cols contiguous) in the canonical wgmma shared-memory layout
     (the 128 B swizzle atom the warpgroup MMA descriptors describe; 64 or 32 contiguous columns).  The same
-    tile can be read by wgmma as a K-major operand, or (transposed view) as an MN-major one.  Must be called
-    inside a CuTe JIT context."""
+    tile can be read by wgmma as a K-major operand, or (transposed view) as an MN-major one.  stages > 0: that
+    many such tiles back to back, stage mode last (rows x cols x stages).  Must be called inside a CuTe JIT
+    context."""
     import cutlass.cute as cute
     import cutlass.utils.hopper_helpers as sm90
     from cutlass.cute.nvgpu import warpgroup
     from cutlass.utils import LayoutEnum
 
     atom = warpgroup.make_smem_layout_atom(sm90.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, cols), dtype)
+    if stages:
+        return cute.tile_to_shape(atom, (rows, cols, stages), (0, 1, 2))
     return cute.tile_to_shape(atom, (rows, cols), (0, 1))

@@ -16,7 +16,7 @@ BENCH=$!
 pids=()
 for sel in fp16_d64_causal fp16_d64_full fp16_d128_causal fp16_d128_full bf16_d64_causal bf16_d64_full bf16_d128_causal bf16_d128_full \
            test_prefill_long_32k test_prefill_sync_mma_long_32k test_prefill_schedules test_prefill_mqa_fully_masked_rows test_public_entry_and_compile \
-           test_quant_kernel_bit_exact test_prefill_small_kv_magnitude; do
+           test_quant_kernel_bit_exact test_prefill_small_kv_magnitude test_prefill_ws_long_32k test_prefill_ws_shapes; do
   timeout 400 python -m pytest -q -p no:cacheprovider -s tests/test_prefill_gpu.py -k "$sel" > $W/t_prefill_$sel.log 2>&1 & pids+=($!)
 done
 timeout 400 python -m pytest -q -p no:cacheprovider -rfE -s tests/test_decode_gpu.py > $W/t_decode.log 2>&1 & pids+=($!)

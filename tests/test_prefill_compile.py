@@ -123,6 +123,18 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
         if arch == "sm_90a" and name == default_schedule_name(90):
             # bf16, D=128, causal (i = its sorted index, odd): <= 168 registers keeps 3 CTAs of 128 threads per SM
             assert max(regs) <= 168, f"{name}: {regs} registers -> fewer than 3 CTAs per SM on sm_90a"
+        if arch == "sm_90a" and SCHEDULES[name].uses_ws(90):
+            # 1 + n warpgroups: setmaxnreg.inc blocks until the producer's setmaxnreg.dec freed enough of the CTA's
+            # registers, so producer + n consumers must fit (1 + n) x the entry count ptxas gives (else: a hang)
+            sch = SCHEDULES[name]
+            n = sch.consumers
+            dec = [int(x) for x in re.findall(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+(\d+);", text)]
+            inc = [int(x) for x in re.findall(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+(\d+);", text)]
+            assert dec == [sch.producer_regs] and inc == [sch.consumer_regs], (name, dec, inc)
+            assert f".reqntid {sch.ws_threads}, 1, 1" in text, name
+            assert max(regs) <= sch.entry_regs, (name, regs)
+            assert dec[0] + n * inc[0] <= (1 + n) * max(regs), f"{name}: setmaxnreg {dec}/{inc} exceeds {1 + n} x {regs}"
+            assert "mbarrier.try_wait.parity" in text, f"{name}: no mbarrier handshake"
         if arch == "sm_90a" and SCHEDULES[name].uses_wgmma(90):
             # one warpgroup: S = QK^T as m64n64k16 (both operands from smem), O += PV as m64n{D}k16; no mma.sync
             assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.(f16|bf16)\.(f16|bf16)", text), name
@@ -153,6 +165,21 @@ def test_schedules_validate():
         get_schedule("nope")
     with pytest.raises(TypeError):
         get_schedule(3)
+    with pytest.raises(ValueError, match="warp_spec"):
+        PrefillSchedule(mma="wgmma", warp_spec=True)  # fp16_stages=2
+    with pytest.raises(ValueError, match="producer_regs"):
+        PrefillSchedule(mma="wgmma", fp16_stages=1, warp_spec=True, producer_regs=100)
+    with pytest.raises(ValueError, match="consumers"):
+        PrefillSchedule(mma="wgmma", fp16_stages=1, warp_spec=True, consumers=4)
+    with pytest.raises(ValueError, match="producer_regs"):
+        PrefillSchedule(mma="wgmma", fp16_stages=1, warp_spec=True, consumers=3, producer_regs=136)
+    # the consumers' setmaxnreg.inc only succeeds if producer + n consumers fit the CTA's (1 + n) x entry registers
+    for n, entry in ((2, 168), (3, 128)):
+        for p in range(24, entry + 1, 8):
+            sch = PrefillSchedule(mma="wgmma", fp16_stages=1, warp_spec=True, consumers=n, producer_regs=p)
+            total = (1 + n) * entry
+            assert sch.entry_regs == entry and sch.ws_threads == 128 * (1 + n)
+            assert sch.consumer_regs % 8 == 0 and p + n * sch.consumer_regs <= total < p + n * (sch.consumer_regs + 8)
 
 
 def test_e2m1_magic_rounding_matches_codec():
@@ -237,11 +264,12 @@ def test_schedule_string_round_trip():
 def test_schedule_overrides():
     from dataclasses import replace
 
-    from kernels.schedules import SCHEDULES, get_schedule
+    from kernels.schedules import SCHEDULES, default_schedule_name, get_schedule
 
     assert get_schedule("m64_w4_s2:stages=3;mask_split=False") == replace(SCHEDULES["m64_w4_s2"], stages=3,
                                                                            mask_split=False)
-    assert get_schedule("min_ctas=2", arch=90) == replace(SCHEDULES["m64_wg_s2_f1"], min_ctas=2)
+    assert get_schedule("wg2_ws_s2:producer_regs=56", arch=90) == replace(SCHEDULES["wg2_ws_s2"], producer_regs=56)
+    assert get_schedule("min_ctas=2", arch=90) == replace(SCHEDULES[default_schedule_name(90)], min_ctas=2)
     assert get_schedule("stages=4", arch=120).stages == 4 and get_schedule("stages=4", arch=120).mma == "sync"
     for bad, word in (("m64_w4_s2:stagez=3", "stagez"), ("stages=x", "stages"), ("nope:stages=3", "nope"),
                       ("mask_split=maybe", "mask_split"), ("stages=9", "stages")):
@@ -252,9 +280,11 @@ def test_schedule_overrides():
 def test_default_schedule_per_arch():
     from kernels.schedules import SCHEDULES, default_schedule_name, get_schedule
 
-    assert default_schedule_name(90) == "m64_wg_s2_f1" and SCHEDULES["m64_wg_s2_f1"].uses_wgmma(90)
+    assert default_schedule_name(90) == "m64_wg_s2_f1" and SCHEDULES["wg2_ws_s2"].uses_ws(90)
+    assert SCHEDULES["m64_wg_s2_f1"].uses_wgmma(90) and not SCHEDULES["m64_wg_s2_f1"].uses_ws(90)
     assert default_schedule_name(120) == "m64_w4_s2" and not get_schedule(None, arch=120).uses_wgmma(120)
-    assert not SCHEDULES["m64_wg_s2_f1"].uses_wgmma(120)  # sm_120a ignores mma="wgmma"
+    assert not SCHEDULES["m64_wg_s2_f1"].uses_wgmma(120)  # sm_120a ignores mma="wgmma" (and warp_spec)
+    assert not SCHEDULES["wg2_ws_s2"].uses_wgmma(120) and not SCHEDULES["wg2_ws_s2"].uses_ws(120)
 
 
 def test_schedule_helpers_trace_under_dynamo():

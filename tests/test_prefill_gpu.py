@@ -81,13 +81,50 @@ def test_prefill_sync_mma_long_32k(rng_seed):
     _run(1, 32768 + 17, 32768 + 17, 4, 1, 128, torch.bfloat16, True, 0.05, rng_seed, schedule="m64_w4_s2")
 
 
+_WS = ["wg2_ws_s2", "wg3_ws_s2"]
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.05, 0.25, 1.0])
+@pytest.mark.parametrize("cfg", _CFGS, ids=_IDS)
+@pytest.mark.parametrize("schedule", _WS)
+def test_prefill_ws_matches_reference(schedule, cfg, budget, rng_seed):
+    # the warp-specialized schedules (kernels/prefill_ws.py: 2 or 3 query blocks per CTA, one shared decode);
+    # Sq = 300: 5 query blocks, so the last CTA lacks a consumer's block
+    dtype, D, causal = cfg
+    _run(2, 300, 517, 8, 2, D, dtype, causal, budget, rng_seed, schedule=schedule)
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.05, 0.25, 1.0])
+@pytest.mark.parametrize("cfg", _CFGS, ids=_IDS)
+def test_prefill_wg1_matches_reference(cfg, budget, rng_seed):
+    # the one-warpgroup wgmma schedule (kernels/prefill.py, no producer warpgroup): the sm_90a default before the
+    # warp-specialized ones, still shipped
+    dtype, D, causal = cfg
+    _run(2, 333, 517, 8, 2, D, dtype, causal, budget, rng_seed, schedule="m64_wg_s2_f1")
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.05])
+@pytest.mark.parametrize("schedule", _WS)
+def test_prefill_ws_long_32k(schedule, budget, rng_seed):
+    _run(1, 32768 + 17, 32768 + 17, 4, 1, 128, torch.bfloat16, True, budget, rng_seed, schedule=schedule)
+
+
+@pytest.mark.parametrize("shape", [(1, 333, 333, 4, 4), (1, 64, 2000, 4, 1), (2, 1000, 1000, 2, 2)],
+                         ids=["mha_333", "one_block_2000", "b2_1000"])
+@pytest.mark.parametrize("schedule", _WS)
+def test_prefill_ws_shapes(schedule, shape, rng_seed):
+    # one query block (a CTA with a single consumer), Sq << Skv causal, batch 2 (16 blocks: 3 consumers leave one)
+    B, Sq, Skv, Hq, Hkv = shape
+    _run(B, Sq, Skv, Hq, Hkv, 128, torch.float16, True, 0.05, rng_seed, schedule=schedule)
+
+
 @pytest.mark.parametrize("schedule", ["m64_w4_s2_dq16", "m64_w4_s3", "m64_w4_s2_allmask", "m64_wg_s2_dq16",
                                       PrefillSchedule(mma="wgmma")])
 def test_prefill_schedules(schedule, rng_seed):
     _run(1, 200, 300, 4, 4, 128, torch.float16, True, 0.25, rng_seed, schedule=schedule)
 
 
-@pytest.mark.parametrize("schedule", [None, "m64_w4_s2"])
+@pytest.mark.parametrize("schedule", [None, "m64_w4_s2", "m64_wg_s2_f1", *_WS])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_prefill_small_kv_magnitude(dtype, schedule, rng_seed):
     # K, V ~ 2^-8 (Q ~ 2^8 keeps S = O(1)): most decoded dq(K), dq(V) are fp16 subnormals on the "bits" decode
@@ -95,9 +132,10 @@ def test_prefill_small_kv_magnitude(dtype, schedule, rng_seed):
     _run(1, 333, 333, 4, 1, 128, dtype, True, 0.05, rng_seed, schedule=schedule, mags=(2.0 ** 8, 2.0 ** -8, 2.0 ** -8))
 
 
-def test_prefill_mqa_fully_masked_rows(rng_seed):
+@pytest.mark.parametrize("schedule", [None, "m64_wg_s2_f1", *_WS])
+def test_prefill_mqa_fully_masked_rows(schedule, rng_seed):
     # Sq > Skv causal: the first Sq - Skv rows see no key -> O = 0, LSE = -inf
-    _run(1, 300, 100, 4, 1, 64, torch.float16, True, 0.05, rng_seed)
+    _run(1, 300, 100, 4, 1, 64, torch.float16, True, 0.05, rng_seed, schedule=schedule)
 
 
 def test_public_entry_and_compile(rng_seed):

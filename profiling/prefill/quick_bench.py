@@ -1,5 +1,5 @@
 """Quick prefill timing: B=1, H=32, D=128, causal, bf16, budget 0.05 at S=8k/32k: SDPA flash vs thrift
-(end-to-end and quant+prefill with the selection given). Median of triton do_bench, L2 flushed.
+(end-to-end and quant+prefill with the selection given, per schedule). Median of triton do_bench, L2 flushed.
 argv: optional schedule names (default: the default schedule). DTYPE=fp16 times fp16 inputs instead of bf16."""
 import math, os, sys, torch
 sys.path.insert(0, ".")
@@ -30,8 +30,8 @@ for S in (8192, 32768):
         run = lambda: _run_prefill(q, k, v, sel, True, 1 / math.sqrt(D), get_schedule(sc), "nvfp4", out=o, lse=l)
         run()
         rows.append((f"thrift b=0.05 {sc or 'default'} (quant+prefill)", do_bench(run, warmup=10, rep=1000, return_mode="median")))
-    e2e = lambda: kernels.thrift_attention(q, k, v, budget=0.05, causal=True)
-    e2e()
-    rows.append(("thrift b=0.05 default (end-to-end)", do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+        e2e = lambda: kernels.thrift_attention(q, k, v, budget=0.05, causal=True, schedule=sc)
+        e2e()
+        rows.append((f"thrift b=0.05 {sc or 'default'} (end-to-end)", do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
     for name, ms in rows:
         print(f"{str(dtype)[6:]} S={S:6d} {name:48s} {ms:9.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s", flush=True)
