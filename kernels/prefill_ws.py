@@ -1,27 +1,29 @@
 """ThriftPrefillWSKernel: the warp-specialized SM90 variant of the fused prefill (schedule.warp_spec, sm_90a wgmma).
 
 Same numerics and the same per-tile math as ThriftPrefillKernel (kernels/prefill.py, whose step / phase2 / epilogue
-it runs); what changes is who does what. One CTA = 3 warpgroups = 384 threads, grid (ceil(nqb / 2), Hq, B):
+it runs); what changes is who does what. One CTA = 1 + n warpgroups (n = schedule.consumers, 2 or 3: 384 or 512
+threads, one CTA per SM), grid (ceil(nqb / n), Hq, B):
 
-  warpgroup 0, the producer (setmaxnreg down to schedule.producer_regs): walks the union of the two consumers'
+  warpgroup 0, the producer (setmaxnreg down to schedule.producer_regs): walks the union of the n consumers'
       phase-1 tile lists (key tiles causally visible to a block and not selected by it; descending), loads each
       FP4 K/V tile with cp.async into its own `stages`-deep FP4 ring (producer-only named barrier), waits for
       ring stage r to be empty, decodes the tile ONCE into the 16-bit ring stage r (kring[r], vring[r]; the SM90
       "bits" fp16 decode), fences the writes into the async proxy (the consumers' wgmmas read them), writes the
       stage's meta entry (tile index, which consumers use it) and arrives on full[r]. After the last tile: an
       end-of-stream entry (tile -1).
-  warpgroups 1, 2, the consumers (setmaxnreg up to schedule.consumer_regs): consumer c owns query block
-      2 * pair + c. Each decodes its FP4 Q into sQ[c], then per ring stage: wait full[r]; if the tile is one of
+  warpgroups 1 .. n, the consumers (setmaxnreg up to schedule.consumer_regs): consumer c owns query block
+      n * pair + c. Each decodes its FP4 Q into sQ[c], then per ring stage: wait full[r]; if the tile is one of
       its own, the step of kernels/prefill.py (S = dq(Q) dq(K)^T wgmma on kring[r], online softmax, two-level P
       quantization, O += P' dq(V) wgmma on vring[r]); arrive on empty[r] (every consumer thread, whether it used
-      the tile or not). At the end-of-stream entry both consumers meet at a 256-thread named barrier (the ring is
+      the tile or not). At the end-of-stream entry the consumers meet at a named barrier (the ring is
       free: the producer has finished), and each runs phase 2 (its selected tiles, FP16, its own K/V tile over
       ring stage c: aliased) and the epilogue with its own 128-thread named barrier.
 
-The decode of a key tile is shared by the two query blocks (half the decode work per block of the one-warpgroup
+The decode of a key tile is shared by the n query blocks (1/n of the decode work per block of the one-warpgroup
 kernel), and the consumers' loop has no CTA barrier: a consumer waits only for the tile it needs next.
-Barriers: mbarriers full[r] (128 producer arrivals) / empty[r] (256 consumer arrivals); named barriers 1 (producer
-warpgroup), 2 (both consumers), 3 + c (consumer c). Byte map: layouts.prefill.PrefillWSSmemMap.
+Barriers: mbarriers full[r] (128 producer arrivals) / empty[r] (128 n consumer arrivals), r < ring = max(2, n);
+named barriers 1 (producer warpgroup), 2 (all consumers), 3 + c (consumer c). Byte map:
+layouts.prefill.PrefillWSSmemMap.
 """
 from __future__ import annotations
 

@@ -149,23 +149,24 @@ class PrefillSmemMap:
 @dataclass(frozen=True)
 class PrefillWSSmemMap:
     """Byte map of the warp-specialized prefill (kernels/prefill_ws.py): one producer warpgroup decodes every FP4
-    key tile once into a 2-stage 16-bit ring that two consumer warpgroups (two 64-row query blocks) read.
+    key tile once into a `ring`-stage 16-bit ring that `consumers` consumer warpgroups (64-row query blocks) read.
 
-        [0, 2*q16)                     sQ[c], c < 2: consumer c's Q tile (decoded FP4 Q in phase 1, the real
-                                       16-bit Q in phase 2, O in the epilogue); stage mode = c, stride q16
-        R = round_up(2*q16, 1024), the aliased region:
-          phase 1   R + r*kv16, r < 2         kring[r]: decoded K tile of ring stage r (Tn x D, fp16)
-                    R + (2 + r)*kv16          vring[r]: decoded V^T tile of ring stage r (D x Tn, fp16)
-                    R + 4*kv16 + s*fp4_stage  FP4 stage s < S (the producer's cp.async ring; pieces as
+        [0, n*q16)                     sQ[c], c < n = consumers: consumer c's Q tile (decoded FP4 Q in phase 1,
+                                       the real 16-bit Q in phase 2, O in the epilogue); stage mode = c, stride q16
+        R = round_up(n*q16, 1024), the aliased region (ring stages r < ring):
+          phase 1   R + r*kv16                kring[r]: decoded K tile of ring stage r (Tn x D, fp16)
+                    R + (ring + r)*kv16       vring[r]: decoded V^T tile of ring stage r (D x Tn, fp16)
+                    R + 2*ring*kv16 + s*fp4_stage  FP4 stage s < S (the producer's cp.async ring; pieces as
                                               PrefillSmemMap's)
           phase 2   R + c*kv16                consumer c's 16-bit K tile   (over kring[c])
-                    R + (2 + c)*kv16          consumer c's 16-bit V tile   (Tn x D, over vring[c])
+                    R + (ring + c)*kv16       consumer c's 16-bit V tile   (Tn x D, over vring[c])
         meta_off: 2 x int32 per ring stage (key tile index, -1 = end of stream; which consumers use it)
-        mbar_off: full[r] (128 producer arrivals), empty[r] (256 consumer arrivals), 8 B each
+        mbar_off: full[r] (128 producer arrivals), empty[r] (128 n consumer arrivals), 8 B each
 
-    Phase 2 starts only after both consumers passed their named barrier that ends phase 1 (the producer has
+    Phase 2 starts only after every consumer passed the named barrier that ends phase 1 (the producer has
     finished then: it wrote the end-of-stream entry after its last decode and cp.async wait).  D=128, S=2:
-    32 + 64 + 18 KiB + 48 B = 114 KiB (one CTA of 384 threads per SM; registers allow no second one)."""
+    2 consumers, ring 2: 32 + 64 + 18 KiB + 48 B = 114 KiB; 3 consumers, ring 3: 48 + 96 + 18 KiB = 162 KiB (one CTA
+    of 384 / 512 threads per SM either way; registers allow no second one)."""
 
     head_dim: int
     tile_m: int = 64
