@@ -49,7 +49,8 @@ profiling/RESULTS.md) -- it measures what the decode costs.
 The SM120 path ignores kv_dq16 (its MMA reads the packed FP4 stages).
 
 16-bit MMAs (schedule.mma).  "sync": mma.sync m16n8k16, each warp ldmatrix-loads its Q rows and the whole K / V^T
-tile (the sm_120a FP16 phase, and any arch without wgmma).  "wgmma" (sm_90a; the default there, m64_wg_s2_f1):
+tile (the sm_120a FP16 phase, and any arch without wgmma).  "wgmma" (sm_90a: m64_wg_s2_f1, and the warp-specialized
+kernels/prefill_ws.py schedules, the default there):
 the 4 warps are one warpgroup and the 64-row block one m64 wgmma -- S = Q K^T is m64n64k16 with sQ and kdec / the
 FP16 K stage read as shared-memory descriptors, O += P V is m64nDk16 with P in registers (the accumulator re-viewed
 as A fragments) and B = vdec (K-major) or the FP16 V stage (MN-major view).  The 16-bit tiles then use the

@@ -174,8 +174,10 @@ SCHEDULES: dict[str, PrefillSchedule] = {
 }
 
 DEFAULT_SCHEDULE = "m64_w4_s2"  # every arch without an entry in ARCH_DEFAULT_SCHEDULES (sm_120a: FP4 MMA + mma.sync)
-# sm_90a (H100/H200): wgmma and 3 CTAs per SM, 24% faster than m64_w4_s2 at 32k (profiling/RESULTS.md)
-ARCH_DEFAULT_SCHEDULES = {90: "m64_wg_s2_f1"}
+# sm_90a (H100/H200): warp-specialized wgmma, one producer + 3 consumer warpgroups (one FP4 decode per key tile for
+# three query blocks): 32k / 5% quant+prefill 26.5 ms vs 34.6 ms for the one-warpgroup m64_wg_s2_f1 and 30.4 ms for
+# wg2_ws_s2 (H100, same run; profiling/RESULTS.md, session 9)
+ARCH_DEFAULT_SCHEDULES = {90: "wg3_ws_s2"}
 
 
 def _current_arch():

@@ -84,7 +84,7 @@ def _ptxas(arch, ptx):
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_120a"])
 def test_prefill_compiles_no_spills(arch, tmp_path):
     from kernels.prefill import fp4_word_layout
-    from kernels.schedules import SCHEDULES, default_schedule_name
+    from kernels.schedules import SCHEDULES
 
     ptx = _compile_arch(arch, tmp_path)
     assert set(SCHEDULES) <= set(ptx)
@@ -120,7 +120,7 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
         assert ("0x8E008E00" in text) == bits, f"{arch} {name}: bits decode expected {bits}"
         if bits:
             assert "0x3E3C3800" not in text and "0x3F3F3F00" not in text, f"{name}: table decode left in"
-        if arch == "sm_90a" and name == default_schedule_name(90):
+        if arch == "sm_90a" and name == "m64_wg_s2_f1":
             # bf16, D=128, causal (i = its sorted index, odd): <= 168 registers keeps 3 CTAs of 128 threads per SM
             assert max(regs) <= 168, f"{name}: {regs} registers -> fewer than 3 CTAs per SM on sm_90a"
         if arch == "sm_90a" and SCHEDULES[name].uses_ws(90):
@@ -269,7 +269,7 @@ def test_schedule_overrides():
     assert get_schedule("m64_w4_s2:stages=3;mask_split=False") == replace(SCHEDULES["m64_w4_s2"], stages=3,
                                                                            mask_split=False)
     assert get_schedule("wg2_ws_s2:producer_regs=56", arch=90) == replace(SCHEDULES["wg2_ws_s2"], producer_regs=56)
-    assert get_schedule("min_ctas=2", arch=90) == replace(SCHEDULES[default_schedule_name(90)], min_ctas=2)
+    assert get_schedule("stages=3", arch=90) == replace(SCHEDULES[default_schedule_name(90)], stages=3)
     assert get_schedule("stages=4", arch=120).stages == 4 and get_schedule("stages=4", arch=120).mma == "sync"
     for bad, word in (("m64_w4_s2:stagez=3", "stagez"), ("stages=x", "stages"), ("nope:stages=3", "nope"),
                       ("mask_split=maybe", "mask_split"), ("stages=9", "stages")):
@@ -280,7 +280,7 @@ def test_schedule_overrides():
 def test_default_schedule_per_arch():
     from kernels.schedules import SCHEDULES, default_schedule_name, get_schedule
 
-    assert default_schedule_name(90) == "m64_wg_s2_f1" and SCHEDULES["wg2_ws_s2"].uses_ws(90)
+    assert default_schedule_name(90) == "wg3_ws_s2" and SCHEDULES["wg3_ws_s2"].uses_ws(90)
     assert SCHEDULES["m64_wg_s2_f1"].uses_wgmma(90) and not SCHEDULES["m64_wg_s2_f1"].uses_ws(90)
     assert default_schedule_name(120) == "m64_w4_s2" and not get_schedule(None, arch=120).uses_wgmma(120)
     assert not SCHEDULES["m64_wg_s2_f1"].uses_wgmma(120)  # sm_120a ignores mma="wgmma" (and warp_spec)
