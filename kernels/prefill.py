@@ -642,7 +642,8 @@ class ThriftPrefillKernel:
             cute.arch.barrier(barrier_id=ctx.bar_id, number_of_threads=self.nthr)
 
     def ring_stage(self, frag: cute.Tensor, stage: Int32) -> cute.Tensor:
-        """Phase 1's decoded K / V^T wgmma operand: the tile itself, or (warp-specialized kernel) its ring stage."""
+        """A K / V wgmma operand: the tile itself, or (warp-specialized kernel, whose phase-1 decoded tiles and
+        phase-2 16-bit tiles both arrive in the producer's ring) its ring stage."""
         if const_expr(self.ws):
             return frag[None, None, None, stage]
         return frag
@@ -756,6 +757,8 @@ class ThriftPrefillKernel:
         elif const_expr(self.wg):
             if const_expr(phase == 1 and not self.dq16):
                 self.wg_gemm(ctx.mma_qk1, acc_S, ctx.wg_q1, self.ring_stage(ctx.wg_kdec, stage), True)
+            elif const_expr(self.ws):  # phase 0 / 2 of the warp-specialized kernel: 16-bit K in ring stage `stage`
+                self.wg_gemm(ctx.mma_qk, acc_S, ctx.wg_q, self.ring_stage(ctx.wg_k16, stage), True)
             else:
                 if stage == 0:
                     self.wg_gemm(ctx.mma_qk, acc_S, ctx.wg_q, ctx.wg_k16[0], True)
@@ -891,6 +894,8 @@ class ThriftPrefillKernel:
             if const_expr(self.wg):
                 if const_expr(phase == 1 and not self.dq16):
                     self.wg_gemm(ctx.mma_pvk, ctx.acc_O, tOrP, self.ring_stage(ctx.wg_vdec, stage), False)
+                elif const_expr(self.ws):
+                    self.wg_gemm(ctx.mma_pvmn, ctx.acc_O, tOrP, self.ring_stage(ctx.wg_v16, stage), False)
                 else:
                     if stage == 0:
                         self.wg_gemm(ctx.mma_pvmn, ctx.acc_O, tOrP, ctx.wg_v16[0], False)

@@ -47,9 +47,13 @@ class PrefillSchedule:
                 ONCE into a staged 16-bit ring (mbarrier full/empty handshake, no CTA barrier in the consumers'
                 loop), and `consumers` consumers, each one 64-row query block (adjacent blocks per CTA), that run S,
                 the softmax, the two-level P quantization and P.V on the ring's tiles.  1/consumers of the decode per
-                query block; setmaxnreg moves registers from the producer (producer_regs) to the consumers.  Needs
-                fp16_stages=1 (phase 2 puts each consumer's 16-bit K/V tile over one ring stage).
+                query block; setmaxnreg moves registers from the producer (producer_regs) to the consumers.  Phase
+                2 goes through the same ring: after the FP4 tiles the producer cp.asyncs each consumer's selected
+                16-bit K/V tiles into it (look-ahead up to the ring's depth).  Needs fp16_stages=1 (the field of
+                the one-warpgroup kernel's own phase-2 buffer; unused here).
     consumers:  warp_spec: consumer warpgroups (query blocks) per CTA, 2 or 3 (one CTA per SM either way).
+    ring_stages: warp_spec: stages of the 16-bit ring (a decoded K + V^T tile, or a 16-bit K + V tile, each);
+                0 = max(2, consumers).
     producer_regs: warp_spec: the producer warpgroup's setmaxnreg count; the consumers get the rest of the CTA's
                 registers (consumer_regs; setmaxnreg.inc waits for registers the producer's setmaxnreg.dec released,
                 so asking for more than the CTA holds hangs).
@@ -67,6 +71,7 @@ class PrefillSchedule:
     warp_spec: bool = False
     consumers: int = 2
     producer_regs: int = 96
+    ring_stages: int = 0
 
     def __post_init__(self):
         if self.tile_n != SELECTION_BLOCK:
@@ -89,6 +94,9 @@ class PrefillSchedule:
             raise ValueError("schedule.warp_spec needs mma='wgmma', fp16_stages=1, kv_dq16=False and min_ctas=0")
         if self.consumers not in (2, 3):
             raise ValueError(f"schedule.consumers must be 2 or 3, got {self.consumers}")
+        if self.ring_stages != 0 and not 2 <= self.ring_stages <= 6:
+            raise ValueError(f"schedule.ring_stages must be 0 (= max(2, consumers)) or in [2, 6], got "
+                             f"{self.ring_stages}")
         if self.producer_regs % 8 or not 24 <= self.producer_regs <= self.entry_regs:
             raise ValueError(f"schedule.producer_regs must be a multiple of 8 in [24, {self.entry_regs}] (the "
                              f"registers a thread of the {self.ws_threads}-thread CTA starts with), got "
@@ -98,6 +106,11 @@ class PrefillSchedule:
     def ws_threads(self) -> int:
         """warp_spec: threads per CTA (1 producer + `consumers` warpgroups of 128)."""
         return 128 * (1 + self.consumers)
+
+    @property
+    def ws_ring(self) -> int:
+        """warp_spec: the 16-bit ring's stages (ring_stages, 0 = max(2, consumers))."""
+        return self.ring_stages or max(2, self.consumers)
 
     @property
     def entry_regs(self) -> int:
@@ -136,7 +149,7 @@ class PrefillSchedule:
         from layouts.prefill import PrefillSmemMap, PrefillWSSmemMap
 
         if self.uses_ws(arch):
-            smem = PrefillWSSmemMap(head_dim, self.tile_m, self.tile_n, self.stages, ring=max(2, self.consumers),
+            smem = PrefillWSSmemMap(head_dim, self.tile_m, self.tile_n, self.stages, ring=self.ws_ring,
                                     consumers=self.consumers).total_bytes
         else:
             smem = PrefillSmemMap(head_dim, self.tile_m, self.tile_n, self.stages,
@@ -166,9 +179,9 @@ SCHEDULES: dict[str, PrefillSchedule] = {
     # warpgroups (2 query blocks per CTA), 1 CTA of 384 threads per SM
     "wg2_ws_s2": PrefillSchedule(stages=2, mask_split=True, mma="wgmma", fp16_stages=1, warp_spec=True),
     # 1 producer + 3 consumers (3 query blocks per CTA, 512 threads): a third of the decode per block, 12 math warps
-    # per SM; the producer runs on 40 registers (32 spills) so that the consumers get 152
+    # per SM; the producer runs on 56 registers (the most that leaves the consumers 152: 56 + 3 x 152 = 4 x 128)
     "wg3_ws_s2": PrefillSchedule(stages=2, mask_split=True, mma="wgmma", fp16_stages=1, warp_spec=True,
-                                 consumers=3, producer_regs=40),
+                                 consumers=3, producer_regs=56),
     # wgmma + the dq16 experiment: what the tiling costs without the per-tile FP4 decode
     "m64_wg_s2_dq16": PrefillSchedule(stages=2, mask_split=True, kv_dq16=True, mma="wgmma"),
 }

@@ -148,25 +148,24 @@ class PrefillSmemMap:
 
 @dataclass(frozen=True)
 class PrefillWSSmemMap:
-    """Byte map of the warp-specialized prefill (kernels/prefill_ws.py): one producer warpgroup decodes every FP4
-    key tile once into a `ring`-stage 16-bit ring that `consumers` consumer warpgroups (64-row query blocks) read.
+    """Byte map of the warp-specialized prefill (kernels/prefill_ws.py): one producer warpgroup fills a `ring`-stage
+    16-bit ring that `consumers` consumer warpgroups (64-row query blocks) read -- first every FP4 key tile decoded
+    once (phase 1), then each consumer's selected 16-bit K/V tiles (phase 2, cp.async).
 
         [0, n*q16)                     sQ[c], c < n = consumers: consumer c's Q tile (decoded FP4 Q in phase 1,
                                        the real 16-bit Q in phase 2, O in the epilogue); stage mode = c, stride q16
-        R = round_up(n*q16, 1024), the aliased region (ring stages r < ring):
-          phase 1   R + r*kv16                kring[r]: decoded K tile of ring stage r (Tn x D, fp16)
-                    R + (ring + r)*kv16       vring[r]: decoded V^T tile of ring stage r (D x Tn, fp16)
-                    R + 2*ring*kv16 + s*fp4_stage  FP4 stage s < S (the producer's cp.async ring; pieces as
-                                              PrefillSmemMap's)
-          phase 2   R + c*kv16                consumer c's 16-bit K tile   (over kring[c])
-                    R + (ring + c)*kv16       consumer c's 16-bit V tile   (Tn x D, over vring[c])
-        meta_off: 2 x int32 per ring stage (key tile index, -1 = end of stream; which consumers use it)
-        mbar_off: full[r] (128 producer arrivals), empty[r] (128 n consumer arrivals), 8 B each
+        R = round_up(n*q16, 1024), the ring (stages r < ring):
+                    R + r*kv16                kring[r]: phase 1 the decoded K tile (Tn x D, fp16), phase 2 a
+                                              16-bit K tile (Tn x D, input dtype)
+                    R + (ring + r)*kv16       vring[r]: phase 1 the decoded V^T tile (D x Tn, fp16), phase 2 a
+                                              16-bit V tile (Tn x D, input dtype; read through a V^T view)
+                    R + 2*ring*kv16 + s*fp4_stage  FP4 stage s < S (the producer's cp.async ring for phase 1;
+                                              pieces as PrefillSmemMap's)
+        meta_off: 2 x int32 per ring stage (key tile index, -1 = end of stream; which consumers use it, and as what)
+        mbar_off: full[r] (128 + 1 producer arrivals), empty[r] (128 n consumer arrivals), 8 B each
 
-    Phase 2 starts only after every consumer passed the named barrier that ends phase 1 (the producer has
-    finished then: it wrote the end-of-stream entry after its last decode and cp.async wait).  D=128, S=2:
-    2 consumers, ring 2: 32 + 64 + 18 KiB + 48 B = 114 KiB; 3 consumers, ring 3: 48 + 96 + 18 KiB = 162 KiB (one CTA
-    of 384 / 512 threads per SM either way; registers allow no second one)."""
+    D=128, S=2: 2 consumers, ring 2: 32 + 64 + 18 KiB + 48 B = 114 KiB; 3 consumers, ring 3: 48 + 96 + 18 KiB =
+    162 KiB, ring 4: 194 KiB (one CTA of 384 / 512 threads per SM either way; registers allow no second one)."""
 
     head_dim: int
     tile_m: int = 64
@@ -208,7 +207,6 @@ class PrefillWSSmemMap:
 
     @property
     def region_bytes(self) -> int:
-        assert self.consumers <= self.ring, "phase 2 puts consumer c's K/V tiles over ring stage c"
         return 2 * self.ring * self.kv16 + self.stages * self.fp4_stage
 
     @property
@@ -227,8 +225,8 @@ class PrefillWSSmemMap:
         rows = [f"sQ[c<{self.consumers}]     [0, {self.consumers * self.q16})"]
         for name, off, what in (("kring", self.kring_off, "K"), ("vring", self.vring_off, "V")):
             for r in range(self.ring):
-                tail = f"  (phase 2: consumer {r}'s {what})" if r < self.consumers else ""
-                rows.append(f"{name} {r}       [{off + r * self.kv16}, {off + (r + 1) * self.kv16}){tail}")
+                rows.append(f"{name} {r}       [{off + r * self.kv16}, {off + (r + 1) * self.kv16})  "
+                            f"(decoded {what} in phase 1, 16-bit {what} in phase 2)")
         for s_ in range(self.stages):
             o = self.fp4_base + s_ * self.fp4_stage
             rows.append(f"fp4 stage {s_}   [{o}, {o + self.fp4_stage})")

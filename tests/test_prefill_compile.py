@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 
@@ -171,6 +172,12 @@ def test_schedules_validate():
         PrefillSchedule(mma="wgmma", fp16_stages=1, warp_spec=True, producer_regs=100)
     with pytest.raises(ValueError, match="consumers"):
         PrefillSchedule(mma="wgmma", fp16_stages=1, warp_spec=True, consumers=4)
+    with pytest.raises(ValueError, match="ring_stages"):
+        PrefillSchedule(mma="wgmma", fp16_stages=1, warp_spec=True, ring_stages=7)
+    ws3 = PrefillSchedule(mma="wgmma", fp16_stages=1, warp_spec=True, consumers=3, producer_regs=56)
+    assert ws3.ws_ring == 3 and replace(ws3, ring_stages=4).ws_ring == 4
+    with pytest.raises(ValueError, match="shared memory"):  # 6 ring stages of 32 KiB + 3 Q tiles > 227 KiB
+        replace(ws3, ring_stages=6).validate_for(128, 90)
     with pytest.raises(ValueError, match="producer_regs"):
         PrefillSchedule(mma="wgmma", fp16_stages=1, warp_spec=True, consumers=3, producer_regs=136)
     # the consumers' setmaxnreg.inc only succeeds if producer + n consumers fit the CTA's (1 + n) x entry registers
