@@ -153,7 +153,7 @@ def _e4m3_code_of(s, *, loc=None, ip=None) -> Uint32:
 @dsl_user_op
 def _e4m3_candidate(code, step: int, *, loc=None, ip=None):
     """(code + step as u32, the fp32 E4M3 value of that code clamped to [1, 126]). Out-of-range codes are never
-    taken by _mse_pick; the clamp only keeps their (discarded) SSE off the NaN / zero divisors of div.rn's slow
+    taken by _mse_take; the clamp only keeps their (discarded) SSE off the NaN / zero divisors of div.rn's slow
     path."""
     res = _asm(llvm.StructType.get_literal([T.i32(), T.f32()]), [Uint32(code).ir_value(loc=loc, ip=ip)],
                "{\n\t.reg .b16 e;\n\t.reg .b32 h2, w;\n\t.reg .f16 h;\n\t"
@@ -203,14 +203,15 @@ def div16(xs, s, *, loc=None, ip=None):
 def _sse16_ptx() -> str:
     """PTX of the squared error of one 16-element group at scale $17 (inputs $1..$16 = |x|): per element in order
     y = |x| / s (IEEE true division: div.rn's fast path with the reciprocal shared, see above), m = E2M1_RNE(y),
-    e = m*s - |x|, acc = acc + e*e -- every step an explicit .rn instruction, which ptxas never contracts into an FMA
-    (the codec's one-multiply-then-one-add order; |e| equals |q - x| of the codec since the code's sign is x's). The
-    mse_e / mse_acc names make it countable in the PTX (tests/test_prefill_compile.py, tests/test_decode_compile.py)."""
+    e' = |x| - m*s as ONE fma (m*s is exact in fp32 -- <= 6 significant bits in [2^-10, 2688] -- so the fma rounds
+    exactly where the codec's mul-then-sub rounds, and e'^2 = e^2), acc = acc + e'*e' with the square and the sum
+    each an explicit .rn instruction, which ptxas never contracts into an FMA (the codec's fixed order). The mse_e /
+    mse_acc names make the steps countable in the PTX (tests/test_prefill_compile.py, tests/test_decode_compile.py)."""
     body = ("{\n\t.reg .f32 mse_y, mse_m, mse_e, mse_acc, dv_r, dv_nb, dv_q, dv_t;\n\tmov.b32 mse_acc, 0f00000000;\n\t"
             + _rcp_ptx("$17"))
     for i in range(1, 17):
         body += (_div_ptx("mse_y", f"${i}") + _e2m1_rne_ptx("mse_m", "mse_y") + "\n\t"
-                 f"mul.rn.f32 mse_m, mse_m, $17;\n\tsub.rn.f32 mse_e, mse_m, ${i};\n\t"
+                 f"fma.rn.f32 mse_e, mse_m, dv_nb, ${i};\n\t"
                  "mul.rn.f32 mse_e, mse_e, mse_e;\n\tadd.rn.f32 mse_acc, mse_acc, mse_e;\n\t")
     return body + "mov.b32 $0, mse_acc;\n\t}"
 
@@ -226,21 +227,24 @@ def _sse16(ax, s, *, loc=None, ip=None) -> Float32:
 
 
 @dsl_user_op
-def _mse_pick(err, best_err, ok, code, best_code, s, best_s, *, loc=None, ip=None):
-    """Take the candidate iff ok != 0, 1 <= code <= 126 and err < best_err (strictly: earlier candidates win ties;
-    a NaN err never wins). Returns (best_err, best_code, best_s)."""
+def _mse_take(err, best_err, ok, code, *, loc=None, ip=None) -> Int32:
+    """1 iff the candidate wins: ok != 0, 1 <= code <= 126 and err < best_err (strictly: earlier candidates win
+    ties; a NaN err never wins), else 0."""
     args = [Float32(err).ir_value(loc=loc, ip=ip), Float32(best_err).ir_value(loc=loc, ip=ip),
-            Int32(ok).ir_value(loc=loc, ip=ip), Uint32(code).ir_value(loc=loc, ip=ip),
-            Uint32(best_code).ir_value(loc=loc, ip=ip), Float32(s).ir_value(loc=loc, ip=ip),
-            Float32(best_s).ir_value(loc=loc, ip=ip)]
-    res = _asm(llvm.StructType.get_literal([T.f32(), T.i32(), T.f32()]), args,
-               "{\n\t.reg .pred p, q;\n\tsetp.lt.f32 p, $3, $4;\n\tsetp.ne.s32 q, $5, 0;\n\tand.pred p, p, q;\n\t"
-               "setp.ge.s32 q, $6, 1;\n\tand.pred p, p, q;\n\tsetp.le.s32 q, $6, 126;\n\tand.pred p, p, q;\n\t"
-               "selp.f32 $0, $3, $4, p;\n\tselp.b32 $1, $6, $7, p;\n\tselp.f32 $2, $8, $9, p;\n\t}",
-               "=f,=r,=f,f,f,r,r,r,f,f")
-    return (Float32(llvm.extractvalue(T.f32(), res, [0], loc=loc, ip=ip)),
-            Uint32(llvm.extractvalue(T.i32(), res, [1], loc=loc, ip=ip)),
-            Float32(llvm.extractvalue(T.f32(), res, [2], loc=loc, ip=ip)))
+            Int32(ok).ir_value(loc=loc, ip=ip), Uint32(code).ir_value(loc=loc, ip=ip)]
+    return Int32(_asm(T.i32(), args,
+                      "{\n\t.reg .pred p, q;\n\tsetp.lt.f32 p, $1, $2;\n\tsetp.ne.s32 q, $3, 0;\n\tand.pred p, p, q;\n\t"
+                      "setp.ge.s32 q, $4, 1;\n\tand.pred p, p, q;\n\tsetp.le.s32 q, $4, 126;\n\tand.pred p, p, q;\n\t"
+                      "selp.b32 $0, 1, 0, p;\n\t}",
+                      "=r,f,f,r,r"))
+
+
+@dsl_user_op
+def _select_u32(pred, a, b, *, loc=None, ip=None) -> Uint32:
+    """a if pred != 0 else b."""
+    return Uint32(_asm(T.i32(), [Int32(pred).ir_value(loc=loc, ip=ip), Uint32(a).ir_value(loc=loc, ip=ip),
+                                 Uint32(b).ir_value(loc=loc, ip=ip)],
+                       "{\n\t.reg .pred p;\n\tsetp.ne.s32 p, $1, 0;\n\tselp.b32 $0, $2, $3, p;\n\t}", "=r,r,r,r"))
 
 
 @dsl_user_op
@@ -271,7 +275,11 @@ def nvfp4_mse_scale(xs, s, ok, steps=None):
     best_err, best_code, best_s = _sse16(ax, s_eval), code, Float32(s)
     for d in steps:
         cd, sd = _e4m3_candidate(code, d)
-        best_err, best_code, best_s = _mse_pick(_sse16(ax, sd), best_err, okw, cd, best_code, sd, best_s)
+        err = _sse16(ax, sd)
+        take = _mse_take(err, best_err, okw, cd)
+        best_err = _select_f32(take, err, best_err)
+        best_code = _select_u32(take, cd, best_code)
+        best_s = _select_f32(take, sd, best_s)
     return best_code, best_s
 
 

@@ -53,7 +53,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from kernels._validate import check_scale_rule
-from kernels.arch_paths import div16, mse_scale_steps, nvfp4_mse_scale
+from kernels.arch_paths import div16, e2m1_rne, mse_scale_steps, nvfp4_mse_scale
 from kernels.kv_cache import BITS_POS
 
 THREADS = 128
@@ -79,21 +79,25 @@ def _e4m3_byte(x, *, loc=None, ip=None):
 
 
 @dsl_user_op
-def _e2m1_code(y, *, loc=None, ip=None) -> Uint32:
-    """E2M1 code (0..15) of y: RNE on |y| (ties to even code), saturating at 6, sign bit kept."""
+def _e2m1_code_of(m, x, *, loc=None, ip=None) -> Uint32:
+    """E2M1 code (0..15) of the rounded magnitude m in {0, .5, 1, 1.5, 2, 3, 4, 6} (an E2M1_RNE result) with x's
+    sign bit: m * 2^-14 is exact in fp16 with the code's magnitude bits at [11:9] (0.5 -> the subnormal 2^-15 =
+    0x0200, 6 -> 0x0E00), so the code is one conversion and a shift. With m = E2M1_RNE(|x| / s): the codec's code of
+    x / s (RNE, ties to the even code, saturating at 6, the sign kept for values that round to 0)."""
     return Uint32(_asm(
-        T.i32(), [Float32(y).ir_value(loc=loc, ip=ip)],
-        "{\n\t.reg .f32 a;\n\t.reg .pred p;\n\t.reg .b32 c, s;\n\t"
-        "abs.f32 a, $1;\n\tmov.b32 c, 0;\n\t"
-        "setp.gt.f32 p, a, 0f3E800000;\n\t@p add.u32 c, c, 1;\n\t"   # > 0.25
-        "setp.ge.f32 p, a, 0f3F400000;\n\t@p add.u32 c, c, 1;\n\t"   # >= 0.75
-        "setp.gt.f32 p, a, 0f3FA00000;\n\t@p add.u32 c, c, 1;\n\t"   # > 1.25
-        "setp.ge.f32 p, a, 0f3FE00000;\n\t@p add.u32 c, c, 1;\n\t"   # >= 1.75
-        "setp.gt.f32 p, a, 0f40200000;\n\t@p add.u32 c, c, 1;\n\t"   # > 2.5
-        "setp.ge.f32 p, a, 0f40600000;\n\t@p add.u32 c, c, 1;\n\t"   # >= 3.5
-        "setp.gt.f32 p, a, 0f40A00000;\n\t@p add.u32 c, c, 1;\n\t"   # > 5
-        "mov.b32 s, $1;\n\tshr.u32 s, s, 28;\n\tand.b32 s, s, 8;\n\tor.b32 $0, c, s;\n\t}",
-        "=r,f"))
+        T.i32(), [Float32(m).ir_value(loc=loc, ip=ip), Float32(x).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .f32 t;\n\t.reg .b16 h;\n\t.reg .b32 c, s;\n\t"
+        "mul.rn.f32 t, $1, 0f38800000;\n\tcvt.rn.f16.f32 h, t;\n\tcvt.u32.u16 c, h;\n\tshr.u32 c, c, 9;\n\t"
+        "mov.b32 s, $2;\n\tshr.u32 s, s, 28;\n\tand.b32 s, s, 8;\n\tor.b32 $0, c, s;\n\t}",
+        "=r,f,f"))
+
+
+@dsl_user_op
+def _fma(a, b, c, *, loc=None, ip=None) -> Float32:
+    """a * b + c, one rounding (fma.rn.f32; the rot_ register name marks it in the PTX: the rotation's butterflies)."""
+    return Float32(_asm(T.f32(), [Float32(a).ir_value(loc=loc, ip=ip), Float32(b).ir_value(loc=loc, ip=ip),
+                                  Float32(c).ir_value(loc=loc, ip=ip)],
+                        "{\n\t.reg .f32 rot_t;\n\tfma.rn.f32 rot_t, $1, $2, $3;\n\tmov.b32 $0, rot_t;\n\t}", "=f,f,f,f"))
 
 
 @dsl_user_op
@@ -161,11 +165,14 @@ class QuantKernel:
         ok = finite & (s > Float32(0.0))
         if const_expr(self.scale_rule == "mse"):
             # best of the amax scale and its E4M3 neighbours (kernels/arch_paths.nvfp4_mse_scale); keeps ok: the
-            # candidates are codes in [1, 126], so the chosen scale is finite and > 0 whenever the amax one is
+            # candidates are codes in [1, 126], so the chosen scale is finite and > 0 whenever the amax one is.
+            # (Keeping the winner's 16 rounded magnitudes from the search instead of dividing again below took 128
+            # registers and timed 2.33 ms against this version's 1.89 ms at 32k on an H100: RESULTS.md, session 10.)
             code, s = nvfp4_mse_scale([vals[i] for i in range(16)], s, ok, self.mse_steps)
         div = s if ok else Float32(1.0)
         quo = div16([vals[i] for i in range(16)], div)  # == vals[i] / div (IEEE), one reciprocal per group
-        codes = [_e2m1_code(quo[i]) for i in range(16)]
+        # E2M1_RNE of |quo| (kernels/arch_paths.e2m1_rne: 6 instructions), then its code with quo's sign
+        codes = [_e2m1_code_of(e2m1_rne(cute.arch.fmax(quo[i], -quo[i])), quo[i]) for i in range(16)]
         if const_expr(self.fp4_layout == "bits"):
             # each 32-bit word (8 codes) in the "bits" order (kernels/kv_cache.py BITS_POS)
             for h in cutlass.range_constexpr(2):
@@ -204,12 +211,13 @@ class QuantKernel:
                     vals[i + st] = a - b
         for j in cutlass.range_constexpr((self.D // 16).bit_length() - 1):  # strides 16, 32, ...: partner group
             m = 1 << j  # g ^ m sits in lane ^ m
-            upper = (tidx & Int32(m)) != Int32(0)
+            sgn = Float32(-1.0) if (tidx & Int32(m)) != Int32(0) else Float32(1.0)
             for i in cutlass.range_constexpr(16):
                 mine = vals[i]
                 other = cute.arch.shuffle_sync_bfly(mine, offset=m)
-                # lower lane: a + b (mine + partner); upper lane: a - b (partner - mine)
-                vals[i] = (other - mine) if upper else (mine + other)
+                # lower lane: a + b (mine + partner); upper lane: a - b (partner - mine): both are
+                # fma(sgn, mine, partner) -- sgn * mine is exact, so the one rounding is the add's / the sub's
+                vals[i] = _fma(sgn, mine, other)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQp: cute.Tensor, mQs: cute.Tensor,
@@ -273,6 +281,10 @@ class QuantKernel:
             key0 = kb * BLOCK
             n_valid = cutlass.min(Skv - key0, BLOCK)
             ksum = Float32(0.0)
+            # the block's 32 code bytes and 4 scale bytes of channel d are contiguous in Vp / Vs: gathered here,
+            # stored once (vector stores) instead of 36 scattered byte stores (lanes differ in d: one row each)
+            pkv = cute.make_rmem_tensor((BLOCK // 2,), Uint8)
+            scv = cute.make_rmem_tensor((BLOCK // 16,), Uint8)
             for grp in cutlass.range_constexpr(BLOCK // 16):
                 for i in cutlass.range_constexpr(16):
                     key = key0 + grp * 16 + i
@@ -280,16 +292,23 @@ class QuantKernel:
                     if key < Skv:
                         vals[i] = Float32(mV[b, key, h, d])
                         ksum = ksum + Float32(mK[b, key, h, d])
-                self.quant16(vals, pk, sc)
-                for i in cutlass.range_constexpr(8):
-                    mVp[b, h, d, kb * (BLOCK // 2) + grp * 8 + i] = pk[i]
-                mVs[b, h, d, kb * (BLOCK // 16) + grp] = sc[0]
+                if const_expr(self.with_dq):  # (no gathering here: the dq stores below keep vals live, and the
+                    # 32 gathered bytes on top made ptxas spill)
+                    self.quant16(vals, pk, sc)
+                    for i in cutlass.range_constexpr(8):
+                        mVp[b, h, d, kb * (BLOCK // 2) + grp * 8 + i] = pk[i]
+                    mVs[b, h, d, kb * (BLOCK // 16) + grp] = sc[0]
+                else:
+                    self.quant16(vals, cute.local_tile(pkv, (8,), (grp,)), cute.local_tile(scv, (1,), (grp,)))
                 if const_expr(self.with_dq):
                     # threads adjacent in d write adjacent 16-bit elements of one key row (coalesced)
                     for i in cutlass.range_constexpr(16):
                         key = key0 + grp * 16 + i
                         if key < Skv:
                             mVd[b, key, h, d] = vals[i].to(self.dtype)
+            if const_expr(not self.with_dq):
+                cute.autovec_copy(pkv, cute.local_tile(mVp[b, h, d, None], (BLOCK // 2,), (kb,)))
+                cute.autovec_copy(scv, cute.local_tile(mVs[b, h, d, None], (BLOCK // 16,), (kb,)))
             mKm[b, kb, h, d] = ksum / Float32(n_valid)
 
 
