@@ -29,7 +29,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def rng_seed():
-    """A fresh seed per test run (printed on failure), so tests see new random inputs each time."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """A fresh seed per test run (printed on failure), so tests see new random inputs each time; THRIFT_TEST_SEED=<n>
+    replays a printed one."""
+    env = os.environ.get("THRIFT_TEST_SEED")
+    seed = int(env) if env else int.from_bytes(os.urandom(4), "little")
     print(f"seed={seed}")
     return seed

@@ -1,6 +1,7 @@
 """Quick prefill timing: B=1, H=32, D=128, causal, bf16, budget 0.05 at S=8k/32k: SDPA flash vs thrift
 (end-to-end and quant+prefill with the selection given, per schedule). Median of triton do_bench, L2 flushed.
-argv: optional schedule names (default: the default schedule). DTYPE=fp16 times fp16 inputs instead of bf16."""
+argv: optional schedule names (default: the default schedule). DTYPE=fp16 times fp16 inputs instead of bf16;
+SIZES=32768 (comma-separated) picks the sequence lengths."""
 import math, os, sys, torch
 sys.path.insert(0, ".")
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from kernels.selection import select_blocks
 scheds = sys.argv[1:] or [None]
 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[os.environ.get("DTYPE", "bf16")]
 B, H, D = 1, 32, 128
-for S in (8192, 32768):
+for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dtype) for _ in range(3))
     fl = 4 * B * H * S * S * D / 2
