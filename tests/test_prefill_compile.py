@@ -213,6 +213,53 @@ def test_e2m1_magic_rounding_matches_codec():
 
 
 
+def test_quant_code_of_value_matches_codec():
+    """quant/quant_kernel.py's code path: m = e2m1_rne(|y|) (the magic-number algorithm, emulated as above), code =
+    (fp16 bits of m * 2^-14) >> 9 | sign bit of y, equals the codec's e2m1_encode(y) on every decision point, its fp32
+    neighbours, both signs, zeros and random y (saturation included)."""
+    import numpy as np
+    import torch
+
+    from quant._fp4common import e2m1_encode
+
+    pts = [0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 2688, 1e30]
+    ys = []
+    for p in pts:
+        x = np.float32(p)
+        ys += [x, np.nextafter(x, np.float32(0)), np.nextafter(x, np.float32(1e38))]
+    ys = np.array(ys, np.float32)
+    ys = np.concatenate([ys, -ys, np.random.randn(200000).astype(np.float32) * 3])
+    a = np.abs(ys)
+    c = ((np.maximum(a, np.float32(1)).view(np.uint32) & np.uint32(0x7F800000)) + np.uint32(0x0B000000))
+    c = c.view(np.float32)
+    m = np.minimum((a + c) - c, np.float32(6))  # fp32 arithmetic, each op rounded (e2m1_rne)
+    h = (m * np.float32(2.0 ** -14)).astype(np.float16).view(np.uint16).astype(np.uint32)  # cvt.rn.f16.f32
+    code = (h >> 9) | ((ys.view(np.uint32) >> 28) & 8)
+    ref = e2m1_encode(torch.from_numpy(ys)).numpy().astype(np.uint32)
+    assert np.array_equal(code, ref)
+
+
+def test_mse_error_fma_is_exact():
+    """kernels/arch_paths._sse16_ptx computes the squared error's |x| - m*s as one fma: the same value as the codec's
+    fl(m*s) - |x| up to sign only if every product m*s of an E2M1 value and a positive E4M3 scale is exact in fp32 --
+    checked for all of them -- and then fl(|x| - m*s) == -fl(m*s - |x|) for any |x| (round to nearest is symmetric),
+    checked on fp16 / bf16 |x| around the products."""
+    import numpy as np
+    import torch
+
+    e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
+    e4m3 = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy().astype(np.float64)
+    prod = e2m1[:, None] * e4m3[None, :]
+    assert np.array_equal(prod.astype(np.float32).astype(np.float64), prod)  # exact in fp32
+    rng = np.random.default_rng(0)
+    for dt in (torch.float16, torch.bfloat16):
+        p = np.repeat(prod.ravel(), 8).astype(np.float32)
+        x = torch.from_numpy(p * rng.uniform(0.5, 2.0, p.size).astype(np.float32)).to(dt).float().numpy()
+        fma = (x.astype(np.float64) - p.astype(np.float64)).astype(np.float32)  # one rounding of the exact value
+        codec = (p - x)  # fp32: fl(m*s) - |x|, one rounding
+        assert np.array_equal(fma, -codec)
+
+
 def test_p_quant_x22_and_packed_scale_match_codec():
     """The prefill's P' path: kernels.arch_paths.e2m1_rne_x22 (c = max(y22, 2^22) & exponent mask, fma(y22, 2^-22,
     c) - c, y22 = y * 2^22) then pack_p_sat_scale (16-bit min(., 6) * sc), emulated bit for bit in numpy, equals the
