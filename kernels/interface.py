@@ -59,6 +59,28 @@ def _torch_to_cutlass(dt):
     return {torch.float16: cutlass.Float16, torch.bfloat16: cutlass.BFloat16}[dt]
 
 
+def quant_outputs(q, k, v, with_dq: bool = False):
+    """Empty (Qp, Qs, Kp, Ks, Vp, Vs, Km, Kd, Vd) in the quantizer's contract layouts (quant/quant_kernel.py);
+    without with_dq, Kd / Vd are k and v themselves (the kernel never writes them: they only fill the slots)."""
+    B, Sq, Hq, D = q.shape
+    _, Skv, Hkv, _ = k.shape
+    skp = -(-Skv // 64) * 64
+    dev = q.device
+    u8 = torch.uint8
+    Kd, Vd = (torch.empty_like(k), torch.empty_like(v)) if with_dq else (k, v)
+    return (torch.empty((B, Sq, Hq, D // 2), dtype=u8, device=dev), torch.empty((B, Sq, Hq, D // 16), dtype=u8, device=dev),
+            torch.empty((B, Skv, Hkv, D // 2), dtype=u8, device=dev), torch.empty((B, Skv, Hkv, D // 16), dtype=u8, device=dev),
+            torch.empty((B, Hkv, D, skp // 2), dtype=u8, device=dev), torch.empty((B, Hkv, D, skp // 16), dtype=u8, device=dev),
+            torch.empty((B, skp // 64, Hkv, D), dtype=torch.float32, device=dev), Kd, Vd)
+
+
+def quant_args(q, k, v, outs) -> list:
+    """The quantizer kernel's tensor arguments (cute views; Vp / Vs with their dynamic, 32- / 4-divisible last mode)."""
+    Qp, Qs, Kp, Ks, Vp, Vs, Km, Kd, Vd = outs
+    return [_cute(q), _cute(k), _cute(v), _cute(Qp), _cute(Qs), _cute(Kp), _cute(Ks),
+            _cute(Vp, True, 32), _cute(Vs, True, 4), _cute(Km), _cute(Kd), _cute(Vd)]
+
+
 def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse",
                          fp4_layout: str = "nibble"):
     """Run the CuTe quantizer: returns (Qp, Qs, Kp, Ks, Vp, Vs, Kmean) in the contract layouts (scales as uint8 bits);
@@ -74,27 +96,14 @@ def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False, s
 
     from quant.quant_kernel import QuantKernel
 
-    B, Sq, Hq, D = q.shape
-    _, Skv, Hkv, _ = k.shape
-    skp = -(-Skv // 64) * 64
-    dev = q.device
-    u8 = torch.uint8
-    Qp = torch.empty((B, Sq, Hq, D // 2), dtype=u8, device=dev)
-    Qs = torch.empty((B, Sq, Hq, D // 16), dtype=u8, device=dev)
-    Kp = torch.empty((B, Skv, Hkv, D // 2), dtype=u8, device=dev)
-    Ks = torch.empty((B, Skv, Hkv, D // 16), dtype=u8, device=dev)
-    Vp = torch.empty((B, Hkv, D, skp // 2), dtype=u8, device=dev)
-    Vs = torch.empty((B, Hkv, D, skp // 16), dtype=u8, device=dev)
-    Km = torch.empty((B, skp // 64, Hkv, D), dtype=torch.float32, device=dev)
-    # without with_dq the kernel never writes Kd / Vd: k and v only fill the argument slots
-    Kd, Vd = (torch.empty_like(k), torch.empty_like(v)) if with_dq else (k, v)
-    args = [_cute(q), _cute(k), _cute(v), _cute(Qp), _cute(Qs), _cute(Kp), _cute(Ks),
-            _cute(Vp, True, 32), _cute(Vs, True, 4), _cute(Km), _cute(Kd), _cute(Vd)]
+    D = q.shape[3]
+    Qp, Qs, Kp, Ks, Vp, Vs, Km, Kd, Vd = outs = quant_outputs(q, k, v, with_dq)
+    args = quant_args(q, k, v, outs)
     check_scale_rule(scale_rule, "quantize_for_prefill")
     from quant.nvfp4 import MSE_SCALE_STEPS
 
     # the candidate tuple is part of the key: a changed quant.nvfp4.MSE_SCALE_STEPS gets a fresh kernel
-    key = (_arch(dev), q.dtype, D, bool(with_dq), bool(rotate), scale_rule,
+    key = (_arch(q.device), q.dtype, D, bool(with_dq), bool(rotate), scale_rule,
            tuple(MSE_SCALE_STEPS) if scale_rule == "mse" else (), fp4_layout)
     fn = _QUANT_CACHE.get(key)
     if fn is None:

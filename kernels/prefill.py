@@ -270,12 +270,7 @@ class ThriftPrefillKernel:
         if const_expr(self.causal):
             m_block = nqb - 1 - bx  # heaviest (longest causal row) first
         hkv = hq // qhead_per_kv
-        # causal (bottom-right): query i sees keys j <= i + Skv - Sq
-        n_block_max = nkb
-        if const_expr(self.causal):
-            hi = cutlass.min((m_block + 1) * Tm, Sq) + Skv - Sq  # 1 + last visible key of the block
-            hi = cutlass.max(hi, 0)
-            n_block_max = cutlass.min(nkb, cute.ceil_div(hi, Tn))
+        n_block_max = self.visible_tiles(m_block, Sq, Skv)
 
         # ---------------- shared memory ----------------
         smem = cutlass.utils.SmemAllocator()
@@ -571,8 +566,8 @@ class ThriftPrefillKernel:
     def phase2(self, ctx, ctx_pass: dict, sel_row: cute.Tensor, n_sel: Int32, n_block_max: Int32,
                n_rows: cutlass.Constexpr):
         """Phase 2: the FP16 pass(es) over this query block's selected key tiles (none: nothing is touched).
-        ctx_pass: one fresh context per pass kind (0: bf16 max-only pass, 2: the FP16 pass); the barriers are
-        self.sync(ctx): the CTA's, or the warpgroup's named barrier in the warp-specialized kernel."""
+        ctx_pass: one fresh context per pass kind (0: bf16 max-only pass, 2: the FP16 pass). (The warp-specialized
+        kernel streams its phase 2 through the producer's ring instead: kernels/prefill_ws.py.)"""
         Tm = self.Tm
         k_sel = Int32(0)
         for i in range(n_sel):
@@ -631,6 +626,18 @@ class ThriftPrefillKernel:
                             cute.arch.cp_async_commit_group()
                 cute.arch.cp_async_wait_group(0)
                 self.sync(ctx)  # stage buffers are reused by the next pass
+
+    @cute.jit
+    def visible_tiles(self, m_block: Int32, Sq: Int32, Skv: Int32) -> Int32:
+        """n such that key tiles 0 .. n - 1 are visible to query block m_block: all of them without causal masking;
+        causal is bottom-right aligned (query i sees keys j <= i + Skv - Sq)."""
+        nkb = cute.ceil_div(Skv, self.Tn)
+        n_block_max = nkb
+        if const_expr(self.causal):
+            hi = cutlass.min((m_block + 1) * self.Tm, Sq) + Skv - Sq  # 1 + last visible key of the block
+            hi = cutlass.max(hi, 0)
+            n_block_max = cutlass.min(nkb, cute.ceil_div(hi, self.Tn))
+        return n_block_max
 
     @cute.jit
     def sync(self, ctx):

@@ -153,17 +153,11 @@ class ThriftPrefillWSKernel(ThriftPrefillKernel):
 
     # ---------------- tile lists ----------------
     @cute.jit
-    def block_extent(self, g, m_block: Int32):
-        """(valid, n_block_max) of query block m_block: the key tiles 0 .. n_block_max - 1 are causally visible."""
-        nkb = cute.ceil_div(g.Skv, self.Tn)
-        ok = m_block < g.nqb
-        n_block_max = nkb
-        if const_expr(self.causal):
-            hi = cutlass.min((m_block + 1) * self.Tm, g.Sq) + g.Skv - g.Sq  # 1 + last visible key of the block
-            hi = cutlass.max(hi, 0)
-            n_block_max = cutlass.min(nkb, cute.ceil_div(hi, self.Tn))
-        n_block_max = n_block_max if ok else Int32(0)
-        return ok, n_block_max
+    def block_tiles(self, g, m_block: Int32) -> Int32:
+        """visible_tiles of query block m_block, 0 for a block past the end (a CTA's last consumers when the
+        number of query blocks is not a multiple of n)."""
+        n_block_max = self.visible_tiles(m_block, g.Sq, g.Skv)
+        return n_block_max if m_block < g.nqb else Int32(0)
 
     @cute.jit
     def next_union(self, rows: tuple, nbm: tuple, n: Int32, widx: Int32, w0: Uint32, w1: Uint32, w2: Uint32):
@@ -266,7 +260,7 @@ class ThriftPrefillWSKernel(ThriftPrefillKernel):
         S, Tn, nc, ring = self.S, self.Tn, self.nc, self.ring
         ctx = self.producer_ctx(g, ptid)
         blocks = [nc * g.pair + c for c in range(nc)]
-        nbm = tuple(self.block_extent(g, mb)[1] for mb in blocks)
+        nbm = tuple(self.block_tiles(g, mb) for mb in blocks)
         rows = tuple(g.mMask[g.b, g.hq, cutlass.min(mb, g.nqb - 1), None] for mb in blocks)
         # (taken before the staged loop below, which rebinds the attributes of g it uses)
         sel_rows = tuple(g.mSel[g.b, g.hq, cutlass.min(mb, g.nqb - 1), None] for mb in blocks)

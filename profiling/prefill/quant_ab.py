@@ -11,7 +11,7 @@ sys.path.insert(0, ".")
 from triton.testing import do_bench
 from quant import nvfp4
 from quant.rotation import hadamard_rotate
-from kernels.interface import _cute, _stream, _torch_to_cutlass
+from kernels.interface import _stream, _torch_to_cutlass, quant_args, quant_outputs
 from kernels.kv_cache import _permute_code_words
 import cutlass.cute as cute
 
@@ -27,14 +27,9 @@ for item in sys.argv[2:]:
     variants[name] = path
 
 def run(mod, q, k, v, rotate, rule, layout, cache):
-    B, Sq, Hq, D = q.shape; _, Skv, Hkv, _ = k.shape
-    skp = -(-Skv // 64) * 64; dev = q.device; u8 = torch.uint8
-    outs = [torch.empty((B, Sq, Hq, D // 2), dtype=u8, device=dev), torch.empty((B, Sq, Hq, D // 16), dtype=u8, device=dev),
-            torch.empty((B, Skv, Hkv, D // 2), dtype=u8, device=dev), torch.empty((B, Skv, Hkv, D // 16), dtype=u8, device=dev),
-            torch.empty((B, Hkv, D, skp // 2), dtype=u8, device=dev), torch.empty((B, Hkv, D, skp // 16), dtype=u8, device=dev),
-            torch.empty((B, skp // 64, Hkv, D), dtype=torch.float32, device=dev)]
-    args = [_cute(q), _cute(k), _cute(v), _cute(outs[0]), _cute(outs[1]), _cute(outs[2]), _cute(outs[3]),
-            _cute(outs[4], True, 32), _cute(outs[5], True, 4), _cute(outs[6]), _cute(k), _cute(v)]
+    D = q.shape[3]
+    outs = quant_outputs(q, k, v)
+    args = quant_args(q, k, v, outs)
     key = (q.dtype, D, rotate, rule, layout)
     if key not in cache:
         cache[key] = cute.compile(mod.QuantKernel(_torch_to_cutlass(q.dtype), D, False, rotate, rule, layout), *args, _stream())
