@@ -1,12 +1,12 @@
 """Public entry of the fused prefill: ``thrift_attention(q, k, v, ...)`` as a torch custom op.
 
-Pipeline per call (all on torch.cuda.current_stream()):
+Pipeline per call (on torch.cuda.current_stream(); the selection on a side stream, see SELECT_SIDE_STREAM):
   1. selection  = kernels.selection.select_blocks(q, k, ...)          (torch; shared with the reference)
   2. one CuTe launch: Qp/Qs, Kp/Ks, Vp/Vs (+ K block means)           (quant/quant_kernel.py; with qk_rotation=
      "hadamard", the default, Q and K are Hadamard-rotated in registers first: quant/rotation.py; with
      scale_rule="mse", the default, the NVFP4 group scales of Q, K and V follow quant.nvfp4's "mse" encoder rule.
      P, quantized inside the prefill kernel per tile, always keeps the amax rule)
-  3. the selection as a bitmask [B, Hq, nqb, ceil(nkb/32)] int32 (torch scatter)
+  3. the selection as a bitmask [B, Hq, nqb, ceil(nkb/32)] int32 (torch scatter; with 1, concurrent with 2)
   4. one CuTe launch: ThriftPrefillKernel                               (kernels/prefill.py)
 
 Compile cache: one entry per (arch, dtype, head_dim, causal, fmt, schedule, lse) for the prefill and per
@@ -130,8 +130,35 @@ def selection_bitmask(sel: torch.Tensor, n_kv_blocks: int) -> torch.Tensor:
     return words.to(torch.int32)
 
 
+# The selection (torch: block means, scores, a sort, the bitmask) and the quantizer (one compute-bound CuTe launch)
+# depend only on q / k / v, so the public op runs the selection on a side stream while the main stream quantizes;
+# the main stream waits for it before the attention launch. False: everything on the current stream, in order.
+SELECT_SIDE_STREAM = True
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    idx = torch.device(device).index
+    idx = torch.cuda.current_device() if idx is None else idx
+    st = _SIDE_STREAMS.get(idx)
+    if st is None:
+        st = _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return st
+
+
+def _selection_inputs(sel, nkb: int):
+    """(the kernel's sel: int32, at least one column, contiguous; its bitmask)."""
+    mask = selection_bitmask(sel, nkb)
+    if sel.shape[3] == 0:
+        sel = torch.full((sel.shape[0], sel.shape[1], sel.shape[2], 1), -1, dtype=torch.int32, device=sel.device)
+    return sel.to(torch.int32).contiguous(), mask
+
+
 def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSchedule, fmt: str, out=None, lse=None,
                  qk_rotation: str = "hadamard", scale_rule: str = "mse"):
+    """The quantizer, then the prefill kernel, on the current stream. sel: a select_blocks result, or a
+    zero-argument callable returning one: then (with SELECT_SIDE_STREAM) it and the bitmask run on a side stream,
+    concurrently with the quantizer."""
     import math
 
     import cutlass.cute as cute
@@ -145,21 +172,36 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
     schedule.validate_for(D, arch)
     nkb = -(-Skv // 64)
     dq16 = schedule.uses_dq16(arch)
+    main = side = None
+    if callable(sel):
+        select = sel
+        if SELECT_SIDE_STREAM:
+            main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+            side.wait_stream(main)  # q, k (and whatever produced them) are ready
+            with torch.cuda.stream(side), phase("select"):
+                sel, mask = _selection_inputs(select(), nkb)
+        else:
+            with phase("select"):
+                sel, mask = _selection_inputs(select(), nkb)
+    else:
+        with phase("select"):
+            sel, mask = _selection_inputs(sel, nkb)
     with phase("quantize"):
         qo = quantize_for_prefill(q, k, v, with_dq=dq16, rotate=qk_rotation == "hadamard", scale_rule=scale_rule,
                                   fp4_layout=fp4_word_layout(schedule, arch, q.dtype == torch.bfloat16))
     Qp, Qs, Kp, Ks, Vp, Vs = qo[:6]
     Kd, Vd = (qo[7], qo[8]) if dq16 else (k, v)  # without dq16 the kernel never reads them
-    with phase("select"):
-        mask = selection_bitmask(sel, nkb)
-    if sel.shape[3] == 0:
-        sel = torch.full((B, Hq, sel.shape[2], 1), -1, dtype=torch.int32, device=q.device)
+    if side is not None:
+        main.wait_stream(side)
+        # made on the side stream, read on the main one: their memory is not reused before the main stream is done
+        sel.record_stream(main)
+        mask.record_stream(main)
     if out is None:
         out = torch.empty_like(q)
     if lse is None:
         lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     args = [_cute(q), _cute(k), _cute(v), _cute(Qp), _cute(Qs), _cute(Kp), _cute(Ks),
-            _cute(Vp, True, 32), _cute(Vs, True, 4), _cute(mask, True), _cute(sel.contiguous(), True),
+            _cute(Vp, True, 32), _cute(Vs, True, 4), _cute(mask, True), _cute(sel, True),
             _cute(out), _cute(lse, True), _cute(Kd), _cute(Vd)]
     key = (arch, q.dtype, D, causal, fmt, schedule.key())
     fn = _PREFILL_CACHE.get(key)
@@ -180,10 +222,10 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float
     from kernels.selection import select_blocks
 
     sch = get_schedule(schedule)  # schedule_str: every field
-    with phase("select"):
-        sel = select_blocks(q, k, budget=budget, causal=causal, method=selection)
-    return _run_prefill(q.contiguous(), k.contiguous(), v.contiguous(), sel, causal, softmax_scale, sch, fmt,
-                        qk_rotation=qk_rotation, scale_rule=scale_rule)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    select = lambda: select_blocks(q, k, budget=budget, causal=causal, method=selection)  # noqa: E731
+    return _run_prefill(q, k, v, select, causal, softmax_scale, sch, fmt, qk_rotation=qk_rotation,
+                        scale_rule=scale_rule)
 
 
 @_prefill_op.register_fake

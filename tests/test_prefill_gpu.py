@@ -154,6 +154,38 @@ def test_public_entry_and_compile(rng_seed):
     assert _rel(f(q, k, v), ref) <= TOL
 
 
+def test_public_entry_side_stream_selection(rng_seed):
+    """The public op's selection on a side stream (kernels.interface.SELECT_SIDE_STREAM) gives bit for bit what the
+    in-order pipeline gives, also when the caller runs on a stream of its own; and both match the reference."""
+    import kernels
+    from kernels import interface as iface
+    from kernels.reference import thrift_attention_ref
+
+    g = torch.Generator(device="cuda").manual_seed(rng_seed)
+    q = torch.randn(1, 1000, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 1000, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 1000, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    outs = {}
+    user = torch.cuda.Stream()
+    try:
+        for side in (False, True):
+            iface.SELECT_SIDE_STREAM = side
+            for name, st in (("current", torch.cuda.current_stream()), ("user", user)):
+                st.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(st):
+                    o, lse = kernels.thrift_attention(q, k, v, budget=0.25, return_lse=True)
+                torch.cuda.current_stream().wait_stream(st)
+                outs[(side, name)] = (o, lse)
+    finally:
+        iface.SELECT_SIDE_STREAM = True
+    torch.cuda.synchronize()
+    o0, l0 = outs[(False, "current")]
+    assert not torch.isnan(o0).any()
+    for key, (o, lse) in outs.items():
+        assert torch.equal(o, o0) and torch.equal(lse, l0), f"{key} differs from the in-order run"
+    assert _rel(o0, thrift_attention_ref(q, k, v, budget=0.25)) <= TOL
+
+
 @pytest.mark.parametrize("rule", ["mse", "amax"])
 def test_quant_kernel_bit_exact(rule, rng_seed):
     from kernels.interface import quantize_for_prefill

@@ -1,13 +1,15 @@
 """Quick prefill timing: B=1, H=32, D=128, causal, bf16, budget 0.05 at S=8k/32k: SDPA flash vs thrift
 (end-to-end and quant+prefill with the selection given, per schedule). Median of triton do_bench, L2 flushed.
 argv: optional schedule names (default: the default schedule). DTYPE=fp16 times fp16 inputs instead of bf16;
-SIZES=32768 (comma-separated) picks the sequence lengths."""
+SIZES=32768 (comma-separated) picks the sequence lengths. AB_SIDE=1 also times end to end with the selection in order on
+the current stream (kernels.interface.SELECT_SIDE_STREAM = False)."""
 import math, os, sys, torch
 sys.path.insert(0, ".")
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 import kernels
+from kernels import interface as iface
 from kernels.interface import _run_prefill
 from kernels.schedules import get_schedule
 from kernels.selection import select_blocks
@@ -34,5 +36,10 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
         e2e = lambda: kernels.thrift_attention(q, k, v, budget=0.05, causal=True, schedule=sc)
         e2e()
         rows.append((f"thrift b=0.05 {sc or 'default'} (end-to-end)", do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+        if os.environ.get("AB_SIDE") == "1":  # the same with the selection in order on the current stream
+            iface.SELECT_SIDE_STREAM = False
+            rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, select in order)",
+                         do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+            iface.SELECT_SIDE_STREAM = True
     for name, ms in rows:
         print(f"{str(dtype)[6:]} S={S:6d} {name:48s} {ms:9.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s", flush=True)
