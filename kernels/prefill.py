@@ -628,6 +628,20 @@ class ThriftPrefillKernel:
                 self.sync(ctx)  # stage buffers are reused by the next pass
 
     @cute.jit
+    def settle_max(self, ctx, n_rows: cutlass.Constexpr):
+        """Warp-specialized kernel, after the bf16 max-only pass (which there only raises row_max): O and the row sums
+        from the max they are relative to (the one before the pass, parked in row_c by begin_phase2: phase 2 needs
+        no c) to the final row max, once for the pass instead of once per tile; then row_c = 1 (phase 2's c)."""
+        acc_mn = self.mn_view(ctx.acc_O)
+        for r in cutlass.range_constexpr(n_rows):
+            m = ctx.row_max[r]
+            m_use = Float32(0.0) if m == -Float32.inf else m
+            alpha = ex2(ctx.row_c[r] * ctx.sl2 - m_use * ctx.sl2)  # max before = -inf: 0 (O and the sum are 0)
+            ctx.row_sum[r] = ctx.row_sum[r] * alpha
+            acc_mn[r, None] = acc_mn[r, None].load() * alpha
+            ctx.row_c[r] = Float32(1.0)
+
+    @cute.jit
     def visible_tiles(self, m_block: Int32, Sq: Int32, Skv: Int32) -> Int32:
         """n such that key tiles 0 .. n - 1 are visible to query block m_block: all of them without causal masking;
         causal is bottom-right aligned (query i sees keys j <= i + Skv - Sq)."""
@@ -827,9 +841,11 @@ class ThriftPrefillKernel:
             ms = m_use * sl2
             alpha = ex2(m_old * sl2 - ms)
             if const_expr(phase == 0):  # max-only pass (see phase 2 in kernel())
-                ctx.row_sum[r] = ctx.row_sum[r] * alpha
                 ctx.row_max[r] = m_new
-                acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
+                if const_expr(not self.ws):  # (the ws kernel moves O and the sums once after the pass: settle_max;
+                    # here the two registers that would take spilled on sm_120a)
+                    ctx.row_sum[r] = ctx.row_sum[r] * alpha
+                    acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
             else:
                 for c in cutlass.range_constexpr(ncols):
                     acc_S_mn[r, c] = ex2(acc_S_mn[r, c] * sl2_s - ms)

@@ -452,6 +452,10 @@ class ThriftPrefillWSKernel(ThriftPrefillKernel):
                             if not need:
                                 self.step(ctx0, n, r, 0, False)
                         else:
+                            if const_expr(self.is_bf16):
+                                if in_p2 == 1:  # the first K + V tile: the max-only pass is over
+                                    self.settle_max(ctx_b, n_rows)
+                                    in_p2 = Int32(2)
                             if need:
                                 self.step(ctx2, n, r, 2, True)
                             if not need:
@@ -471,7 +475,8 @@ class ThriftPrefillWSKernel(ThriftPrefillKernel):
         acc_mn = self.mn_view(ctx.acc_O)
         for rr in cutlass.range_constexpr(n_rows):
             acc_mn[rr, None] = acc_mn[rr, None].load() * ctx.row_c[rr]
-            ctx.row_c[rr] = 1.0
+            # bf16: row_c holds the row max before the max-only pass until settle_max sets it to 1
+            ctx.row_c[rr] = ctx.row_max[rr] if self.is_bf16 else Float32(1.0)
         self.sync(ctx)  # every warp of this consumer is done with the decoded Q
         self.load_rows16(ctx, ctx.g.tQ16_g, ctx.g.tQ16_s, ctx.m_block * self.Tm, ctx.Sq)
         cute.arch.cp_async_commit_group()
