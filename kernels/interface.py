@@ -1,7 +1,9 @@
 """Public entry of the fused prefill: ``thrift_attention(q, k, v, ...)`` as a torch custom op.
 
 Pipeline per call (on torch.cuda.current_stream(); the selection on a side stream, see SELECT_SIDE_STREAM):
-  1. selection  = kernels.selection.select_blocks(q, k, ...)          (torch; shared with the reference)
+  1. selection  = kernels.selection.select_blocks(q, k, ...)          (torch; shared with the reference; with
+                                                                     SELECT_TOPK_KERNEL its top-k and 3. are one
+                                                                     CuTe launch, kernels/select_topk.py)
   2. one CuTe launch: Qp/Qs, Kp/Ks, Vp/Vs (+ K block means)           (quant/quant_kernel.py; with qk_rotation=
      "hadamard", the default, Q and K are Hadamard-rotated in registers first: quant/rotation.py; with
      scale_rule="mse", the default, the NVFP4 group scales of Q, K and V follow quant.nvfp4's "mse" encoder rule.
@@ -134,6 +136,10 @@ def selection_bitmask(sel: torch.Tensor, n_kv_blocks: int) -> torch.Tensor:
 # depend only on q / k / v, so the public op runs the selection on a side stream while the main stream quantizes;
 # the main stream waits for it before the attention launch. False: everything on the current stream, in order.
 SELECT_SIDE_STREAM = True
+# The public op's top-k and bitmask: kernels/select_topk.py (True: one CuTe launch per score chunk, the same result)
+# or select_blocks' torch sort + selection_bitmask (False). Off until tests/test_select_topk_gpu.py has run on a GPU
+# (written and compiled in session 11 when no device time was left; profiling/RESULTS.md).
+SELECT_TOPK_KERNEL = False
 _SIDE_STREAMS: dict = {}
 
 
@@ -147,8 +153,12 @@ def _side_stream(device) -> torch.cuda.Stream:
 
 
 def _selection_inputs(sel, nkb: int):
-    """(the kernel's sel: int32, at least one column, contiguous; its bitmask)."""
-    mask = selection_bitmask(sel, nkb)
+    """(the kernel's sel: int32, at least one column, contiguous; its bitmask). sel: a select_blocks result, or
+    (that, its bitmask) as kernels.select_topk.select_and_mask returns them."""
+    if isinstance(sel, tuple):
+        sel, mask = sel
+    else:
+        mask = selection_bitmask(sel, nkb)
     if sel.shape[3] == 0:
         sel = torch.full((sel.shape[0], sel.shape[1], sel.shape[2], 1), -1, dtype=torch.int32, device=sel.device)
     return sel.to(torch.int32).contiguous(), mask
@@ -223,7 +233,12 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float
 
     sch = get_schedule(schedule)  # schedule_str: every field
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    select = lambda: select_blocks(q, k, budget=budget, causal=causal, method=selection)  # noqa: E731
+    if SELECT_TOPK_KERNEL:  # select_blocks' result and its bitmask from one CuTe top-k launch per score chunk
+        from kernels.select_topk import select_and_mask
+
+        select = lambda: select_and_mask(q, k, budget=budget, causal=causal, method=selection)  # noqa: E731
+    else:
+        select = lambda: select_blocks(q, k, budget=budget, causal=causal, method=selection)  # noqa: E731
     return _run_prefill(q, k, v, select, causal, softmax_scale, sch, fmt, qk_rotation=qk_rotation,
                         scale_rule=scale_rule)
 

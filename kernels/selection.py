@@ -110,16 +110,8 @@ def block_visibility(sq: int, skv: int, block_size: int = 64, causal: bool = Tru
     return first_key[None, :] <= mk[:, None]
 
 
-def select_blocks(q: torch.Tensor, k: torch.Tensor, *, budget: float = 0.05, causal: bool = True,
-                  method: str = "block_mean", block_size: int = 64, top_k: int | None = None,
-                  seed: int = 0) -> torch.Tensor:
-    """Top-k key blocks per (batch, query head, query block): int32 [B, Hq, nqb, k_max], sorted by descending
-    score (ties: lower index first), -1 padded. See the module docstring for the methods and conventions.
-
-    q: [B, Sq, Hq, D]; k: [B, Skv, Hkv, D] (fp16/bf16/fp32, Hq % Hkv == 0). top_k (>= 0) overrides the budget and
-    is clamped to n_kv_blocks. seed is used by method="random" only.
-    """
-    where = "select_blocks"
+def _select_setup(q, k, budget, causal, method, block_size, top_k, seed, where):
+    """Validate select_blocks' arguments: (B, Sq, Hq, Skv, Hkv, nqb, nkb, k_max)."""
     B, Sq, Hq, D, Skv, Hkv = check_qkv(q, k, where=where)
     f = check_budget(budget, where=where)
     check_bool("causal", causal, where=where)
@@ -131,12 +123,17 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, *, budget: float = 0.05, cau
         kk = topk_for_budget(nkb, f, causal)
     else:
         kk = min(check_int("top_k", top_k, minimum=0, where=where), nkb)
-    dev = q.device
-    out = torch.full((B, Hq, nqb, kk), -1, dtype=torch.int32, device=dev)
-    if kk == 0:
-        return out
+    return B, Sq, Hq, Skv, Hkv, nqb, nkb, kk
 
-    vis = block_visibility(Sq, Skv, block_size, causal, dev)  # [nqb, nkb]
+
+def score_chunks(q, k, *, causal, method, block_size, seed):
+    """Yields (b, h0, h1, scores): the fp32 [h1 - h0, nqb, nkb] scores of query heads h0..h1-1 of batch b, NOT masked
+    (select_blocks masks the causally invisible blocks), a few heads at a time (_SCORE_CHUNK). Arguments as
+    select_blocks (validated there); shared by select_blocks and kernels/select_topk.py, so both rank the same bits."""
+    B, Sq, Hq, D = q.shape
+    Skv, Hkv = k.shape[1], k.shape[2]
+    nqb, nkb = -(-Sq // block_size), -(-Skv // block_size)
+    dev = q.device
     group = Hq // Hkv
     if method in ("block_mean", "quest"):
         qm = _block_reduce(q, block_size, "mean").permute(0, 2, 1, 3)  # [B, Hq, nqb, D]
@@ -171,13 +168,34 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, *, budget: float = 0.05, cau
                 scores = local_score.expand(h1 - h0, nqb, nkb)
             else:
                 scores = torch.rand((h1 - h0, nqb, nkb), generator=gen, dtype=torch.float32).to(dev)
-            scores = scores.masked_fill(~vis, float("-inf"))
-            # Stable sort: equal scores keep ascending block order; invisible blocks (-inf) sort last, and are
-            # identified by the visibility mask, not by their score. (A torch.topk of unique int64 keys -- score
-            # bits, then index -- gives the same order but was slower: H100, 32k tokens, 512 x 512 blocks per head.)
-            idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kk]
-            ok = torch.gather(vis.expand(h1 - h0, nqb, nkb), -1, idx)
-            out[b, h0:h1] = torch.where(ok, idx, torch.full_like(idx, -1)).to(torch.int32)
+            yield b, h0, h1, scores
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, *, budget: float = 0.05, causal: bool = True,
+                  method: str = "block_mean", block_size: int = 64, top_k: int | None = None,
+                  seed: int = 0) -> torch.Tensor:
+    """Top-k key blocks per (batch, query head, query block): int32 [B, Hq, nqb, k_max], sorted by descending
+    score (ties: lower index first), -1 padded. See the module docstring for the methods and conventions.
+
+    q: [B, Sq, Hq, D]; k: [B, Skv, Hkv, D] (fp16/bf16/fp32, Hq % Hkv == 0). top_k (>= 0) overrides the budget and
+    is clamped to n_kv_blocks. seed is used by method="random" only.
+    (kernels/select_topk.py computes the same result, and its bitmask, in one CuTe launch on the GPU.)
+    """
+    B, Sq, Hq, Skv, Hkv, nqb, nkb, kk = _select_setup(q, k, budget, causal, method, block_size, top_k, seed,
+                                                      "select_blocks")
+    dev = q.device
+    out = torch.full((B, Hq, nqb, kk), -1, dtype=torch.int32, device=dev)
+    if kk == 0:
+        return out
+    vis = block_visibility(Sq, Skv, block_size, causal, dev)  # [nqb, nkb]
+    for b, h0, h1, scores in score_chunks(q, k, causal=causal, method=method, block_size=block_size, seed=seed):
+        scores = scores.masked_fill(~vis, float("-inf"))
+        # Stable sort: equal scores keep ascending block order; invisible blocks (-inf) sort last, and are
+        # identified by the visibility mask, not by their score. (A torch.topk of unique int64 keys -- score
+        # bits, then index -- gives the same order but was slower: H100, 32k tokens, 512 x 512 blocks per head.)
+        idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kk]
+        ok = torch.gather(vis.expand(h1 - h0, nqb, nkb), -1, idx)
+        out[b, h0:h1] = torch.where(ok, idx, torch.full_like(idx, -1)).to(torch.int32)
     return out
 
 

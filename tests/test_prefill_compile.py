@@ -3,8 +3,8 @@ with fake tensors, ptxas reports 0 spill bytes, and the sm_120a PTX carries the 
 (kind::mxf4nvf4.block_scale) next to the 16-bit m16n8k16 MMA of the FP16 phase; the sm_90a wgmma schedules carry
 the warpgroup MMAs (QK^T from shared memory, P.V with P in registers) and the async-proxy fence, and no mma.sync.
 
-Each arch compiles in a subprocess (the DSL reads CUTE_DSL_ARCH at import).  Budget: 3 prefill kernels + the
-quantizer (with and without the Hadamard rotation; scale_rule "mse" -- the default -- and "amax") per arch.
+Each arch compiles in a subprocess (the DSL reads CUTE_DSL_ARCH at import).  Budget: 3 prefill kernels, the
+selection's top-k kernel (kernels/select_topk.py) + the quantizer (with and without the Hadamard rotation; scale_rule "mse" -- the default -- and "amax") per arch.
 The "mse" quantizers' PTX must carry the rule's squared error as explicit mul.rn / add.rn pairs (never an FMA):
 16 per candidate scale per group, 5 inlined group quantizations (1 Q/K item + 4 V groups).
 """
@@ -55,6 +55,9 @@ _SCRIPT = textwrap.dedent("""
     out["quant_amax"] = save(compile_quant(cutlass.BFloat16, 128, False, True, "amax"), "quant_amax")
     # the SM90 prefill's "bits" code-word order (kernels.prefill.fp4_word_layout)
     out["quant_bits"] = save(compile_quant(cutlass.Float16, 128, False, True, "mse", "bits"), "quant_bits")
+    # the public op's top-k + bitmask of the block selection (kernels/select_topk.py)
+    from kernels.select_topk import compile_topk
+    out["select_topk"] = save(compile_topk(True), "select_topk")
     print("RESULT" + json.dumps(out))
 """)
 
@@ -94,6 +97,12 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
         spills, regs = _ptxas(arch, path)
         print(arch, name, "registers", regs, "spill bytes", spills)
         assert spills and all(s == 0 for s in spills), f"{arch} {name}: spills {spills}"
+        if name == "select_topk":
+            # a warp-wide int64 arg-max per round (5 butterfly steps, each two 32-bit shuffles), the NaN / -0 key
+            # handling, the __syncwarp before the bitmask reads the row's indices back
+            assert len(re.findall(r"shfl\.sync\.bfly\.b32", text)) == 10, name
+            assert "setp.nan.f32" in text and "add.rn.f32 z, %" in text and "bar.warp.sync" in text, name
+            continue
         if name.startswith("quant"):
             # rotation: strides 16, 32 (, 64) by full-mask butterfly shuffles, 16 values each; none without it
             n_shfl = len(re.findall(r"shfl\.sync\.bfly\.b32\s+%r\d+, %r\d+, \d+, 31, -1;", text))

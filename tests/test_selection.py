@@ -247,3 +247,25 @@ def test_bad_inputs():
         select_blocks(q, k, top_k=-1)
     with pytest.raises(ValueError, match="device"):
         select_blocks(q, k.to("meta"))
+
+
+def test_select_topk_key_order_matches_stable_sort():
+    """kernels/select_topk.py ranks block j of a row by the int64 (order_key(score) << 32) + (2^32 - 1 - j); that
+    key's arithmetic, emulated in numpy, orders like select_blocks' torch.sort(descending, stable): +-0 equal,
+    NaN first, +-inf, subnormals, ties by ascending index."""
+    import numpy as np
+
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1.0, -1.0, 3.4e38, -3.4e38, 1.0, 0.0,
+                        -0.0, np.nan, 2.5, -2.5, 1e-30], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 300))
+        x = rng.choice(np.concatenate([special, rng.standard_normal(20).astype(np.float32)]), size=n)
+        z = (x + np.float32(0.0)).astype(np.float32)  # add.rn.f32 z, s, +0: -0 -> +0
+        u = z.view(np.int32)
+        m = (u >> 31) & np.int32(0x7FFFFFFF)          # shr.s32 / and.b32
+        key = np.where(np.isnan(x), np.int32(0x7FFFFFFF), u ^ m).astype(np.int64)
+        comp = (key << 32) + (0xFFFFFFFF - np.arange(n, dtype=np.int64))
+        ours = np.argsort(-comp, kind="stable")       # the kernel's rounds: largest key first, all keys distinct
+        ref = torch.sort(torch.from_numpy(x), descending=True, stable=True).indices.numpy()
+        assert (ours == ref).all(), (trial, x, ours, ref)

@@ -2,7 +2,8 @@
 (end-to-end and quant+prefill with the selection given, per schedule). Median of triton do_bench, L2 flushed.
 argv: optional schedule names (default: the default schedule). DTYPE=fp16 times fp16 inputs instead of bf16;
 SIZES=32768 (comma-separated) picks the sequence lengths. AB_SIDE=1 also times end to end with the selection in order on
-the current stream (kernels.interface.SELECT_SIDE_STREAM = False)."""
+the current stream (kernels.interface.SELECT_SIDE_STREAM = False); AB_TOPK=1 with kernels/select_topk.py's top-k and
+bitmask (SELECT_TOPK_KERNEL = True, opt-in), on the side stream and in order."""
 import math, os, sys, torch
 sys.path.insert(0, ".")
 import torch.nn.functional as F
@@ -41,5 +42,14 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
             rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, select in order)",
                          do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
             iface.SELECT_SIDE_STREAM = True
+        if os.environ.get("AB_TOPK") == "1":  # the same with kernels/select_topk.py's top-k + bitmask (opt-in)
+            iface.SELECT_TOPK_KERNEL = True
+            rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, CuTe top-k)",
+                         do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+            iface.SELECT_SIDE_STREAM = False
+            rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, CuTe top-k, in order)",
+                         do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+            iface.SELECT_SIDE_STREAM = True
+            iface.SELECT_TOPK_KERNEL = False
     for name, ms in rows:
         print(f"{str(dtype)[6:]} S={S:6d} {name:48s} {ms:9.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s", flush=True)
