@@ -172,3 +172,9 @@ def select_and_mask(q, k, *, budget: float = 0.05, causal: bool = True, method: 
             fn = _CACHE[key] = cute.compile(TopKSelectKernel(causal, block_size), *args, _stream())
         fn(*args, _stream())
     return sel, mask
+
+
+def compile_targets(arch: str):
+    """profiling.resources protocol: the causal and the non-causal top-k kernel (arch-independent code)."""
+    return [("select_topk", "causal", lambda: compile_topk(True)),
+            ("select_topk", "full", lambda: compile_topk(False))]

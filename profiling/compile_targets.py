@@ -169,7 +169,7 @@ def discover(arch: str, include_demo: bool = True) -> Tuple[List[CompileTarget],
     t, s = _quant_targets(arch)
     targets += t
     skipped += s
-    for mod_name in ("kernels.prefill", "kernels.decode"):
+    for mod_name in ("kernels.prefill", "kernels.decode", "kernels.select_topk"):
         t, s, found = _protocol_targets(mod_name, arch)
         if not found and mod_name == "kernels.prefill":
             t, s = _prefill_targets(arch)
