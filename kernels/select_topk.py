@@ -34,15 +34,19 @@ _I64_MAX = (1 << 63) - 1
 
 
 @dsl_user_op
-def order_key(s, *, loc=None, ip=None) -> Int32:
-    """A signed int32 ordered like the float s, with -0.0 == +0.0 and every NaN the largest (0x7FFFFFFF)."""
-    return Int32(llvm.inline_asm(
-        T.i32(), [Float32(s).ir_value(loc=loc, ip=ip)],
-        "{\n\t.reg .f32 z;\n\t.reg .b32 u, m;\n\t.reg .pred isnan;\n\t"
+def rank_key(s, j, *, loc=None, ip=None) -> Int64:
+    """Block j's int64 rank key (larger ranks first): (k << 32) + (2^32 - 1 - j), k a signed int32 ordered like the
+    float s with -0.0 == +0.0 and every NaN the largest (0x7FFFFFFF). The sign extension of k is explicit
+    (cvt.s64.s32): the DSL widens an Int32 to Int64 with cvt.u64.u32, which would rank negative scores first."""
+    return Int64(llvm.inline_asm(
+        T.i64(), [Float32(s).ir_value(loc=loc, ip=ip), Int32(j).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .f32 z;\n\t.reg .b32 u, m;\n\t.reg .b64 hi, lo;\n\t.reg .pred isnan;\n\t"
         "add.rn.f32 z, $1, 0f00000000;\n\t"      # -0 + +0 = +0 (round to nearest)
         "mov.b32 u, z;\n\tshr.s32 m, u, 31;\n\tand.b32 m, m, 0x7FFFFFFF;\n\txor.b32 u, u, m;\n\t"
-        "setp.nan.f32 isnan, $1, $1;\n\tselp.b32 $0, 0x7FFFFFFF, u, isnan;\n\t}",
-        "=r,f", has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
+        "setp.nan.f32 isnan, $1, $1;\n\tselp.b32 u, 0x7FFFFFFF, u, isnan;\n\t"
+        "cvt.s64.s32 hi, u;\n\tshl.b64 hi, hi, 32;\n\tcvt.u64.u32 lo, $2;\n\t"
+        "sub.s64 hi, hi, lo;\n\tadd.s64 $0, hi, 4294967295;\n\t}",
+        "=l,f,r", has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))
 
 
 class TopKSelectKernel:
@@ -88,7 +92,7 @@ class TopKSelectKernel:
                 for j0 in range(0, nvis, 32):
                     j = j0 + lane
                     if j < nvis:
-                        key = (Int64(order_key(mS[row, j])) << 32) + Int64(0xFFFFFFFF - j)
+                        key = rank_key(mS[row, j], j)
                         if key < prev and key > best:
                             best = key
                 for m in cutlass.range_constexpr(5):

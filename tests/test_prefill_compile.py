@@ -102,6 +102,9 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
             # handling, the __syncwarp before the bitmask reads the row's indices back
             assert len(re.findall(r"shfl\.sync\.bfly\.b32", text)) == 10, name
             assert "setp.nan.f32" in text and "add.rn.f32 z, %" in text and "bar.warp.sync" in text, name
+            # the score key sign-extended into the high word (the DSL's Int32 -> Int64 is cvt.u64.u32: negative
+            # scores would rank first), then the signed 64-bit compares of the rounds
+            assert "cvt.s64.s32 hi, u;" in text and "setp.lt.s64" in text and "max.s64" in text, name
             continue
         if name.startswith("quant"):
             # rotation: strides 16, 32 (, 64) by full-mask butterfly shuffles, 16 values each; none without it

@@ -250,8 +250,9 @@ def test_bad_inputs():
 
 
 def test_select_topk_key_order_matches_stable_sort():
-    """kernels/select_topk.py ranks block j of a row by the int64 (order_key(score) << 32) + (2^32 - 1 - j); that
-    key's arithmetic, emulated in numpy, orders like select_blocks' torch.sort(descending, stable): +-0 equal,
+    """kernels/select_topk.py ranks block j of a row by rank_key: the int64 (k << 32) + (2^32 - 1 - j), k the signed
+    (sign-extended) int32 order key of the score; that key's arithmetic, emulated in numpy, orders like
+    select_blocks' torch.sort(descending, stable): +-0 equal,
     NaN first, +-inf, subnormals, ties by ascending index."""
     import numpy as np
 
