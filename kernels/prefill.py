@@ -843,7 +843,7 @@ class ThriftPrefillKernel:
             if const_expr(phase == 0):  # max-only pass (see phase 2 in kernel())
                 ctx.row_max[r] = m_new
                 if const_expr(not self.ws):  # (the ws kernel moves O and the sums once after the pass: settle_max;
-                    # here the two registers that would take spilled on sm_120a)
+                    # here that would keep two more registers live, which spilled on sm_120a)
                     ctx.row_sum[r] = ctx.row_sum[r] * alpha
                     acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
             else:

@@ -4,7 +4,6 @@ alternative top-k forms, and kernels/select_topk.select_and_mask (checked equal 
 import os, sys, torch
 sys.path.insert(0, ".")
 from triton.testing import do_bench
-from kernels import selection as selm
 from kernels.selection import select_blocks, topk_for_budget, block_visibility, _block_reduce
 from kernels.interface import selection_bitmask
 
