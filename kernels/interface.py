@@ -140,15 +140,20 @@ SELECT_SIDE_STREAM = True
 # or select_blocks' torch sort + selection_bitmask (False). Off until tests/test_select_topk_gpu.py has run on a GPU
 # (written and compiled in session 11 when no device time was left; profiling/RESULTS.md).
 SELECT_TOPK_KERNEL = False
+# CUDA priority of that side stream (torch.cuda.Stream's: 0 normal, -1 high). The quantizer's grid is ~10^5 small
+# CTAs; at normal priority the block scheduler issues the selection's CTAs only once the quantizer's are all issued,
+# at high priority as soon as a quantizer CTA retires, so the (memory-bound) selection runs beside the (ALU-bound)
+# quantizer instead of after it.
+SELECT_STREAM_PRIORITY = 0
 _SIDE_STREAMS: dict = {}
 
 
 def _side_stream(device) -> torch.cuda.Stream:
     idx = torch.device(device).index
     idx = torch.cuda.current_device() if idx is None else idx
-    st = _SIDE_STREAMS.get(idx)
+    st = _SIDE_STREAMS.get((idx, SELECT_STREAM_PRIORITY))
     if st is None:
-        st = _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
+        st = _SIDE_STREAMS[(idx, SELECT_STREAM_PRIORITY)] = torch.cuda.Stream(device=idx, priority=SELECT_STREAM_PRIORITY)
     return st
 
 

@@ -79,8 +79,8 @@ def test_topk_many_words(rng_seed):
 
 
 def test_public_op_with_topk_kernel(rng_seed):
-    """kernels.interface.SELECT_TOPK_KERNEL (opt-in): the public op gives bit for bit what it gives with select_blocks'
-    torch top-k, on the side stream and in order."""
+    """kernels.interface.SELECT_TOPK_KERNEL: the public op gives bit for bit what it gives with select_blocks' torch
+    top-k, on the side stream (normal and high priority) and in order."""
     import kernels
     from kernels import interface as iface
 
@@ -88,13 +88,14 @@ def test_public_op_with_topk_kernel(rng_seed):
     q = torch.randn(1, 1234, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, 1234, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, 1234, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-    ref = kernels.thrift_attention(q, k, v, budget=0.25)
+    saved = iface.SELECT_TOPK_KERNEL, iface.SELECT_SIDE_STREAM, iface.SELECT_STREAM_PRIORITY
     try:
-        iface.SELECT_TOPK_KERNEL = True
-        for side in (True, False):
-            iface.SELECT_SIDE_STREAM = side
-            out = kernels.thrift_attention(q, k, v, budget=0.25)
-            assert torch.equal(out, ref), f"side stream {side}: differs"
-    finally:
         iface.SELECT_TOPK_KERNEL = False
-        iface.SELECT_SIDE_STREAM = True
+        ref = kernels.thrift_attention(q, k, v, budget=0.25)
+        iface.SELECT_TOPK_KERNEL = True
+        for side, prio in ((True, 0), (True, -1), (False, 0)):
+            iface.SELECT_SIDE_STREAM, iface.SELECT_STREAM_PRIORITY = side, prio
+            out = kernels.thrift_attention(q, k, v, budget=0.25)
+            assert torch.equal(out, ref), f"side stream {side}, priority {prio}: differs"
+    finally:
+        iface.SELECT_TOPK_KERNEL, iface.SELECT_SIDE_STREAM, iface.SELECT_STREAM_PRIORITY = saved

@@ -1,6 +1,7 @@
 """Prefill benchmark: B=1, H=32, D=128, causal, bf16, S in (8k, 32k); thrift budgets 0/0.05/0.25/1.0 vs SDPA flash
 and FA4; at 32k also fp16 (budgets 0 / 0.05 / 1.0) and every shipped schedule (SWEEP=0 skips that sweep).
-Median of triton do_bench (L2 flushed between runs); JIT compile done before timing."""
+Median of triton do_bench (L2 flushed between runs); JIT compile done before timing. TOPK=0/1 and PRIO=0/-1 set
+kernels.interface.SELECT_TOPK_KERNEL and SELECT_STREAM_PRIORITY for the end-to-end rows (default: as shipped)."""
 import json, math, os, sys, time, torch
 sys.path.insert(0, ".")
 import torch.nn.functional as F
@@ -8,11 +9,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kernels.interface import _arch, _run_prefill, quantize_for_prefill, selection_bitmask
 from kernels.prefill import fp4_word_layout
 import kernels
+from kernels import interface as iface
 from kernels.schedules import SCHEDULES, get_schedule
 from kernels.selection import select_blocks
 from triton.testing import do_bench
 
 out_dir = os.environ.get("OUT", "/tmp")
+if "TOPK" in os.environ:
+    iface.SELECT_TOPK_KERNEL = os.environ["TOPK"] == "1"
+if "PRIO" in os.environ:
+    iface.SELECT_STREAM_PRIORITY = int(os.environ["PRIO"])
+print(f"SELECT_TOPK_KERNEL={iface.SELECT_TOPK_KERNEL} SELECT_STREAM_PRIORITY={iface.SELECT_STREAM_PRIORITY}", flush=True)
 flag = sys.argv[1] if len(sys.argv) > 1 else None
 B, H, D = 1, 32, 128
 dt = torch.bfloat16
