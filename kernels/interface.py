@@ -140,10 +140,11 @@ SELECT_SIDE_STREAM = True
 # or select_blocks' torch sort + selection_bitmask (False). Off until tests/test_select_topk_gpu.py has run on a GPU
 # (written and compiled in session 11 when no device time was left; profiling/RESULTS.md).
 SELECT_TOPK_KERNEL = False
-# CUDA priority of that side stream (torch.cuda.Stream's: 0 normal, -1 high). The quantizer's grid is ~10^5 small
-# CTAs; at normal priority the block scheduler issues the selection's CTAs only once the quantizer's are all issued,
-# at high priority as soon as a quantizer CTA retires, so the (memory-bound) selection runs beside the (ALU-bound)
-# quantizer instead of after it.
+# CUDA priority of that side stream (torch.cuda.Stream's: 0 normal, -1 high). Untimed so far (profiling/RESULTS.md,
+# session 12; profiling/prefill/topk_check.sh times it). The hypothesis: the quantizer's grid is ~1.5e5 small CTAs at
+# 32k, and at normal priority the block scheduler issues the selection's CTAs only once the quantizer's are all
+# issued (session 11: the side stream hid 0.24-0.38 of ~1.0 ms); at high priority they would be issued as quantizer
+# CTAs retire, so the (memory-bound) selection would run beside the (ALU-bound) quantizer instead of after it.
 SELECT_STREAM_PRIORITY = 0
 _SIDE_STREAMS: dict = {}
 

@@ -4,7 +4,8 @@ argv: optional schedule names (default: the default schedule). DTYPE=fp16 times 
 SIZES=32768 (comma-separated) picks the sequence lengths. AB_SIDE=1 also times end to end with the selection in order on
 the current stream (kernels.interface.SELECT_SIDE_STREAM = False); AB_TOPK=1 with kernels/select_topk.py's top-k and
 bitmask (SELECT_TOPK_KERNEL = True, opt-in), on the side stream and in order; AB_PRIO=1 end to end with the side
-stream at high priority (SELECT_STREAM_PRIORITY = -1), with torch's top-k and (AB_TOPK=1) the CuTe one."""
+stream at high priority (SELECT_STREAM_PRIORITY = -1), with the shipped top-k and (AB_TOPK=1) the CuTe one. The
+module flags are put back after each A/B block."""
 import math, os, sys, torch
 sys.path.insert(0, ".")
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
             rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, select in order)",
                          do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
             iface.SELECT_SIDE_STREAM = True
+        topk0, side0 = iface.SELECT_TOPK_KERNEL, iface.SELECT_SIDE_STREAM  # restored after each A/B block
         if os.environ.get("AB_TOPK") == "1":  # the same with kernels/select_topk.py's top-k + bitmask (opt-in)
             iface.SELECT_TOPK_KERNEL = True
             rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, CuTe top-k)",
@@ -50,8 +52,7 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
             iface.SELECT_SIDE_STREAM = False
             rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, CuTe top-k, in order)",
                          do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
-            iface.SELECT_SIDE_STREAM = True
-            iface.SELECT_TOPK_KERNEL = False
+            iface.SELECT_SIDE_STREAM, iface.SELECT_TOPK_KERNEL = side0, topk0
         if os.environ.get("AB_PRIO") == "1":  # the side stream at high priority (kernels.interface.SELECT_STREAM_PRIORITY)
             prio0 = iface.SELECT_STREAM_PRIORITY
             iface.SELECT_STREAM_PRIORITY = -1
@@ -61,7 +62,7 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
                 iface.SELECT_TOPK_KERNEL = True
                 rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, CuTe top-k, side prio -1)",
                              do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
-                iface.SELECT_TOPK_KERNEL = False
+                iface.SELECT_TOPK_KERNEL = topk0
             iface.SELECT_STREAM_PRIORITY = prio0
     for name, ms in rows:
         print(f"{str(dtype)[6:]} S={S:6d} {name:48s} {ms:9.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s", flush=True)
