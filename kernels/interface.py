@@ -152,10 +152,10 @@ _SIDE_STREAMS: dict = {}
 def _side_stream(device) -> torch.cuda.Stream:
     idx = torch.device(device).index
     idx = torch.cuda.current_device() if idx is None else idx
-    st = _SIDE_STREAMS.get((idx, SELECT_STREAM_PRIORITY))
-    if st is None:
-        st = _SIDE_STREAMS[(idx, SELECT_STREAM_PRIORITY)] = torch.cuda.Stream(device=idx, priority=SELECT_STREAM_PRIORITY)
-    return st
+    key = (idx, SELECT_STREAM_PRIORITY)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=idx, priority=SELECT_STREAM_PRIORITY)
+    return _SIDE_STREAMS[key]
 
 
 def _selection_inputs(sel, nkb: int):

@@ -3,8 +3,9 @@ with fake tensors, ptxas reports 0 spill bytes, and the sm_120a PTX carries the 
 (kind::mxf4nvf4.block_scale) next to the 16-bit m16n8k16 MMA of the FP16 phase; the sm_90a wgmma schedules carry
 the warpgroup MMAs (QK^T from shared memory, P.V with P in registers) and the async-proxy fence, and no mma.sync.
 
-Each arch compiles in a subprocess (the DSL reads CUTE_DSL_ARCH at import).  Budget: 3 prefill kernels, the
-selection's top-k kernel (kernels/select_topk.py) + the quantizer (with and without the Hadamard rotation; scale_rule "mse" -- the default -- and "amax") per arch.
+Each arch compiles in a subprocess (the DSL reads CUTE_DSL_ARCH at import).  Budget per arch: 3 prefill kernels,
+the selection's top-k kernel (kernels/select_topk.py) and the quantizer (with and without the Hadamard rotation;
+scale_rule "mse" -- the default -- and "amax").
 The "mse" quantizers' PTX must carry the rule's squared error as explicit mul.rn / add.rn pairs (never an FMA):
 16 per candidate scale per group, 5 inlined group quantizations (1 Q/K item + 4 V groups).
 """

@@ -167,6 +167,7 @@ def test_public_entry_side_stream_selection(rng_seed):
     v = torch.randn(1, 1000, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     outs = {}
     user = torch.cuda.Stream()
+    side0 = iface.SELECT_SIDE_STREAM
     try:
         for side in (False, True):
             iface.SELECT_SIDE_STREAM = side
@@ -177,7 +178,7 @@ def test_public_entry_side_stream_selection(rng_seed):
                 torch.cuda.current_stream().wait_stream(st)
                 outs[(side, name)] = (o, lse)
     finally:
-        iface.SELECT_SIDE_STREAM = True
+        iface.SELECT_SIDE_STREAM = side0
     torch.cuda.synchronize()
     o0, l0 = outs[(False, "current")]
     assert not torch.isnan(o0).any()

@@ -39,12 +39,12 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
         e2e = lambda: kernels.thrift_attention(q, k, v, budget=0.05, causal=True, schedule=sc)
         e2e()
         rows.append((f"thrift b=0.05 {sc or 'default'} (end-to-end)", do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+        topk0, side0 = iface.SELECT_TOPK_KERNEL, iface.SELECT_SIDE_STREAM  # restored after each A/B block
         if os.environ.get("AB_SIDE") == "1":  # the same with the selection in order on the current stream
             iface.SELECT_SIDE_STREAM = False
             rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, select in order)",
                          do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
-            iface.SELECT_SIDE_STREAM = True
-        topk0, side0 = iface.SELECT_TOPK_KERNEL, iface.SELECT_SIDE_STREAM  # restored after each A/B block
+            iface.SELECT_SIDE_STREAM = side0
         if os.environ.get("AB_TOPK") == "1":  # the same with kernels/select_topk.py's top-k + bitmask (opt-in)
             iface.SELECT_TOPK_KERNEL = True
             rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, CuTe top-k)",
