@@ -29,7 +29,13 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
     def sdpa():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-    rows = [("sdpa_flash", do_bench(sdpa, warmup=30, rep=1000, return_mode="median"))]
+    class _Rows(list):  # prints each row as it is timed, so a run cut by a timeout keeps what it measured
+        def append(self, row):
+            super().append(row)
+            name, ms = row
+            print(f"{str(dtype)[6:]} S={S:6d} {name:48s} {ms:9.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s", flush=True)
+    rows = _Rows()
+    rows.append(("sdpa_flash", do_bench(sdpa, warmup=30, rep=1000, return_mode="median")))
     sel = select_blocks(q, k, budget=0.05, causal=True).to(torch.int32).contiguous()
     o = torch.empty_like(q); l = torch.empty(B, H, S, device="cuda")
     for sc in scheds:
@@ -64,5 +70,3 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
                              do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
                 iface.SELECT_TOPK_KERNEL = topk0
             iface.SELECT_STREAM_PRIORITY = prio0
-    for name, ms in rows:
-        print(f"{str(dtype)[6:]} S={S:6d} {name:48s} {ms:9.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s", flush=True)
