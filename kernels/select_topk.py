@@ -16,9 +16,11 @@ compete, and slots past the number of visible blocks are -1.
 Cost: k rounds x ceil(visible / 32) loads per lane (L1-resident rows); the bitmask words are built from the row's
 written indices after a __syncwarp. Launch: 4 warps (rows) per CTA.
 
-Status: compiled for sm_90a and sm_120a (tests/test_prefill_compile.py) and its key order emulated on the CPU
-(tests/test_selection.py); its GPU tests have not run yet, so the public op uses it only with
-kernels.interface.SELECT_TOPK_KERNEL = True.
+Status: the public op's default (kernels.interface.SELECT_TOPK_KERNEL). Compiled for sm_90a and sm_120a
+(tests/test_prefill_compile.py), its key order and rounds emulated on the CPU (tests/test_selection.py). On an H100
+(session 13) tests/test_select_topk_gpu.py passed 37 of 38; the one failure, a NaN score at block 0 (its key was
+INT64_MAX, the first round's exclusive bound), is fixed by ranking NaN at 0x7F800001; that fix is checked on the
+CPU (emulation, PTX) and has not run on a GPU yet.
 """
 from __future__ import annotations
 
@@ -36,14 +38,16 @@ _I64_MAX = (1 << 63) - 1
 @dsl_user_op
 def rank_key(s, j, *, loc=None, ip=None) -> Int64:
     """Block j's int64 rank key (larger ranks first): (k << 32) + (2^32 - 1 - j), k a signed int32 ordered like the
-    float s with -0.0 == +0.0 and every NaN the largest (0x7FFFFFFF). The sign extension of k is explicit
-    (cvt.s64.s32): the DSL widens an Int32 to Int64 with cvt.u64.u32, which would rank negative scores first."""
+    float s with -0.0 == +0.0 and every NaN the largest (0x7F800001, one above +inf's 0x7F800000: not 0x7FFFFFFF,
+    which made a NaN at j = 0 the key INT64_MAX, equal to the first round's bound, so never taken -- found by the
+    GPU test). The sign extension of k is explicit (cvt.s64.s32): the DSL widens an Int32 to Int64 with
+    cvt.u64.u32, which would rank negative scores first."""
     return Int64(llvm.inline_asm(
         T.i64(), [Float32(s).ir_value(loc=loc, ip=ip), Int32(j).ir_value(loc=loc, ip=ip)],
         "{\n\t.reg .f32 z;\n\t.reg .b32 u, m;\n\t.reg .b64 hi, lo;\n\t.reg .pred isnan;\n\t"
         "add.rn.f32 z, $1, 0f00000000;\n\t"      # -0 + +0 = +0 (round to nearest)
         "mov.b32 u, z;\n\tshr.s32 m, u, 31;\n\tand.b32 m, m, 0x7FFFFFFF;\n\txor.b32 u, u, m;\n\t"
-        "setp.nan.f32 isnan, $1, $1;\n\tselp.b32 u, 0x7FFFFFFF, u, isnan;\n\t"
+        "setp.nan.f32 isnan, $1, $1;\n\tselp.b32 u, 0x7F800001, u, isnan;\n\t"
         "cvt.s64.s32 hi, u;\n\tshl.b64 hi, hi, 32;\n\tcvt.u64.u32 lo, $2;\n\t"
         "sub.s64 hi, hi, lo;\n\tadd.s64 $0, hi, 4294967295;\n\t}",
         "=l,f,r", has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT))

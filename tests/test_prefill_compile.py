@@ -106,6 +106,9 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
             # the score key sign-extended into the high word (the DSL's Int32 -> Int64 is cvt.u64.u32: negative
             # scores would rank first), then the signed 64-bit compares of the rounds
             assert "cvt.s64.s32 hi, u;" in text and "setp.lt.s64" in text and "max.s64" in text, name
+            # NaN ranks one above +inf, below 0x7FFFFFFF: a NaN at block 0 would otherwise be the key INT64_MAX, the
+            # first round's (exclusive) bound (tests/test_selection.py emulates the rounds with this constant)
+            assert "selp.b32 u, 0x7F800001, u, isnan;" in text, name
             continue
         if name.startswith("quant"):
             # rotation: strides 16, 32 (, 64) by full-mask butterfly shuffles, 16 values each; none without it

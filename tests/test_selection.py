@@ -253,7 +253,8 @@ def test_select_topk_key_order_matches_stable_sort():
     """kernels/select_topk.py ranks block j of a row by rank_key: the int64 (k << 32) + (2^32 - 1 - j), k the signed
     (sign-extended) int32 order key of the score; that key's arithmetic, emulated in numpy, orders like
     select_blocks' torch.sort(descending, stable): +-0 equal,
-    NaN first, +-inf, subnormals, ties by ascending index."""
+    NaN first (at any index, block 0 too), +-inf, subnormals, ties by ascending index. The rounds are emulated as the
+    kernel runs them (each takes the largest key strictly below the last), so a key equal to the first bound fails."""
     import numpy as np
 
     special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 1.0, -1.0, 3.4e38, -3.4e38, 1.0, 0.0,
@@ -265,8 +266,15 @@ def test_select_topk_key_order_matches_stable_sort():
         z = (x + np.float32(0.0)).astype(np.float32)  # add.rn.f32 z, s, +0: -0 -> +0
         u = z.view(np.int32)
         m = (u >> 31) & np.int32(0x7FFFFFFF)          # shr.s32 / and.b32
-        key = np.where(np.isnan(x), np.int32(0x7FFFFFFF), u ^ m).astype(np.int64)
+        key = np.where(np.isnan(x), np.int32(0x7F800001), u ^ m).astype(np.int64)  # selp: NaN above +inf
         comp = (key << 32) + (0xFFFFFFFF - np.arange(n, dtype=np.int64))
-        ours = np.argsort(-comp, kind="stable")       # the kernel's rounds: largest key first, all keys distinct
+        # the kernel's rounds: round r takes the largest key strictly below round r-1's (the first: below INT64_MAX)
+        ours, prev = [], np.iinfo(np.int64).max
+        for _ in range(n):
+            below = comp[comp < prev]
+            if below.size == 0:
+                break
+            prev = below.max()
+            ours.append(int(np.flatnonzero(comp == prev)[0]))
         ref = torch.sort(torch.from_numpy(x), descending=True, stable=True).indices.numpy()
-        assert (ours == ref).all(), (trial, x, ours, ref)
+        assert ours == ref.tolist(), (trial, x, ours, ref)
