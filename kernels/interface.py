@@ -2,8 +2,8 @@
 
 Pipeline per call (on torch.cuda.current_stream(); the selection on a side stream, see SELECT_SIDE_STREAM):
   1. selection  = kernels.selection.select_blocks(q, k, ...)          (torch; shared with the reference; with
-                                                                     SELECT_TOPK_KERNEL its top-k and 3. are one
-                                                                     CuTe launch, kernels/select_topk.py)
+                                                                     SELECT_TOPK_KERNEL, the default, its top-k and
+                                                                     3. are one CuTe launch, kernels/select_topk.py)
   2. one CuTe launch: Qp/Qs, Kp/Ks, Vp/Vs (+ K block means)           (quant/quant_kernel.py; with qk_rotation=
      "hadamard", the default, Q and K are Hadamard-rotated in registers first: quant/rotation.py; with
      scale_rule="mse", the default, the NVFP4 group scales of Q, K and V follow quant.nvfp4's "mse" encoder rule.
@@ -136,15 +136,12 @@ def selection_bitmask(sel: torch.Tensor, n_kv_blocks: int) -> torch.Tensor:
 # depend only on q / k / v, so the public op runs the selection on a side stream while the main stream quantizes;
 # the main stream waits for it before the attention launch. False: everything on the current stream, in order.
 SELECT_SIDE_STREAM = True
-# The public op's top-k and bitmask: kernels/select_topk.py (True: one CuTe launch per score chunk, the same result)
-# or select_blocks' torch sort + selection_bitmask (False). Off until tests/test_select_topk_gpu.py has run on a GPU
-# (written and compiled in session 11 when no device time was left; profiling/RESULTS.md).
-SELECT_TOPK_KERNEL = False
-# CUDA priority of that side stream (torch.cuda.Stream's: 0 normal, -1 high). Untimed so far (profiling/RESULTS.md,
-# session 12; profiling/prefill/topk_check.sh times it). The hypothesis: the quantizer's grid is ~1.5e5 small CTAs at
-# 32k, and at normal priority the block scheduler issues the selection's CTAs only once the quantizer's are all
-# issued (session 11: the side stream hid 0.24-0.38 of ~1.0 ms); at high priority they would be issued as quantizer
-# CTAs retire, so the (memory-bound) selection would run beside the (ALU-bound) quantizer instead of after it.
+# The public op's top-k and bitmask: kernels/select_topk.py (True: one CuTe launch per score chunk, the same result
+# bit for bit) or select_blocks' torch sort + selection_bitmask (False). On since session 13: on an H100 at 32k / 5 %
+# it took 0.44 (fp16) and 0.58 ms (bf16) off the end to end (profiling/RESULTS.md "Session 13").
+SELECT_TOPK_KERNEL = True
+# CUDA priority of that side stream (torch.cuda.Stream's: 0 normal, -1 high). -1 was timed in session 13 (H100, 32k,
+# same-run A/B): slower in every case (+0.01 to +0.25 ms end to end), so the side stream keeps normal priority.
 SELECT_STREAM_PRIORITY = 0
 _SIDE_STREAMS: dict = {}
 

@@ -2,10 +2,12 @@
 (end-to-end and quant+prefill with the selection given, per schedule). Median of triton do_bench, L2 flushed.
 argv: optional schedule names (default: the default schedule). DTYPE=fp16 times fp16 inputs instead of bf16;
 SIZES=32768 (comma-separated) picks the sequence lengths. AB_SIDE=1 also times end to end with the selection in order on
-the current stream (kernels.interface.SELECT_SIDE_STREAM = False); AB_TOPK=1 with kernels/select_topk.py's top-k and
-bitmask (SELECT_TOPK_KERNEL = True, opt-in), on the side stream and in order; AB_PRIO=1 end to end with the side
-stream at high priority (SELECT_STREAM_PRIORITY = -1), with the shipped top-k and (AB_TOPK=1) the CuTe one. The
-module flags are put back after each A/B block."""
+the current stream (kernels.interface.SELECT_SIDE_STREAM = False); AB_TOPK=1 with the top-k and bitmask the public op
+does not use by default (SELECT_TOPK_KERNEL flipped: torch's sort where the CuTe kernels/select_topk.py is the
+default, and the other way round; the row names which), on the side stream and in order; AB_PRIO=1 end to end with
+the side stream at high priority (SELECT_STREAM_PRIORITY = -1), with the default top-k and (AB_TOPK=1) the other one.
+The "(end-to-end)" row is the shipped configuration (the first line printed names its flags). The module flags are
+put back after each A/B block."""
 import math, os, sys, torch
 sys.path.insert(0, ".")
 import torch.nn.functional as F
@@ -18,6 +20,8 @@ from kernels.schedules import get_schedule
 from kernels.selection import select_blocks
 
 scheds = sys.argv[1:] or [None]
+print(f"shipped: SELECT_TOPK_KERNEL={iface.SELECT_TOPK_KERNEL} SELECT_SIDE_STREAM={iface.SELECT_SIDE_STREAM} "
+      f"SELECT_STREAM_PRIORITY={iface.SELECT_STREAM_PRIORITY}", flush=True)
 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[os.environ.get("DTYPE", "bf16")]
 B, H, D = 1, 32, 128
 for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
@@ -51,12 +55,13 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
             rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, select in order)",
                          do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
             iface.SELECT_SIDE_STREAM = side0
-        if os.environ.get("AB_TOPK") == "1":  # the same with kernels/select_topk.py's top-k + bitmask (opt-in)
-            iface.SELECT_TOPK_KERNEL = True
-            rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, CuTe top-k)",
+        alt = "torch top-k" if topk0 else "CuTe top-k"  # AB_TOPK: the top-k the public op does not use by default
+        if os.environ.get("AB_TOPK") == "1":  # the same with the other top-k + bitmask (kernels.interface)
+            iface.SELECT_TOPK_KERNEL = not topk0
+            rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, {alt})",
                          do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
             iface.SELECT_SIDE_STREAM = False
-            rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, CuTe top-k, in order)",
+            rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, {alt}, in order)",
                          do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
             iface.SELECT_SIDE_STREAM, iface.SELECT_TOPK_KERNEL = side0, topk0
         if os.environ.get("AB_PRIO") == "1":  # the side stream at high priority (kernels.interface.SELECT_STREAM_PRIORITY)
@@ -65,8 +70,8 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
             rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, side prio -1)",
                          do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
             if os.environ.get("AB_TOPK") == "1":
-                iface.SELECT_TOPK_KERNEL = True
-                rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, CuTe top-k, side prio -1)",
+                iface.SELECT_TOPK_KERNEL = not topk0
+                rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, {alt}, side prio -1)",
                              do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
                 iface.SELECT_TOPK_KERNEL = topk0
             iface.SELECT_STREAM_PRIORITY = prio0

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The pending GPU check of the selection's CuTe top-k (kernels/select_topk.py) and the side stream's priority, in
-# one device call of <= ~6 minutes (bf16 and fp16, B=1, H=32, D=128, causal, 32k, b=0.05):
+# GPU re-check of the selection's CuTe top-k (kernels/select_topk.py, the public op's default since session 13) and
+# of the side stream's options, in one device call of <= ~6 minutes (bf16 and fp16, B=1, H=32, D=128, causal, 32k,
+# b=0.05):
 #   bash profiling/prefill/topk_check.sh OUTDIR
 # 1. pytest tests/test_select_topk_gpu.py (bit-equality with select_blocks + selection_bitmask, and the public op);
 # 2. profiling/prefill/quick_bench.py with AB_TOPK=1 AB_PRIO=1 in bf16, then fp16: SDPA-flash, quant+prefill and end
-#    to end with torch's / the CuTe top-k, side stream / in order, side-stream priority 0 / -1 (one process each, so
-#    the rows of one dtype are a same-run A/B);
+#    to end as shipped, with the other top-k (torch's sort), in order, and with the side stream at priority -1 (one
+#    process each, so the rows of one dtype are a same-run A/B);
 # 3. with what is left of TOTAL_S: profiling/prefill/bench.py (SWEEP=0, the issue's table) with the CuTe top-k iff
-#    step 1 passed, and high priority iff it timed faster in both dtypes in step 2.
+#    step 1 passed (TOPK=1), else torch's (TOPK=0).
 # Everything goes to OUTDIR/topk_check.log (+ the pytest log and bench.json). Caps: TEST_S, QB_S, TOTAL_S seconds.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,22 +28,9 @@ for dt in bf16 fp16; do
   AB_PRIO=1 AB_TOPK=1 DTYPE=$dt SIZES=32768 timeout "${QB_S:-130}" "$PY" profiling/prefill/quick_bench.py 2>&1 \
     | grep -v Warn | tee -a "$L"; el
 done
-PRIO=$("$PY" - "$L" "$TOPK" <<'PY'
-import re, sys
-txt, topk = open(sys.argv[1]).read(), sys.argv[2] == "1"
-base, prio = ("(e2e, CuTe top-k)", "(e2e, CuTe top-k, side prio -1)") if topk else ("(end-to-end)", "(e2e, side prio -1)")
-def ms(tag, dt):
-    rows = [l for l in txt.splitlines() if l.startswith(dt + " ") and tag in l]
-    return float(re.findall(r"([\d.]+) ms", rows[0])[0])
-try:
-    print(-1 if all(ms(prio, dt) < ms(base, dt) for dt in ("bfloat16", "float16")) else 0)
-except Exception:
-    print(0)
-PY
-)
 LEFT=$(( ${TOTAL_S:-360} - ($(date +%s) - T0) ))
-echo "bench.py with TOPK=$TOPK PRIO=$PRIO, ${LEFT}s left" | tee -a "$L"
+echo "bench.py with TOPK=$TOPK, ${LEFT}s left" | tee -a "$L"
 if [ "$LEFT" -gt 100 ]; then
-  OUT=$OUT TOPK=$TOPK PRIO=$PRIO SWEEP=0 timeout "$LEFT" "$PY" profiling/prefill/bench.py 2>&1 | grep -v Warn | tee -a "$L"
+  OUT=$OUT TOPK=$TOPK SWEEP=0 timeout "$LEFT" "$PY" profiling/prefill/bench.py 2>&1 | grep -v Warn | tee -a "$L"
   el
 fi
