@@ -33,45 +33,41 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
     def sdpa():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-    class _Rows(list):  # prints each row as it is timed, so a run cut by a timeout keeps what it measured
-        def append(self, row):
-            super().append(row)
-            name, ms = row
-            print(f"{str(dtype)[6:]} S={S:6d} {name:48s} {ms:9.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s", flush=True)
-    rows = _Rows()
-    rows.append(("sdpa_flash", do_bench(sdpa, warmup=30, rep=1000, return_mode="median")))
+    def row(name, ms):  # printed as soon as it is timed, so a run cut by a timeout keeps what it measured
+        print(f"{str(dtype)[6:]} S={S:6d} {name:48s} {ms:9.3f} ms {fl / ms / 1e9:7.1f} TFLOP/s", flush=True)
+    row("sdpa_flash", do_bench(sdpa, warmup=30, rep=1000, return_mode="median"))
     sel = select_blocks(q, k, budget=0.05, causal=True).to(torch.int32).contiguous()
     o = torch.empty_like(q); l = torch.empty(B, H, S, device="cuda")
     for sc in scheds:
         run = lambda: _run_prefill(q, k, v, sel, True, 1 / math.sqrt(D), get_schedule(sc), "nvfp4", out=o, lse=l)
         run()
-        rows.append((f"thrift b=0.05 {sc or 'default'} (quant+prefill)", do_bench(run, warmup=10, rep=1000, return_mode="median")))
+        row(f"thrift b=0.05 {sc or 'default'} (quant+prefill)", do_bench(run, warmup=10, rep=1000, return_mode="median"))
         e2e = lambda: kernels.thrift_attention(q, k, v, budget=0.05, causal=True, schedule=sc)
         e2e()
-        rows.append((f"thrift b=0.05 {sc or 'default'} (end-to-end)", do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+        row(f"thrift b=0.05 {sc or 'default'} (end-to-end)", do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
         topk0, side0 = iface.SELECT_TOPK_KERNEL, iface.SELECT_SIDE_STREAM  # restored after each A/B block
         if os.environ.get("AB_SIDE") == "1":  # the same with the selection in order on the current stream
             iface.SELECT_SIDE_STREAM = False
-            rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, select in order)",
-                         do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+            row(f"thrift b=0.05 {sc or 'default'} (e2e, select in order)",
+                do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
             iface.SELECT_SIDE_STREAM = side0
         alt = "torch top-k" if topk0 else "CuTe top-k"  # AB_TOPK: the top-k the public op does not use by default
         if os.environ.get("AB_TOPK") == "1":  # the same with the other top-k + bitmask (kernels.interface)
             iface.SELECT_TOPK_KERNEL = not topk0
-            rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, {alt})",
-                         do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+            row(f"thrift b=0.05 {sc or 'default'} (e2e, {alt})",
+                do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
             iface.SELECT_SIDE_STREAM = False
-            rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, {alt}, in order)",
-                         do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+            row(f"thrift b=0.05 {sc or 'default'} (e2e, {alt}, in order)",
+                do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
             iface.SELECT_SIDE_STREAM, iface.SELECT_TOPK_KERNEL = side0, topk0
         if os.environ.get("AB_PRIO") == "1":  # the side stream at high priority (kernels.interface.SELECT_STREAM_PRIORITY)
             prio0 = iface.SELECT_STREAM_PRIORITY
             iface.SELECT_STREAM_PRIORITY = -1
-            rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, side prio -1)",
-                         do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+            row(f"thrift b=0.05 {sc or 'default'} (e2e, side prio -1)",
+                do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
             if os.environ.get("AB_TOPK") == "1":
                 iface.SELECT_TOPK_KERNEL = not topk0
-                rows.append((f"thrift b=0.05 {sc or 'default'} (e2e, {alt}, side prio -1)",
-                             do_bench(e2e, warmup=10, rep=1000, return_mode="median")))
+                row(f"thrift b=0.05 {sc or 'default'} (e2e, {alt}, side prio -1)",
+                    do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
                 iface.SELECT_TOPK_KERNEL = topk0
             iface.SELECT_STREAM_PRIORITY = prio0
