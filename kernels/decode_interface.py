@@ -142,7 +142,8 @@ def _query_quantizer(D: int, dtype: torch.dtype, arch: int, rotate: bool, scale_
         x = f(dt, (B, S, 1, D))
         args = (x, x, x, f(u8, (B, S, 1, D // 2)), f(u8, (B, S, 1, D // 16)), f(u8, (B, S, 1, D // 2)),
                 f(u8, (B, S, 1, D // 16)), f(u8, (B, 1, D, VP)), f(u8, (B, 1, D, VS)),
-                f(cutlass.Float32, (B, NKB, 1, D)), f(dt, (B, S, 1, D)), f(dt, (B, S, 1, D)))
+                f(cutlass.Float32, (B, NKB, 1, D)), f(dt, (B, S, 1, D)), f(dt, (B, S, 1, D)),
+                f(cutlass.Float32, (B, NKB, 1, D)))  # the Q-means slot (with_qmean off: never written)
         kern = QuantKernel(dt, D, with_dq=True, rotate=rotate, scale_rule=scale_rule)
         fn = _QPRE[key] = cute.compile(kern, *args, make_fake_stream(use_tvm_ffi_env_stream=True),
                                        options="--enable-tvm-ffi")
@@ -172,7 +173,7 @@ def prequantize_query(q16: torch.Tensor, qk_rotation: str, scale_rule: str) -> t
             torch.empty((B, skp // 64, 1, D), dtype=torch.float32, device=dev), torch.empty_like(x))
     qp, qs, kp, ks, vp, vs, km, vd = sc  # written, never read (a race between streams on them is harmless)
     kd = torch.empty_like(x)
-    fn(x, x, x, qp, qs, kp, ks, vp, vs, km, kd, vd)
+    fn(x, x, x, qp, qs, kp, ks, vp, vs, km, kd, vd, km)
     return kd.view(B, HQ, D)
 
 

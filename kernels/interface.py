@@ -3,8 +3,10 @@
 Pipeline per call (on torch.cuda.current_stream(); the selection on a side stream, see SELECT_SIDE_STREAM):
   1. selection  = kernels.selection.select_blocks(q, k, ...)          (torch; shared with the reference; with
                                                                      SELECT_TOPK_KERNEL, the default, its top-k and
-                                                                     3. are one CuTe launch, kernels/select_topk.py)
-  2. one CuTe launch: Qp/Qs, Kp/Ks, Vp/Vs (+ K block means)           (quant/quant_kernel.py; with qk_rotation=
+                                                                     3. are one CuTe launch, kernels/select_topk.py;
+                                                                     with SELECT_FUSED_MEANS its block means come
+                                                                     from 2. and 1. runs after it, in order)
+  2. one CuTe launch: Qp/Qs, Kp/Ks, Vp/Vs (+ K, Q block means)        (quant/quant_kernel.py; with qk_rotation=
      "hadamard", the default, Q and K are Hadamard-rotated in registers first: quant/rotation.py; with
      scale_rule="mse", the default, the NVFP4 group scales of Q, K and V follow quant.nvfp4's "mse" encoder rule.
      P, quantized inside the prefill kernel per tile, always keeps the amax rule)
@@ -12,8 +14,8 @@ Pipeline per call (on torch.cuda.current_stream(); the selection on a side strea
   4. one CuTe launch: ThriftPrefillKernel                               (kernels/prefill.py)
 
 Compile cache: one entry per (arch, dtype, head_dim, causal, fmt, schedule, lse) for the prefill and per
-(arch, dtype, head_dim, with_dq, rotate, scale_rule, quant.nvfp4.MSE_SCALE_STEPS) for the quantizer; batch, lengths,
-head counts and the GQA ratio are runtime values.
+(arch, dtype, head_dim, with_dq, rotate, scale_rule, quant.nvfp4.MSE_SCALE_STEPS, fp4_layout, with_qmean) for the
+quantizer; batch, lengths, head counts and the GQA ratio are runtime values.
 """
 from __future__ import annotations
 
@@ -61,36 +63,41 @@ def _torch_to_cutlass(dt):
     return {torch.float16: cutlass.Float16, torch.bfloat16: cutlass.BFloat16}[dt]
 
 
-def quant_outputs(q, k, v, with_dq: bool = False):
-    """Empty (Qp, Qs, Kp, Ks, Vp, Vs, Km, Kd, Vd) in the quantizer's contract layouts (quant/quant_kernel.py);
-    without with_dq, Kd / Vd are k and v themselves (the kernel never writes them: they only fill the slots)."""
+def quant_outputs(q, k, v, with_dq: bool = False, with_qmean: bool = False):
+    """Empty (Qp, Qs, Kp, Ks, Vp, Vs, Km, Kd, Vd, Qm) in the quantizer's contract layouts (quant/quant_kernel.py);
+    without with_dq, Kd / Vd are k and v themselves, without with_qmean Qm is Km (the kernel never writes them: they
+    only fill the slots)."""
     B, Sq, Hq, D = q.shape
     _, Skv, Hkv, _ = k.shape
     skp = -(-Skv // 64) * 64
     dev = q.device
     u8 = torch.uint8
     Kd, Vd = (torch.empty_like(k), torch.empty_like(v)) if with_dq else (k, v)
+    Km = torch.empty((B, skp // 64, Hkv, D), dtype=torch.float32, device=dev)
+    Qm = torch.empty((B, -(-Sq // 64), Hq, D), dtype=torch.float32, device=dev) if with_qmean else Km
     return (torch.empty((B, Sq, Hq, D // 2), dtype=u8, device=dev), torch.empty((B, Sq, Hq, D // 16), dtype=u8, device=dev),
             torch.empty((B, Skv, Hkv, D // 2), dtype=u8, device=dev), torch.empty((B, Skv, Hkv, D // 16), dtype=u8, device=dev),
             torch.empty((B, Hkv, D, skp // 2), dtype=u8, device=dev), torch.empty((B, Hkv, D, skp // 16), dtype=u8, device=dev),
-            torch.empty((B, skp // 64, Hkv, D), dtype=torch.float32, device=dev), Kd, Vd)
+            Km, Kd, Vd, Qm)
 
 
 def quant_args(q, k, v, outs) -> list:
     """The quantizer kernel's tensor arguments (cute views; Vp / Vs with their dynamic, 32- / 4-divisible last mode)."""
-    Qp, Qs, Kp, Ks, Vp, Vs, Km, Kd, Vd = outs
+    Qp, Qs, Kp, Ks, Vp, Vs, Km, Kd, Vd, Qm = outs
     return [_cute(q), _cute(k), _cute(v), _cute(Qp), _cute(Qs), _cute(Kp), _cute(Ks),
-            _cute(Vp, True, 32), _cute(Vs, True, 4), _cute(Km), _cute(Kd), _cute(Vd)]
+            _cute(Vp, True, 32), _cute(Vs, True, 4), _cute(Km), _cute(Kd), _cute(Vd), _cute(Qm)]
 
 
 def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse",
-                         fp4_layout: str = "nibble"):
+                         fp4_layout: str = "nibble", with_qmean: bool = False):
     """Run the CuTe quantizer: returns (Qp, Qs, Kp, Ks, Vp, Vs, Kmean) in the contract layouts (scales as uint8 bits);
     with_dq also (Kd, Vd): dq(K), dq(V) [B, Skv, Hkv, D] in q's dtype (exact; the SM90 prefill's dq16 K/V source).
     rotate: Qp/Qs, Kp/Ks (and Kd) are of quant.rotation.hadamard_rotate(q), (k); Kmean stays of the unrotated k.
     scale_rule: "mse" (default) or "amax": the outputs equal quant.nvfp4.quantize(..., scale_rule=scale_rule).
     fp4_layout: "nibble" (default: the contract's packing, as nvfp4.quantize) or "bits" (each 32-bit code word in
-    kernels/kv_cache.py's BITS_POS order: what the SM90 prefill reads, kernels.prefill.fp4_word_layout)."""
+    kernels/kv_cache.py's BITS_POS order: what the SM90 prefill reads, kernels.prefill.fp4_word_layout).
+    with_qmean: also returns Qmean [B, nqb, Hq, D] fp32 (last): block_means(q), as Kmean is block_means(k), bit for
+    bit (kernels.selection._seq_block_mean's order), for the public op's selection."""
     if fp4_layout not in ("nibble", "bits"):
         raise ValueError(f"quantize_for_prefill: fp4_layout must be 'nibble' or 'bits', got {fp4_layout!r}")
     import cutlass.cute as cute
@@ -99,22 +106,22 @@ def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False, s
     from quant.quant_kernel import QuantKernel
 
     D = q.shape[3]
-    Qp, Qs, Kp, Ks, Vp, Vs, Km, Kd, Vd = outs = quant_outputs(q, k, v, with_dq)
+    Qp, Qs, Kp, Ks, Vp, Vs, Km, Kd, Vd, Qm = outs = quant_outputs(q, k, v, with_dq, with_qmean)
     args = quant_args(q, k, v, outs)
     check_scale_rule(scale_rule, "quantize_for_prefill")
     from quant.nvfp4 import MSE_SCALE_STEPS
 
     # the candidate tuple is part of the key: a changed quant.nvfp4.MSE_SCALE_STEPS gets a fresh kernel
     key = (_arch(q.device), q.dtype, D, bool(with_dq), bool(rotate), scale_rule,
-           tuple(MSE_SCALE_STEPS) if scale_rule == "mse" else (), fp4_layout)
+           tuple(MSE_SCALE_STEPS) if scale_rule == "mse" else (), fp4_layout, bool(with_qmean))
     fn = _QUANT_CACHE.get(key)
     if fn is None:
-        kern = QuantKernel(_torch_to_cutlass(q.dtype), D, bool(with_dq), bool(rotate), scale_rule, fp4_layout)
+        kern = QuantKernel(_torch_to_cutlass(q.dtype), D, bool(with_dq), bool(rotate), scale_rule, fp4_layout,
+                           bool(with_qmean))
         fn = _QUANT_CACHE[key] = cute.compile(kern, *args, _stream())
     fn(*args, _stream())
-    if with_dq:
-        return Qp, Qs, Kp, Ks, Vp, Vs, Km, Kd, Vd
-    return Qp, Qs, Kp, Ks, Vp, Vs, Km
+    res = (Qp, Qs, Kp, Ks, Vp, Vs, Km) + ((Kd, Vd) if with_dq else ())
+    return res + (Qm,) if with_qmean else res
 
 
 def selection_bitmask(sel: torch.Tensor, n_kv_blocks: int) -> torch.Tensor:
@@ -143,7 +150,21 @@ SELECT_TOPK_KERNEL = True
 # CUDA priority of that side stream (torch.cuda.Stream's: 0 normal, -1 high). -1 was timed in session 13 (H100, 32k,
 # same-run A/B): slower in every case (+0.01 to +0.25 ms end to end), so the side stream keeps normal priority.
 SELECT_STREAM_PRIORITY = 0
+# Where the public op's block means come from (selection "block_mean" with SELECT_TOPK_KERNEL): True: the quantizer
+# kernel writes the Q and K block means in the pass that reads Q and K anyway (quant/quant_kernel.py, with_qmean), and
+# the scores and the top-k run right after it on the current stream; False: select_blocks' torch block means, the
+# selection on the side stream. The same bits either way (block_means is a fixed-order fp32 sum; GPU-tested), so this
+# is a speed switch only.
+SELECT_FUSED_MEANS = False
 _SIDE_STREAMS: dict = {}
+
+
+class FusedMeanSelect:
+    """A public-op selection request for _run_prefill (SELECT_FUSED_MEANS): select_and_mask(q, k, budget, causal,
+    method="block_mean") with the means the quantizer launch writes, run right after that launch."""
+
+    def __init__(self, budget: float):
+        self.budget = budget
 
 
 def _side_stream(device) -> torch.cuda.Stream:
@@ -171,7 +192,8 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
                  qk_rotation: str = "hadamard", scale_rule: str = "mse"):
     """The quantizer, then the prefill kernel, on the current stream. sel: a select_blocks result, or a
     zero-argument callable returning one: then (with SELECT_SIDE_STREAM) it and the bitmask run on a side stream,
-    concurrently with the quantizer."""
+    concurrently with the quantizer; or a FusedMeanSelect: the quantizer also writes the Q block means, and the
+    selection (kernels/select_topk.py from the quantizer's means) runs after it on the current stream."""
     import math
 
     import cutlass.cute as cute
@@ -186,7 +208,10 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
     nkb = -(-Skv // 64)
     dq16 = schedule.uses_dq16(arch)
     main = side = None
-    if callable(sel):
+    fused = isinstance(sel, FusedMeanSelect)
+    if fused:
+        pass  # after the quantizer
+    elif callable(sel):
         select = sel
         if SELECT_SIDE_STREAM:
             main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
@@ -201,8 +226,15 @@ def _run_prefill(q, k, v, sel, causal: bool, scale: float, schedule: PrefillSche
             sel, mask = _selection_inputs(sel, nkb)
     with phase("quantize"):
         qo = quantize_for_prefill(q, k, v, with_dq=dq16, rotate=qk_rotation == "hadamard", scale_rule=scale_rule,
-                                  fp4_layout=fp4_word_layout(schedule, arch, q.dtype == torch.bfloat16))
+                                  fp4_layout=fp4_word_layout(schedule, arch, q.dtype == torch.bfloat16),
+                                  with_qmean=fused)
     Qp, Qs, Kp, Ks, Vp, Vs = qo[:6]
+    if fused:
+        from kernels.select_topk import select_and_mask
+
+        with phase("select"):  # the quantizer's Qmean (last) and Kmean (7th): block_means(q), block_means(k)
+            sel, mask = _selection_inputs(select_and_mask(q, k, budget=sel.budget, causal=causal, method="block_mean",
+                                                          means=(qo[-1], qo[6])), nkb)
     Kd, Vd = (qo[7], qo[8]) if dq16 else (k, v)  # without dq16 the kernel never reads them
     if side is not None:
         main.wait_stream(side)
@@ -236,6 +268,9 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget: float
 
     sch = get_schedule(schedule)  # schedule_str: every field
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if SELECT_TOPK_KERNEL and SELECT_FUSED_MEANS and selection == "block_mean":
+        return _run_prefill(q, k, v, FusedMeanSelect(budget), causal, softmax_scale, sch, fmt,
+                            qk_rotation=qk_rotation, scale_rule=scale_rule)
     if SELECT_TOPK_KERNEL:  # select_blocks' result and its bitmask from one CuTe top-k launch per score chunk
         from kernels.select_topk import select_and_mask
 

@@ -140,11 +140,13 @@ _CACHE: dict = {}
 
 
 def select_and_mask(q, k, *, budget: float = 0.05, causal: bool = True, method: str = "block_mean",
-                    block_size: int = 64, top_k=None, seed: int = 0, out=None):
+                    block_size: int = 64, top_k=None, seed: int = 0, out=None, means=None):
     """(select_blocks(q, k, ...), kernels.interface.selection_bitmask of it) for CUDA tensors: the scores come from
     kernels.selection.score_chunks (the bits select_blocks ranks), the top-k and the bitmask from one
     TopKSelectKernel launch per chunk, on the current stream. Arguments and validation as select_blocks;
-    out: optional (sel, mask) to write, contiguous int32 [B, Hq, nqb, k_max] and [B, Hq, nqb, ceil(nkb / 32)]."""
+    out: optional (sel, mask) to write, contiguous int32 [B, Hq, nqb, k_max] and [B, Hq, nqb, ceil(nkb / 32)].
+    means: optional (block_means(q), block_means(k)) computed elsewhere (method "block_mean"; the public op passes the
+    quantizer kernel's, which are the same bits), see kernels.selection.score_chunks."""
     import torch
 
     from kernels.interface import _cute, _stream
@@ -171,7 +173,8 @@ def select_and_mask(q, k, *, budget: float = 0.05, causal: bool = True, method: 
         return sel, mask
     sel2, mask2 = sel.view(-1, kk), mask.view(-1, nw)
     key = (bool(causal), int(block_size))
-    for b, h0, h1, scores in score_chunks(q, k, causal=causal, method=method, block_size=block_size, seed=seed):
+    for b, h0, h1, scores in score_chunks(q, k, causal=causal, method=method, block_size=block_size, seed=seed,
+                                              means=means):
         s2 = scores.reshape(-1, nkb).contiguous()
         args = [_cute(s2, True), _cute(sel2, True), _cute(mask2, True), Int32((b * Hq + h0) * nqb), Int32(nqb),
                 Int32(Sq), Int32(Skv)]

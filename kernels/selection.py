@@ -17,7 +17,7 @@ Conventions (shared with the kernels):
   visible block.
 
 Methods (scores in fp32):
-* block_mean: mean(Q block) . mean(K block)   (the paper's heuristic)
+* block_mean: mean(Q block) . mean(K block)   (the paper's heuristic; means as block_means defines them)
 * quest:      sum_d qbar_d * (qbar_d >= 0 ? kmax_d : kmin_d), with the key block's channel-wise min/max (an upper
               bound of q.k over the block for q = qbar; Tang et al. 2024)
 * local:      the visible blocks nearest the diagonal first, score -|j - diag_i|, where diag_i is the key block
@@ -61,20 +61,44 @@ def topk_for_budget(n_kv_blocks: int, budget: float, causal: bool) -> int:
     return int(min(max(math.floor(x + 0.5), 1), n))
 
 
+def _seq_block_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """fp32 [B, nb, H, D]: each block's sum, accumulated in fp32 in token order starting from +0.0 (one rounding per
+    add), divided by its number of valid tokens (IEEE division by a tensor: a CUDA division by a Python scalar is a
+    multiply by its reciprocal). This order is the definition, not torch.mean's (whose reduction order differs
+    between CPU, CUDA and torch versions): the prefill quantizer (quant/quant_kernel.py) emits the same bits for the
+    Q and K block means in the pass that reads Q and K anyway, so the public op's selection needs no extra pass
+    over them and still equals select_blocks bit for bit (tests/test_prefill_gpu.py). No fp32 copy of x is made:
+    fp16 / bf16 values convert exactly inside each add."""
+    B, S, H, D = x.shape
+    nb = -(-S // block_size)
+    nfull = S // block_size
+    rem = S - nfull * block_size
+    acc = torch.zeros((B, nb, H, D), dtype=torch.float32, device=x.device)
+    full = x[:, :nfull * block_size].reshape(B, nfull, block_size, H, D)
+    for i in range(block_size):
+        if nfull:
+            acc[:, :nfull] += full[:, :, i]
+        if i < rem:  # the partial last block: its valid tokens only
+            acc[:, nfull] += x[:, nfull * block_size + i]
+    count = torch.full((nb,), float(block_size), dtype=torch.float32)
+    if rem:
+        count[nfull] = float(rem)
+    return acc / count.to(x.device).view(1, nb, 1, 1)
+
+
 def _block_reduce(x: torch.Tensor, block_size: int, op: str) -> torch.Tensor:
     """[B, S, H, D] -> fp32 [B, nb, H, D] mean/amin/amax over each block's valid tokens.
 
-    No fp32 copy of x is made: the mean accumulates in fp32 straight from fp16/bf16 (torch's dtype= reduction; on
-    CUDA the same values as a mean of x.float(), checked bit for bit on an H100 at 8k and 32k tokens), min/max are
-    exact in the input dtype. At 32k tokens x 32 heads this took 0.69 ms with the chunked fp32 copy, 0.10 ms now."""
+    mean: _seq_block_mean (a fixed, token-order fp32 sum; the quantizer kernel's bits). min/max are exact in the
+    input dtype."""
+    if op == "mean":
+        return _seq_block_mean(x, block_size)
     B, S, H, D = x.shape
     nb = -(-S // block_size)
     nfull = S // block_size
     out = torch.empty((B, nb, H, D), dtype=torch.float32, device=x.device)
 
     def red(t, dim):
-        if op == "mean":
-            return torch.mean(t, dim=dim, dtype=torch.float32)
         return (torch.amin if op == "min" else torch.amax)(t, dim=dim).float()
 
     if nfull:
@@ -86,7 +110,8 @@ def _block_reduce(x: torch.Tensor, block_size: int, op: str) -> torch.Tensor:
 
 def block_means(x: torch.Tensor, block_size: int = 64) -> torch.Tensor:
     """Per-block token means of x [B, S, H, D] in fp32: [B, ceil(S/block_size), H, D]; the last, partial block is
-    averaged over its valid tokens."""
+    averaged over its valid tokens. Summed in token order in fp32, then divided (_seq_block_mean: the bits the
+    quantizer kernel emits)."""
     check_tensor("x", x, ndim=4, where="block_means")
     check_int("block_size", block_size, minimum=1, where="block_means")
     return _block_reduce(x, block_size, "mean")
@@ -126,16 +151,28 @@ def _select_setup(q, k, budget, causal, method, block_size, top_k, seed, where):
     return B, Sq, Hq, Skv, Hkv, nqb, nkb, kk
 
 
-def score_chunks(q, k, *, causal, method, block_size, seed):
+def score_chunks(q, k, *, causal, method, block_size, seed, means=None):
     """Yields (b, h0, h1, scores): the fp32 [h1 - h0, nqb, nkb] scores of query heads h0..h1-1 of batch b, NOT masked
     (select_blocks masks the causally invisible blocks), a few heads at a time (_SCORE_CHUNK). Arguments as
-    select_blocks (validated there); shared by select_blocks and kernels/select_topk.py, so both rank the same bits."""
+    select_blocks (validated there); shared by select_blocks and kernels/select_topk.py, so both rank the same bits.
+    means: optional (qm [B, nqb, Hq, D], km [B, nkb, Hkv, D]) fp32, block_means(q) and block_means(k) computed
+    elsewhere (the quantizer kernel's outputs), for method "block_mean" only."""
     B, Sq, Hq, D = q.shape
     Skv, Hkv = k.shape[1], k.shape[2]
     nqb, nkb = -(-Sq // block_size), -(-Skv // block_size)
     dev = q.device
     group = Hq // Hkv
-    if method in ("block_mean", "quest"):
+    if means is not None:
+        if method != "block_mean":
+            raise ValueError(f"score_chunks: means are for method 'block_mean', got {method!r}")
+        qm, km = means
+        D = q.shape[3]
+        for name, t, shape in (("qm", qm, (B, nqb, Hq, D)), ("km", km, (B, nkb, Hkv, D))):
+            if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == shape
+                    and t.device == dev):
+                raise ValueError(f"score_chunks: means {name} must be a float32 tensor of shape {shape} on {dev}")
+        qm, km = qm.permute(0, 2, 1, 3), km.permute(0, 2, 1, 3)
+    elif method in ("block_mean", "quest"):
         qm = _block_reduce(q, block_size, "mean").permute(0, 2, 1, 3)  # [B, Hq, nqb, D]
         if method == "block_mean":
             km = _block_reduce(k, block_size, "mean").permute(0, 2, 1, 3)  # [B, Hkv, nkb, D]

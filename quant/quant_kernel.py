@@ -7,6 +7,9 @@ Outputs (contract layouts, see layouts/prefill.py):
     Vp [B,Hkv,D,Skv_pad/2], Vs [B,Hkv,D,Skv_pad/16] (Skv_pad = round_up(Skv, 64), zero padded)
                                           = nvfp4.quantize(pad(v).permute(0,2,3,1), dim=-1, scale_rule=rule)
     Kmean [B, nkb, Hkv, D] fp32: mean of each 64-key block over its valid keys (always of the UNrotated K).
+    Qmean [B, nqb, Hq, D] fp32 (with_qmean=True): the same for the 64-query blocks of the unrotated Q.
+    Both are kernels.selection.block_means bit for bit: an fp32 sum in token order from +0.0 (add.rn), then div.rn by
+    the block's valid-token count. With them the public op's selection needs no pass of its own over Q and K.
     fp4_layout="bits": Qp, Kp, Vp hold the same codes with every 32-bit word in kernels/kv_cache.py's BITS_POS order
     (what the SM90 prefill's fp16 decode reads; kernels.prefill.fp4_word_layout) instead of nvfp4's nibble order.
     rotate=True (qk_rotation="hadamard"): Q and K are rotated first, Qp/Qs = nvfp4.quantize(hadamard_rotate(q)),
@@ -20,6 +23,7 @@ Work split of the single 1-D launch (one thread per item, 128 threads per CTA):
     items [nQ, nQ+nK)        one 16-element K group
     items [nQ+nK, +nV)       one (b, hkv, d, key block): the 4 V groups of 16 keys of that block at dim d
                              (threads adjacent in d -> coalesced reads of V), and the K mean at (b, kb, hkv, d).
+    items [nQ+nK+nV, +nQm)   (with_qmean) one (b, hq, d, query block): the Q mean at (b, qb, hq, d).
 Rotation (rotate=True; quant/rotation.py defines the numerics, this reproduces them bit for bit): a row's D/16 Q or K
 groups are D/16 consecutive items, starting at an item index that is a multiple of D/16 (nQ = rows*D/16), and D/16
 (4 or 8) divides 32, so a row's groups sit in adjacent lanes of one warp, group g in lane (lane % (D/16)) == g.
@@ -101,6 +105,21 @@ def _fma(a, b, c, *, loc=None, ip=None) -> Float32:
 
 
 @dsl_user_op
+def _add_rn(a, b, *, loc=None, ip=None) -> Float32:
+    """a + b, one IEEE rounding (add.rn.f32: never contracted or reassociated; the block means' fixed order; the bm_
+    register name makes the steps countable in the PTX, tests/test_prefill_compile.py)."""
+    return Float32(_asm(T.f32(), [Float32(a).ir_value(loc=loc, ip=ip), Float32(b).ir_value(loc=loc, ip=ip)],
+                        "{\n\t.reg .f32 bm_s;\n\tadd.rn.f32 bm_s, $1, $2;\n\tmov.b32 $0, bm_s;\n\t}", "=f,f,f"))
+
+
+@dsl_user_op
+def _div_rn(a, b, *, loc=None, ip=None) -> Float32:
+    """a / b, IEEE division (div.rn.f32), as torch's tensor division computes it."""
+    return Float32(_asm(T.f32(), [Float32(a).ir_value(loc=loc, ip=ip), Float32(b).ir_value(loc=loc, ip=ip)],
+                        "div.rn.f32 $0, $1, $2;", "=f,f,f"))
+
+
+@dsl_user_op
 def _e2m1_value(code, *, loc=None, ip=None) -> Float32:
     """fp32 value of an E2M1 code (0..15): magnitude bits placed at f16 bits [11:9] give 2^-14 * value
     (codes 0/1 land in the f16 subnormals: 0, 2^-15), so value = f16(bits) * 2^14; sign from bit 3."""
@@ -120,13 +139,15 @@ class QuantKernel:
     here at construction; "amax": the standard E4M3_RNE(amax/6)).
     fp4_layout: bit order of the 8 codes in each 32-bit word of Qp, Kp, Vp: "nibble" (the contract's, element e in
     bits 4e..4e+3, what nvfp4.quantize returns) or "bits" (kernels/kv_cache.py BITS_POS: what the SM90 prefill's fp16
-    decode reads, kernels.prefill.fp4_word_layout); the same codes and scales either way."""
+    decode reads, kernels.prefill.fp4_word_layout); the same codes and scales either way.
+    with_qmean: also write the Q block means (mQm), for the public op's selection."""
 
     def __init__(self, dtype, head_dim: int, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse",
-                 fp4_layout: str = "nibble"):
+                 fp4_layout: str = "nibble", with_qmean: bool = False):
         if fp4_layout not in ("nibble", "bits"):
             raise ValueError(f"QuantKernel: fp4_layout must be 'nibble' or 'bits', got {fp4_layout!r}")
         self.fp4_layout = fp4_layout
+        self.with_qmean = bool(with_qmean)
         self.dtype = dtype
         self.D = head_dim
         self.with_dq = with_dq
@@ -141,16 +162,20 @@ class QuantKernel:
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQp: cute.Tensor, mQs: cute.Tensor,
                  mKp: cute.Tensor, mKs: cute.Tensor, mVp: cute.Tensor, mVs: cute.Tensor, mKm: cute.Tensor,
-                 mKd: cute.Tensor, mVd: cute.Tensor, stream):
-        """mKd / mVd: dq(K) / dq(V) outputs [B,Skv,Hkv,D] (written only with with_dq; else any tensor)."""
+                 mKd: cute.Tensor, mVd: cute.Tensor, mQm: cute.Tensor, stream):
+        """mKd / mVd: dq(K) / dq(V) outputs [B,Skv,Hkv,D] (written only with with_dq; else any tensor);
+        mQm: the Q block means [B,nqb,Hq,D] fp32 (written only with with_qmean; else any tensor)."""
         D = self.D
         G = D // 16
         nQ = mQ.shape[0] * mQ.shape[1] * mQ.shape[2] * G
         nK = mK.shape[0] * mK.shape[1] * mK.shape[2] * G
         nkb = cute.ceil_div(mK.shape[1], BLOCK)
         nV = mK.shape[0] * mK.shape[2] * D * nkb
-        total = nQ + nK + nV
-        self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mKm, mKd, mVd, nQ, nK, nV).launch(
+        nQm = 0
+        if const_expr(self.with_qmean):
+            nQm = mQ.shape[0] * mQ.shape[2] * D * cute.ceil_div(mQ.shape[1], BLOCK)
+        total = nQ + nK + nV + nQm
+        self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mKm, mKd, mVd, mQm, nQ, nK, nV, nQm).launch(
             grid=(cute.ceil_div(total, THREADS), 1, 1), block=(THREADS, 1, 1), stream=stream)
 
     @cute.jit
@@ -222,7 +247,7 @@ class QuantKernel:
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQp: cute.Tensor, mQs: cute.Tensor,
                mKp: cute.Tensor, mKs: cute.Tensor, mVp: cute.Tensor, mVs: cute.Tensor, mKm: cute.Tensor,
-               mKd: cute.Tensor, mVd: cute.Tensor, nQ: Int32, nK: Int32, nV: Int32):
+               mKd: cute.Tensor, mVd: cute.Tensor, mQm: cute.Tensor, nQ: Int32, nK: Int32, nV: Int32, nQm: Int32):
         D = self.D
         G = D // 16
         tidx, _, _ = cute.arch.thread_idx()
@@ -291,7 +316,7 @@ class QuantKernel:
                     vals[i] = Float32(0.0)
                     if key < Skv:
                         vals[i] = Float32(mV[b, key, h, d])
-                        ksum = ksum + Float32(mK[b, key, h, d])
+                        ksum = _add_rn(ksum, Float32(mK[b, key, h, d]))
                 if const_expr(self.with_dq):  # (no gathering here: the dq stores below keep vals live, and the
                     # 32 gathered bytes on top made ptxas spill)
                     self.quant16(vals, pk, sc)
@@ -309,14 +334,37 @@ class QuantKernel:
             if const_expr(not self.with_dq):
                 cute.autovec_copy(pkv, cute.local_tile(mVp[b, h, d, None], (BLOCK // 2,), (kb,)))
                 cute.autovec_copy(scv, cute.local_tile(mVs[b, h, d, None], (BLOCK // 16,), (kb,)))
-            mKm[b, kb, h, d] = ksum / Float32(n_valid)
+            mKm[b, kb, h, d] = _div_rn(ksum, Float32(n_valid))
+        if const_expr(self.with_qmean):
+            if item >= nQ + nK + nV and item < nQ + nK + nV + nQm:
+                self.q_mean(mQ, mQm, item - nQ - nK - nV)
+
+    @cute.jit
+    def q_mean(self, mQ: cute.Tensor, mQm: cute.Tensor, it: Int32):
+        """Item it = ((b * Hq + h) * nqb + qb) * D + d: mQm[b, qb, h, d] = the block's token-order fp32 sum / its
+        valid-token count (threads adjacent in d read adjacent 16-bit elements of one query row: coalesced)."""
+        Sq = mQ.shape[1]
+        Hq = mQ.shape[2]
+        nqb = cute.ceil_div(Sq, BLOCK)
+        d = it % self.D
+        r = it // self.D
+        qb = r % nqb
+        r = r // nqb
+        h = r % Hq
+        b = r // Hq
+        s0 = qb * BLOCK
+        acc = Float32(0.0)
+        for i in cutlass.range_constexpr(BLOCK):
+            if s0 + i < Sq:
+                acc = _add_rn(acc, Float32(mQ[b, s0 + i, h, d]))
+        mQm[b, qb, h, d] = _div_rn(acc, Float32(cutlass.min(Sq - s0, BLOCK)))
 
 
 def fake_args(dtype, head_dim: int):
     from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
 
     D = head_dim
-    B, Sq, Skv, Hq, Hkv, nkb = (cute.sym_int() for _ in range(6))
+    B, Sq, Skv, Hq, Hkv, nkb, nqb = (cute.sym_int() for _ in range(7))
     skp2, skp16 = cute.sym_int(divisibility=32), cute.sym_int(divisibility=4)
 
     def t(dt, shape, align=16):
@@ -328,9 +376,10 @@ def fake_args(dtype, head_dim: int):
             t(u8, (B, Skv, Hkv, D // 2)), t(u8, (B, Skv, Hkv, D // 16)),
             t(u8, (B, Hkv, D, skp2)), t(u8, (B, Hkv, D, skp16)),
             t(Float32, (B, nkb, Hkv, D)), t(dtype, (B, Skv, Hkv, D)), t(dtype, (B, Skv, Hkv, D)),
-            make_fake_stream())
+            t(Float32, (B, nqb, Hq, D)), make_fake_stream())
 
 
 def compile_quant(dtype, head_dim: int, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse",
-                  fp4_layout: str = "nibble"):
-    return cute.compile(QuantKernel(dtype, head_dim, with_dq, rotate, scale_rule, fp4_layout), *fake_args(dtype, head_dim))
+                  fp4_layout: str = "nibble", with_qmean: bool = False):
+    return cute.compile(QuantKernel(dtype, head_dim, with_dq, rotate, scale_rule, fp4_layout, with_qmean),
+                        *fake_args(dtype, head_dim))

@@ -55,7 +55,8 @@ _SCRIPT = textwrap.dedent("""
     # the standard amax scale rule (scale_rule="amax"; the others use the default "mse")
     out["quant_amax"] = save(compile_quant(cutlass.BFloat16, 128, False, True, "amax"), "quant_amax")
     # the SM90 prefill's "bits" code-word order (kernels.prefill.fp4_word_layout)
-    out["quant_bits"] = save(compile_quant(cutlass.Float16, 128, False, True, "mse", "bits"), "quant_bits")
+    # ... with the Q block means too (with_qmean: what the public op compiles with SELECT_FUSED_MEANS)
+    out["quant_bits"] = save(compile_quant(cutlass.Float16, 128, False, True, "mse", "bits", True), "quant_bits")
     # the public op's top-k + bitmask of the block selection (kernels/select_topk.py)
     from kernels.select_topk import compile_topk
     out["select_topk"] = save(compile_topk(True), "select_topk")
@@ -127,8 +128,13 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
             fmas = [ln for ln in text.splitlines() if "fma" in ln]
             assert fmas and all("dv_" in ln or "rot_" in ln for ln in fmas), f"{name}: an FMA outside the divisions"
             assert any("rot_" in ln for ln in fmas) == (n_shfl > 0), f"{name}: rotation FMAs without a rotation"
-            # div.rn only for amax / 6 (5 groups) and the K block mean: none per element (one reciprocal per group)
-            assert len(re.findall(r"div\.rn\.f32", text)) == 6, f"{name}: per-element div.rn left"
+            # div.rn only for amax / 6 (5 groups) and the K (and Q) block mean: none per element (one reciprocal per
+            # group)
+            qmean = name == "quant_bits"
+            assert len(re.findall(r"div\.rn\.f32", text)) == 6 + qmean, f"{name}: per-element div.rn left"
+            # the block means: 64 explicitly rounded adds in token order per mean (kernels.selection.block_means' bits)
+            n_bm = len(re.findall(r"add\.rn\.f32 bm_s, ", text))
+            assert n_bm == 64 * (1 + qmean), f"{name}: {n_bm} block-mean adds, expected {64 * (1 + qmean)}"
             # IEEE fp32 butterflies (no flush to zero), as torch computes them
             assert not re.search(r"(add|sub|mul)(\.rn)?\.ftz\.f32", text), name
             continue

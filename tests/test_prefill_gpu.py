@@ -207,7 +207,11 @@ def test_quant_kernel_bit_exact(rule, rng_seed):
     assert torch.equal(Qp, rq.packed) and torch.equal(Qs, rq.scales.view(torch.uint8))
     assert torch.equal(Kp, rk.packed) and torch.equal(Ks, rk.scales.view(torch.uint8))
     assert torch.equal(Vp, rv.packed) and torch.equal(Vs, rv.scales.view(torch.uint8))
-    assert torch.allclose(Km, block_means(k), rtol=1e-6, atol=1e-6)
+    assert torch.equal(Km, block_means(k)), "Kmean != block_means(k) (a token-order fp32 sum: bit for bit)"
+    # with_qmean (the public op with SELECT_FUSED_MEANS): also block_means(q), bit for bit; the rest unchanged
+    outm = quantize_for_prefill(q, k, v, scale_rule=rule, with_qmean=True)
+    assert len(outm) == 8 and all(torch.equal(a, b) for a, b in zip(outm[:7], (Qp, Qs, Kp, Ks, Vp, Vs, Km)))
+    assert torch.equal(outm[7], block_means(q)), "Qmean != block_means(q)"
     # with_dq (SM90 dq16 schedules): also dq(K), dq(V) in the input dtype, == nvfp4.dequantize exactly
     out = quantize_for_prefill(q, k, v, with_dq=True, scale_rule=rule)
     assert all(torch.equal(a, b) for a, b in zip(out[:6], (Qp, Qs, Kp, Ks, Vp, Vs)))

@@ -78,9 +78,26 @@ def test_topk_many_words(rng_seed):
     _check(q, k, top_k=300, causal=False)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(2, 1000, 1000, 8, 2, 128), (1, 300, 1100, 4, 4, 64), (1, 1100, 300, 4, 1, 128)],
+                         ids=["gqa_1000", "sq_lt_skv", "sq_gt_skv"])
+def test_topk_with_quantizer_means(shape, causal, rng_seed):
+    """select_and_mask(means=) with the quantizer kernel's Q / K block means (with_qmean) == select_blocks."""
+    from kernels.interface import quantize_for_prefill
+    from kernels.select_topk import select_and_mask
+
+    B, Sq, Skv, Hq, Hkv, D = shape
+    q, k = _qkv(rng_seed, B, Sq, Skv, Hq, Hkv, D=D, dtype=torch.bfloat16 if D == 128 else torch.float16)
+    qo = quantize_for_prefill(q, k, k.clone(), rotate=True, with_qmean=True)
+    ref = _check(q, k, budget=0.25, causal=causal)
+    sel, mask = select_and_mask(q, k, budget=0.25, causal=causal, means=(qo[-1], qo[6]))
+    assert torch.equal(sel, ref), f"selection from the quantizer's means differs: {(sel != ref).sum().item()}"
+
+
 def test_public_op_with_topk_kernel(rng_seed):
     """kernels.interface.SELECT_TOPK_KERNEL: the public op gives bit for bit what it gives with select_blocks' torch
-    top-k, on the side stream (normal and high priority) and in order."""
+    top-k, on the side stream (normal and high priority) and in order, and with the block means from the quantizer
+    (SELECT_FUSED_MEANS)."""
     import kernels
     from kernels import interface as iface
 
@@ -88,14 +105,28 @@ def test_public_op_with_topk_kernel(rng_seed):
     q = torch.randn(1, 1234, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, 1234, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, 1234, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-    saved = iface.SELECT_TOPK_KERNEL, iface.SELECT_SIDE_STREAM, iface.SELECT_STREAM_PRIORITY
+    saved = (iface.SELECT_TOPK_KERNEL, iface.SELECT_SIDE_STREAM, iface.SELECT_STREAM_PRIORITY,
+             iface.SELECT_FUSED_MEANS)
     try:
-        iface.SELECT_TOPK_KERNEL = False
+        iface.SELECT_TOPK_KERNEL, iface.SELECT_FUSED_MEANS = False, False
         ref = kernels.thrift_attention(q, k, v, budget=0.25)
         iface.SELECT_TOPK_KERNEL = True
-        for side, prio in ((True, 0), (True, -1), (False, 0)):
-            iface.SELECT_SIDE_STREAM, iface.SELECT_STREAM_PRIORITY = side, prio
+        for side, prio, fused in ((True, 0, False), (True, -1, False), (False, 0, False), (True, 0, True)):
+            iface.SELECT_SIDE_STREAM, iface.SELECT_STREAM_PRIORITY, iface.SELECT_FUSED_MEANS = side, prio, fused
             out = kernels.thrift_attention(q, k, v, budget=0.25)
-            assert torch.equal(out, ref), f"side stream {side}, priority {prio}: differs"
+            assert torch.equal(out, ref), f"side stream {side}, priority {prio}, fused means {fused}: differs"
+        iface.SELECT_FUSED_MEANS = True  # on a caller's stream, and the other budgets
+        user = torch.cuda.Stream()
+        user.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(user):
+            o2 = kernels.thrift_attention(q, k, v, budget=0.25)
+        torch.cuda.current_stream().wait_stream(user)
+        assert torch.equal(o2, ref), "fused means on a user stream: differs"
+        for b in (0.0, 0.05, 1.0):
+            iface.SELECT_FUSED_MEANS = False
+            r = kernels.thrift_attention(q, k, v, budget=b, causal=False)
+            iface.SELECT_FUSED_MEANS = True
+            assert torch.equal(kernels.thrift_attention(q, k, v, budget=b, causal=False), r), f"budget {b}: differs"
     finally:
-        iface.SELECT_TOPK_KERNEL, iface.SELECT_SIDE_STREAM, iface.SELECT_STREAM_PRIORITY = saved
+        (iface.SELECT_TOPK_KERNEL, iface.SELECT_SIDE_STREAM, iface.SELECT_STREAM_PRIORITY,
+         iface.SELECT_FUSED_MEANS) = saved

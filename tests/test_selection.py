@@ -64,6 +64,52 @@ def test_block_means_partial_last_block():
             torch.testing.assert_close(m[:, j].double(), ref, rtol=1e-5, atol=1e-6)
 
 
+def _seq_means_numpy(x, bs):
+    """Independent float32 emulation of block_means' definition: per block, acc = fl32(acc + x_t) in token order from
+    +0.0, then fl32(acc / n_valid)."""
+    import numpy as np
+
+    a = x.float().numpy()
+    B, S, H, D = a.shape
+    nb = -(-S // bs)
+    out = np.zeros((B, nb, H, D), dtype=np.float32)
+    for j in range(nb):
+        acc = np.zeros((B, H, D), dtype=np.float32)
+        toks = range(j * bs, min(S, (j + 1) * bs))
+        for t in toks:
+            acc = (acc + a[:, t]).astype(np.float32)
+        out[:, j] = acc / np.float32(len(toks))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_block_means_token_order_bits(dtype):
+    """block_means is the token-order fp32 sum / count bit for bit (what the quantizer kernel emits for the public
+    op's selection), on data where the summation order changes the result."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
+    S = 3 * BS + 37  # a partial last block
+    x = (torch.randn(2, S, 3, 8, generator=g) * 10).to(dtype)
+    # order-sensitive blocks: a large value, then many small ones each below half an ulp of the running sum (a
+    # token-order sum drops them, a pairwise one does not)
+    # (1024 + 2^-14 is a tie at half an fp32 ulp: it rounds back to 1024)
+    x[0, :BS, 0, 0] = 2.0 ** -14
+    x[0, 0, 0, 0] = 1024.0
+    x[1, 3 * BS:, 2, 5] = 2.0 ** -14
+    x[1, 3 * BS, 2, 5] = 1024.0
+    want = _seq_means_numpy(x, BS)
+    blk = x[0, :BS, 0, 0].float().numpy()
+    pairwise = blk.copy()
+    while pairwise.size > 1:
+        pairwise = (pairwise[0::2] + pairwise[1::2]).astype(np.float32)
+    assert pairwise[0] != want[0, 0, 0, 0] * np.float32(BS), "test data is not order-sensitive"
+    got = block_means(x, BS)
+    assert got.dtype == torch.float32 and got.shape == (2, 4, 3, 8)
+    assert np.array_equal(got.numpy().view(np.int32), want.view(np.int32))
+    assert np.array_equal(block_means(x, 16).numpy().view(np.int32), _seq_means_numpy(x, 16).view(np.int32))
+
+
 def test_block_mean_exact_order_causal_and_padding():
     # K block means along channel 0: [1, 3, 2, 5]; head 0's queries +e0 (prefer large), head 1's -e0 (small).
     k = _planted([1.0, 3.0, 2.0, 5.0])

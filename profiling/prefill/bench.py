@@ -1,7 +1,8 @@
 """Prefill benchmark: B=1, H=32, D=128, causal, bf16, S in (8k, 32k); thrift budgets 0/0.05/0.25/1.0 vs SDPA flash
 and FA4; at 32k also fp16 (budgets 0 / 0.05 / 1.0) and every shipped schedule (SWEEP=0 skips that sweep).
-Median of triton do_bench (L2 flushed between runs); JIT compile done before timing. TOPK=0/1 and PRIO=0/-1 set
-kernels.interface.SELECT_TOPK_KERNEL and SELECT_STREAM_PRIORITY for the end-to-end rows (default: as shipped)."""
+Median of triton do_bench (L2 flushed between runs); JIT compile done before timing. TOPK=0/1, PRIO=0/-1 and MEANS=0/1 set
+kernels.interface.SELECT_TOPK_KERNEL, SELECT_STREAM_PRIORITY and SELECT_FUSED_MEANS for the end-to-end rows (default: as
+shipped)."""
 import json, math, os, sys, time, torch
 sys.path.insert(0, ".")
 import torch.nn.functional as F
@@ -19,7 +20,10 @@ if "TOPK" in os.environ:
     iface.SELECT_TOPK_KERNEL = os.environ["TOPK"] == "1"
 if "PRIO" in os.environ:
     iface.SELECT_STREAM_PRIORITY = int(os.environ["PRIO"])
-print(f"SELECT_TOPK_KERNEL={iface.SELECT_TOPK_KERNEL} SELECT_STREAM_PRIORITY={iface.SELECT_STREAM_PRIORITY}", flush=True)
+if "MEANS" in os.environ:
+    iface.SELECT_FUSED_MEANS = os.environ["MEANS"] == "1"
+print(f"SELECT_TOPK_KERNEL={iface.SELECT_TOPK_KERNEL} SELECT_STREAM_PRIORITY={iface.SELECT_STREAM_PRIORITY} "
+      f"SELECT_FUSED_MEANS={iface.SELECT_FUSED_MEANS}", flush=True)
 flag = sys.argv[1] if len(sys.argv) > 1 else None
 B, H, D = 1, 32, 128
 dt = torch.bfloat16

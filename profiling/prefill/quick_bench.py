@@ -5,7 +5,9 @@ SIZES=32768 (comma-separated) picks the sequence lengths. AB_SIDE=1 also times e
 the current stream (kernels.interface.SELECT_SIDE_STREAM = False); AB_TOPK=1 with the top-k and bitmask the public op
 does not use by default (SELECT_TOPK_KERNEL flipped: torch's sort where the CuTe kernels/select_topk.py is the
 default, and the other way round; the row names which), on the side stream and in order; AB_PRIO=1 end to end with
-the side stream at high priority (SELECT_STREAM_PRIORITY = -1), with the default top-k and (AB_TOPK=1) the other one.
+the side stream at high priority (SELECT_STREAM_PRIORITY = -1), with the default top-k and (AB_TOPK=1) the other one;
+AB_MEANS=1 with the block means the public op does not use by default (SELECT_FUSED_MEANS flipped: the quantizer
+kernel's Q / K means and the selection after it in order, or select_blocks' torch means on the side stream).
 The "(end-to-end)" row is the shipped configuration (the first line printed names its flags). The module flags are
 put back after each A/B block."""
 import math, os, sys, torch
@@ -21,7 +23,8 @@ from kernels.selection import select_blocks
 
 scheds = sys.argv[1:] or [None]
 print(f"shipped: SELECT_TOPK_KERNEL={iface.SELECT_TOPK_KERNEL} SELECT_SIDE_STREAM={iface.SELECT_SIDE_STREAM} "
-      f"SELECT_STREAM_PRIORITY={iface.SELECT_STREAM_PRIORITY}", flush=True)
+      f"SELECT_STREAM_PRIORITY={iface.SELECT_STREAM_PRIORITY} SELECT_FUSED_MEANS={iface.SELECT_FUSED_MEANS}",
+      flush=True)
 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[os.environ.get("DTYPE", "bf16")]
 B, H, D = 1, 32, 128
 for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
@@ -46,6 +49,14 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
         e2e()
         row(f"thrift b=0.05 {sc or 'default'} (end-to-end)", do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
         topk0, side0 = iface.SELECT_TOPK_KERNEL, iface.SELECT_SIDE_STREAM  # restored after each A/B block
+        if os.environ.get("AB_MEANS") == "1":  # the other source of the block means (kernels.interface)
+            means0 = iface.SELECT_FUSED_MEANS
+            iface.SELECT_FUSED_MEANS = not means0
+            alt_m = "torch means, side stream" if means0 else "quantizer means, in order"
+            row(f"thrift b=0.05 {sc or 'default'} (e2e, {alt_m})", do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
+            iface.SELECT_FUSED_MEANS = means0
+            row(f"thrift b=0.05 {sc or 'default'} (end-to-end, again)",
+                do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
         if os.environ.get("AB_SIDE") == "1":  # the same with the selection in order on the current stream
             iface.SELECT_SIDE_STREAM = False
             row(f"thrift b=0.05 {sc or 'default'} (e2e, select in order)",
