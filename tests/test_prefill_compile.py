@@ -51,7 +51,9 @@ _SCRIPT = textwrap.dedent("""
     out["quant"] = save(compile_quant(cutlass.BFloat16, 128, True), "quant")  # with the dq(K)/dq(V) outputs
     # Hadamard rotation of Q/K (qk_rotation="hadamard", the default): D=128 with dq (3 shuffle stages), D=64 without
     out["quant_rot"] = save(compile_quant(cutlass.BFloat16, 128, True, True), "quant_rot")
-    out["quant_rot64"] = save(compile_quant(cutlass.Float16, 64, False, True), "quant_rot64")
+    # (with the Q block means in the "interleaved" order: kernels.interface.QMEAN_ORDER's other value)
+    out["quant_rot64"] = save(compile_quant(cutlass.Float16, 64, False, True, with_qmean=True,
+                                            qmean_order="interleaved"), "quant_rot64")
     # the standard amax scale rule (scale_rule="amax"; the others use the default "mse")
     out["quant_amax"] = save(compile_quant(cutlass.BFloat16, 128, False, True, "amax"), "quant_amax")
     # the SM90 prefill's "bits" code-word order (kernels.prefill.fp4_word_layout)
@@ -130,7 +132,7 @@ def test_prefill_compiles_no_spills(arch, tmp_path):
             assert any("rot_" in ln for ln in fmas) == (n_shfl > 0), f"{name}: rotation FMAs without a rotation"
             # div.rn only for amax / 6 (5 groups) and the K (and Q) block mean: none per element (one reciprocal per
             # group)
-            qmean = name == "quant_bits"
+            qmean = name in ("quant_bits", "quant_rot64")
             assert len(re.findall(r"div\.rn\.f32", text)) == 6 + qmean, f"{name}: per-element div.rn left"
             # the block means: 64 explicitly rounded adds in token order per mean (kernels.selection.block_means' bits)
             n_bm = len(re.findall(r"add\.rn\.f32 bm_s, ", text))

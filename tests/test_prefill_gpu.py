@@ -187,6 +187,29 @@ def test_public_entry_side_stream_selection(rng_seed):
     assert _rel(o0, thrift_attention_ref(q, k, v, budget=0.25)) <= TOL
 
 
+@pytest.mark.parametrize("shape", [(2, 100, 4, 130, 2, 128), (1, 3, 32, 5, 1, 64), (1, 1100, 4, 300, 1, 128),
+                                   (1, 4097, 8, 4097, 8, 64)], ids=["small", "few_queries", "sq_gt_skv", "4097"])
+def test_quant_kernel_qmean_shapes(shape, rng_seed):
+    """with_qmean: Qmean == block_means(q) and Kmean == block_means(k) bit for bit, every other output as without it,
+    in both Q-mean orders, also where the Q-mean CTAs outnumber the quantizing ones (few_queries: the interleaving's
+    other branch)."""
+    from kernels.interface import quantize_for_prefill
+    from kernels.selection import block_means
+
+    B, Sq, Hq, Skv, Hkv, D = shape
+    g = torch.Generator(device="cuda").manual_seed(rng_seed)
+    dt = torch.bfloat16 if D == 128 else torch.float16
+    q = torch.randn(B, Sq, Hq, D, device="cuda", dtype=dt, generator=g) * 2
+    k = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dt, generator=g)
+    v = torch.randn(B, Skv, Hkv, D, device="cuda", dtype=dt, generator=g)
+    for rotate, order in ((False, "tail"), (True, "tail"), (False, "interleaved"), (True, "interleaved")):
+        base = quantize_for_prefill(q, k, v, rotate=rotate)
+        out = quantize_for_prefill(q, k, v, rotate=rotate, with_qmean=True, qmean_order=order)
+        assert all(torch.equal(a, b) for a, b in zip(out[:7], base)), f"{order}: with_qmean changed another output"
+        assert torch.equal(out[6], block_means(k)), f"{order}: Kmean != block_means(k)"
+        assert torch.equal(out[7], block_means(q)), f"{order}: Qmean != block_means(q)"
+
+
 @pytest.mark.parametrize("rule", ["mse", "amax"])
 def test_quant_kernel_bit_exact(rule, rng_seed):
     from kernels.interface import quantize_for_prefill

@@ -4,7 +4,8 @@
 
 check: bit-exactness vs quant.nvfp4 (bf16 D=128: rotation on/off x mse/amax x nibble/bits; fp16 D=64: rotation on/off
 x mse/amax; a zero group, an underflowing group, an Inf in V). time: 32k (B=1, H=32, D=128, bf16, rotate, mse, bits --
-the SM90 prefill's call), median of do_bench, two rounds. "tree" (quant/quant_kernel.py) is always included; e.g.
+the SM90 prefill's call), median of do_bench, two rounds, without and (where the version has it) with the Q block
+means (with_qmean, the public op's call with kernels.interface.SELECT_FUSED_MEANS). "tree" (quant/quant_kernel.py) is always included; e.g.
 old=scratch/old/quant/quant_kernel.py for the previous commit's copy (git archive into an untracked folder)."""
 import importlib.util, sys, torch
 sys.path.insert(0, ".")
@@ -26,13 +27,17 @@ for item in sys.argv[2:]:
     name, _, path = item.partition("=")
     variants[name] = path
 
-def run(mod, q, k, v, rotate, rule, layout, cache):
+def run(mod, q, k, v, rotate, rule, layout, cache, qmean=None):
+    """qmean: None (no Q means) or the Q-mean order ("tail" / "interleaved"; a version without orders: "tail")."""
     D = q.shape[3]
-    outs = quant_outputs(q, k, v)
+    outs = quant_outputs(q, k, v, with_qmean=qmean is not None)
     args = quant_args(q, k, v, outs)
-    key = (q.dtype, D, rotate, rule, layout)
+    key = (q.dtype, D, rotate, rule, layout, qmean)
     if key not in cache:
-        cache[key] = cute.compile(mod.QuantKernel(_torch_to_cutlass(q.dtype), D, False, rotate, rule, layout), *args, _stream())
+        has_order = "qmean_order" in mod.QuantKernel.__init__.__code__.co_varnames
+        extra = () if qmean is None else ((True, qmean) if has_order else (True,))
+        cache[key] = cute.compile(mod.QuantKernel(_torch_to_cutlass(q.dtype), D, False, rotate, rule, layout, *extra),
+                                  *args, _stream())
     f = cache[key]
     return outs, (lambda: f(*args, _stream()))
 
@@ -63,6 +68,11 @@ for name, path in variants.items():
         print(f"quant {name:5s} bit-exact={ok}", flush=True); continue
     S = 32768
     q, k, v = (torch.randn(1, S, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    outs, fn = run(mod, q, k, v, True, "mse", "bits", cache); fn()
-    ms = [do_bench(fn, warmup=20, rep=500, return_mode="median") for _ in range(2)]
-    print(f"quant {name:5s} 32k bf16 rotate mse bits: {ms[0]:.3f} / {ms[1]:.3f} ms", flush=True)
+    names = mod.QuantKernel.__init__.__code__.co_varnames
+    for qmean in (None, "tail", "interleaved"):
+        if (qmean and "with_qmean" not in names) or (qmean == "interleaved" and "qmean_order" not in names):
+            continue
+        outs, fn = run(mod, q, k, v, True, "mse", "bits", cache, qmean); fn()
+        ms = [do_bench(fn, warmup=20, rep=500, return_mode="median") for _ in range(2)]
+        print(f"quant {name:5s} 32k bf16 rotate mse bits{f' +Q means {qmean}' if qmean else ''}: {ms[0]:.3f} / {ms[1]:.3f} ms",
+              flush=True)
