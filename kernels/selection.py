@@ -69,22 +69,27 @@ def _seq_block_mean(x: torch.Tensor, block_size: int) -> torch.Tensor:
     Q and K block means in the pass that reads Q and K anyway, so the public op's selection needs no extra pass
     over them and still equals select_blocks bit for bit (tests/test_prefill_gpu.py). No fp32 copy of x is made:
     fp16 / bf16 values convert exactly inside each add. Cost: block_size dependent torch launches (~1.3 ms for
-    [1, 32k, 32, 128] on an H100, profiling/RESULTS.md session 14; torch.mean took ~0.11 ms)."""
+    [1, 32k, 32, 128] on an H100 on the public op's side stream, profiling/RESULTS.md session 14, with torch.mean
+    ~0.11 ms; that version also copied each step's view back and made the counts with a synchronizing host-to-device
+    copy, both since removed, not re-timed)."""
     B, S, H, D = x.shape
     nb = -(-S // block_size)
     nfull = S // block_size
     rem = S - nfull * block_size
     acc = torch.zeros((B, nb, H, D), dtype=torch.float32, device=x.device)
-    full = x[:, :nfull * block_size].reshape(B, nfull, block_size, H, D)
+    # in-place adds into views made once (`acc[:, :n] += t` would also copy the view back: a launch per step more)
+    acc_full, acc_last = acc[:, :nfull], acc[:, nfull:]
+    full = x[:, :nfull * block_size].reshape(B, nfull, block_size, H, D).unbind(2)
     for i in range(block_size):
         if nfull:
-            acc[:, :nfull] += full[:, :, i]
+            acc_full.add_(full[i])
         if i < rem:  # the partial last block: its valid tokens only
-            acc[:, nfull] += x[:, nfull * block_size + i]
-    count = torch.full((nb,), float(block_size), dtype=torch.float32)
+            acc_last.add_(x[:, nfull * block_size + i:nfull * block_size + i + 1])
+    # made on x's device (a host tensor's .to(cuda) would be a synchronizing copy from pageable memory)
+    count = torch.full((nb,), float(block_size), dtype=torch.float32, device=x.device)
     if rem:
         count[nfull] = float(rem)
-    return acc / count.to(x.device).view(1, nb, 1, 1)
+    return acc / count.view(1, nb, 1, 1)
 
 
 def _block_reduce(x: torch.Tensor, block_size: int, op: str) -> torch.Tensor:
