@@ -19,6 +19,8 @@ qmean_order) for the quantizer; batch, lengths, head counts and the GQA ratio ar
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kernels._validate import KERNEL_DTYPES, KERNEL_HEAD_DIMS, SELECTION_METHODS, check_bool, check_budget, \
@@ -166,12 +168,12 @@ QMEAN_ORDER = "tail"
 _SIDE_STREAMS: dict = {}
 
 
+@dataclass(frozen=True)
 class FusedMeanSelect:
     """A public-op selection request for _run_prefill (SELECT_FUSED_MEANS): select_and_mask(q, k, budget, causal,
     method="block_mean") with the means the quantizer launch writes, run right after that launch."""
 
-    def __init__(self, budget: float):
-        self.budget = budget
+    budget: float
 
 
 def _side_stream(device) -> torch.cuda.Stream:

@@ -425,5 +425,5 @@ def fake_args(dtype, head_dim: int):
 
 def compile_quant(dtype, head_dim: int, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse",
                   fp4_layout: str = "nibble", with_qmean: bool = False, qmean_order: str = "tail"):
-    return cute.compile(QuantKernel(dtype, head_dim, with_dq, rotate, scale_rule, fp4_layout, with_qmean, qmean_order),
-                        *fake_args(dtype, head_dim))
+    kern = QuantKernel(dtype, head_dim, with_dq, rotate, scale_rule, fp4_layout, with_qmean, qmean_order)
+    return cute.compile(kern, *fake_args(dtype, head_dim))

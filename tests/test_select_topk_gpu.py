@@ -90,7 +90,7 @@ def test_topk_with_quantizer_means(shape, causal, rng_seed):
     q, k = _qkv(rng_seed, B, Sq, Skv, Hq, Hkv, D=D, dtype=torch.bfloat16 if D == 128 else torch.float16)
     qo = quantize_for_prefill(q, k, k.clone(), rotate=True, with_qmean=True)
     ref = _check(q, k, budget=0.25, causal=causal)
-    sel, mask = select_and_mask(q, k, budget=0.25, causal=causal, means=(qo[-1], qo[6]))
+    sel, _ = select_and_mask(q, k, budget=0.25, causal=causal, means=(qo[-1], qo[6]))
     assert torch.equal(sel, ref), f"selection from the quantizer's means differs: {(sel != ref).sum().item()}"
 
 

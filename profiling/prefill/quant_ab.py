@@ -5,8 +5,8 @@
 check: bit-exactness vs quant.nvfp4 (bf16 D=128: rotation on/off x mse/amax x nibble/bits; fp16 D=64: rotation on/off
 x mse/amax; a zero group, an underflowing group, an Inf in V). time: 32k (B=1, H=32, D=128, bf16, rotate, mse, bits --
 the SM90 prefill's call), median of do_bench, two rounds, without and (where the version has it) with the Q block
-means (with_qmean, the public op's call with kernels.interface.SELECT_FUSED_MEANS). "tree" (quant/quant_kernel.py) is always included; e.g.
-old=scratch/old/quant/quant_kernel.py for the previous commit's copy (git archive into an untracked folder)."""
+means (with_qmean, the public op's call with kernels.interface.SELECT_FUSED_MEANS) in each Q-mean order. "tree"
+(quant/quant_kernel.py) is always included; e.g. old=scratch/old/quant/quant_kernel.py for the previous commit's copy (git archive into an untracked folder)."""
 import importlib.util, sys, torch
 sys.path.insert(0, ".")
 from triton.testing import do_bench
@@ -74,5 +74,5 @@ for name, path in variants.items():
             continue
         outs, fn = run(mod, q, k, v, True, "mse", "bits", cache, qmean); fn()
         ms = [do_bench(fn, warmup=20, rep=500, return_mode="median") for _ in range(2)]
-        print(f"quant {name:5s} 32k bf16 rotate mse bits{f' +Q means {qmean}' if qmean else ''}: {ms[0]:.3f} / {ms[1]:.3f} ms",
-              flush=True)
+        tag = f" +Q means {qmean}" if qmean else ""
+        print(f"quant {name:5s} 32k bf16 rotate mse bits{tag}: {ms[0]:.3f} / {ms[1]:.3f} ms", flush=True)

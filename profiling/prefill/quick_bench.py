@@ -55,7 +55,8 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
             means0 = iface.SELECT_FUSED_MEANS
             iface.SELECT_FUSED_MEANS = not means0
             alt_m = "torch means, side stream" if means0 else "quantizer means, in order"
-            row(f"thrift b=0.05 {sc or 'default'} (e2e, {alt_m})", do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
+            row(f"thrift b=0.05 {sc or 'default'} (e2e, {alt_m})",
+                do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
             iface.SELECT_FUSED_MEANS = means0
             if means0:  # and the quantizer's other Q-mean order (kernels.interface.QMEAN_ORDER)
                 order0 = iface.QMEAN_ORDER
