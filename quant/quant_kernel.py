@@ -23,7 +23,7 @@ Work split of the single 1-D launch (one thread per item, 128 threads per CTA):
     items [nQ, nQ+nK)        one 16-element K group
     items [nQ+nK, +nV)       one (b, hkv, d, key block): the 4 V groups of 16 keys of that block at dim d
                              (threads adjacent in d -> coalesced reads of V), and the K mean at (b, kb, hkv, d).
-    Q-mean items [0, nQm)    (with_qmean) one (b, hq, d, query block): the Q mean at (b, qb, hq, d); qmean_order
+    Q-mean items [0, nQm)    (with_qmean) one (b, query block, hq, d): the Q mean at (b, qb, hq, d); qmean_order
                              "tail": items nQ+nK+nV.. of the launch; "interleaved": CTAs of their own between the
                              quantizing ones (kernel(), _cta_split).
 Rotation (rotate=True; quant/rotation.py defines the numerics, this reproduces them bit for bit): a row's D/16 Q or K
@@ -64,6 +64,7 @@ from kernels.kv_cache import BITS_POS
 
 THREADS = 128
 BLOCK = 64
+QM_BATCH = 16  # Q-mean loads in flight per thread (q_mean)
 
 
 def _asm(ret, args, text, cons):
@@ -354,13 +355,20 @@ class QuantKernel:
             # stored once (vector stores) instead of 36 scattered byte stores (lanes differ in d: one row each)
             pkv = cute.make_rmem_tensor((BLOCK // 2,), Uint8)
             scv = cute.make_rmem_tensor((BLOCK // 16,), Uint8)
+            vraw = cute.make_rmem_tensor((16,), self.dtype)
             for grp in cutlass.range_constexpr(BLOCK // 16):
+                # unconditional loads (keys past Skv clamped to the last one, in bounds), all 32 issued before their
+                # use: loads under the `key < Skv` branch would each wait out a memory latency (see q_mean)
+                for i in cutlass.range_constexpr(16):
+                    kc = cutlass.min(key0 + grp * 16 + i, Skv - 1)
+                    vraw[i] = mV[b, kc, h, d]
+                    raw[i] = mK[b, kc, h, d]
                 for i in cutlass.range_constexpr(16):
                     key = key0 + grp * 16 + i
                     vals[i] = Float32(0.0)
                     if key < Skv:
-                        vals[i] = Float32(mV[b, key, h, d])
-                        ksum = _add_rn(ksum, Float32(mK[b, key, h, d]))
+                        vals[i] = Float32(vraw[i])
+                        ksum = _add_rn(ksum, Float32(raw[i]))
                 if const_expr(self.with_dq):  # (no gathering here: the dq stores below keep vals live, and the
                     # 32 gathered bytes on top made ptxas spill)
                     self.quant16(vals, pk, sc)
@@ -385,22 +393,32 @@ class QuantKernel:
 
     @cute.jit
     def q_mean(self, mQ: cute.Tensor, mQm: cute.Tensor, it: Int32):
-        """Item it = ((b * Hq + h) * nqb + qb) * D + d: mQm[b, qb, h, d] = the block's token-order fp32 sum / its
-        valid-token count (threads adjacent in d read adjacent 16-bit elements of one query row: coalesced)."""
+        """Item it = ((b * nqb + qb) * Hq + h) * D + d: mQm[b, qb, h, d] = the block's token-order fp32 sum / its
+        valid-token count. Threads adjacent in d read adjacent 16-bit elements of one query row (coalesced), and the
+        Hq CTAs of a query block are adjacent in the launch, so together they read its 64 whole rows of Q."""
         Sq = mQ.shape[1]
         Hq = mQ.shape[2]
         nqb = cute.ceil_div(Sq, BLOCK)
         d = it % self.D
         r = it // self.D
-        qb = r % nqb
-        r = r // nqb
         h = r % Hq
-        b = r // Hq
+        r = r // Hq
+        qb = r % nqb
+        b = r // nqb
         s0 = qb * BLOCK
+        last = Sq - 1
         acc = Float32(0.0)
-        for i in cutlass.range_constexpr(BLOCK):
-            if s0 + i < Sq:
-                acc = _add_rn(acc, Float32(mQ[b, s0 + i, h, d]))
+        # The loads are unconditional (rows past Sq clamped to the last one, in bounds) and issued QM_BATCH at a time
+        # before their adds: a load under the `s0 + i < Sq` branch is not hoisted by ptxas, so the 64 loads of a
+        # thread would each wait out a full memory latency (the ~0.4 ms tail of RESULTS session 14). The adds keep the
+        # token order and skip the clamped rows, so the bits are unchanged.
+        buf = cute.make_rmem_tensor((QM_BATCH,), self.dtype)
+        for c in cutlass.range_constexpr(BLOCK // QM_BATCH):
+            for i in cutlass.range_constexpr(QM_BATCH):
+                buf[i] = mQ[b, cutlass.min(s0 + c * QM_BATCH + i, last), h, d]
+            for i in cutlass.range_constexpr(QM_BATCH):
+                if s0 + c * QM_BATCH + i < Sq:
+                    acc = _add_rn(acc, Float32(buf[i]))
         mQm[b, qb, h, d] = _div_rn(acc, Float32(cutlass.min(Sq - s0, BLOCK)))
 
 

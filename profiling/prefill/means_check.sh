@@ -13,6 +13,7 @@
 # 3. with what is left of TOTAL_S: profiling/prefill/bench.py (SWEEP=0, the issue's table) with MEANS=1 iff step 1
 #    passed;
 # 4. the decode seed replay of sessions 10/13 (-s: its numbers), if time is left.
+# QAB_ARGS: extra NAME=PATH versions for quant_ab.py (e.g. the previous commit's copy).
 # Everything goes to OUTDIR/means_check.log (+ the pytest logs and bench.json). Caps: TEST_S, QB_S, TOTAL_S seconds.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,7 +30,7 @@ timeout "${TEST_S:-150}" "$PY" -m pytest -q -p no:cacheprovider --maxfail=8 -rf 
 rc=$?; echo "tests rc=$rc" | tee -a "$L"; tail -n 12 "$OUT/tests.log" | tee -a "$L"; el
 MEANS=0  # on only if the tests ran (not skipped) and passed
 [ $rc -eq 0 ] && grep -q " passed" "$OUT/tests.log" && ! grep -q " skipped" "$OUT/tests.log" && MEANS=1
-timeout "${QAB_S:-80}" "$PY" profiling/prefill/quant_ab.py time 2>&1 | grep "^quant" | tee -a "$L"; el
+timeout "${QAB_S:-80}" "$PY" profiling/prefill/quant_ab.py time ${QAB_ARGS:-} 2>&1 | grep "^quant" | tee -a "$L"; el
 for dt in fp16 bf16; do
   AB_MEANS=1 DTYPE=$dt SIZES=32768 timeout "${QB_S:-110}" "$PY" profiling/prefill/quick_bench.py 2>&1 \
     | grep -v Warn | tee -a "$L"; el
