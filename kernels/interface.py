@@ -14,8 +14,8 @@ Pipeline per call (on torch.cuda.current_stream(); the selection on a side strea
   4. one CuTe launch: ThriftPrefillKernel                               (kernels/prefill.py)
 
 Compile cache: one entry per (arch, dtype, head_dim, causal, fmt, schedule, lse) for the prefill and per
-(arch, dtype, head_dim, with_dq, rotate, scale_rule, quant.nvfp4.MSE_SCALE_STEPS, fp4_layout, with_qmean,
-qmean_order) for the quantizer; batch, lengths, head counts and the GQA ratio are runtime values.
+(arch, dtype, head_dim, with_dq, rotate, scale_rule, quant.nvfp4.MSE_SCALE_STEPS, fp4_layout, with_qmean) for the
+quantizer; batch, lengths, head counts and the GQA ratio are runtime values.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def quant_args(q, k, v, outs) -> list:
 
 
 def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse",
-                         fp4_layout: str = "nibble", with_qmean: bool = False, qmean_order=None):
+                         fp4_layout: str = "nibble", with_qmean: bool = False):
     """Run the CuTe quantizer: returns (Qp, Qs, Kp, Ks, Vp, Vs, Kmean) in the contract layouts (scales as uint8 bits);
     with_dq also (Kd, Vd): dq(K), dq(V) [B, Skv, Hkv, D] in q's dtype (exact; the SM90 prefill's dq16 K/V source).
     rotate: Qp/Qs, Kp/Ks (and Kd) are of quant.rotation.hadamard_rotate(q), (k); Kmean stays of the unrotated k.
@@ -99,8 +99,7 @@ def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False, s
     fp4_layout: "nibble" (default: the contract's packing, as nvfp4.quantize) or "bits" (each 32-bit code word in
     kernels/kv_cache.py's BITS_POS order: what the SM90 prefill reads, kernels.prefill.fp4_word_layout).
     with_qmean: also returns Qmean [B, nqb, Hq, D] fp32 (last): block_means(q), as Kmean is block_means(k), bit for
-    bit (kernels.selection._seq_block_mean's order), for the public op's selection; qmean_order: where the Q-mean
-    work sits in the launch (quant.quant_kernel.QMEAN_ORDERS; None: QMEAN_ORDER)."""
+    bit (kernels.selection._seq_block_mean's order), for the public op's selection."""
     if fp4_layout not in ("nibble", "bits"):
         raise ValueError(f"quantize_for_prefill: fp4_layout must be 'nibble' or 'bits', got {fp4_layout!r}")
     import cutlass.cute as cute
@@ -114,14 +113,13 @@ def quantize_for_prefill(q, k, v, with_dq: bool = False, rotate: bool = False, s
     check_scale_rule(scale_rule, "quantize_for_prefill")
     from quant.nvfp4 import MSE_SCALE_STEPS
 
-    order = (QMEAN_ORDER if qmean_order is None else qmean_order) if with_qmean else "tail"
     # the candidate tuple is part of the key: a changed quant.nvfp4.MSE_SCALE_STEPS gets a fresh kernel
     key = (_arch(q.device), q.dtype, D, bool(with_dq), bool(rotate), scale_rule,
-           tuple(MSE_SCALE_STEPS) if scale_rule == "mse" else (), fp4_layout, bool(with_qmean), order)
+           tuple(MSE_SCALE_STEPS) if scale_rule == "mse" else (), fp4_layout, bool(with_qmean))
     fn = _QUANT_CACHE.get(key)
     if fn is None:
         kern = QuantKernel(_torch_to_cutlass(q.dtype), D, bool(with_dq), bool(rotate), scale_rule, fp4_layout,
-                           bool(with_qmean), order)
+                           bool(with_qmean))
         fn = _QUANT_CACHE[key] = cute.compile(kern, *args, _stream())
     fn(*args, _stream())
     res = (Qp, Qs, Kp, Ks, Vp, Vs, Km) + ((Kd, Vd) if with_dq else ())
@@ -158,13 +156,9 @@ SELECT_STREAM_PRIORITY = 0
 # kernel writes the Q and K block means in the pass that reads Q and K anyway (quant/quant_kernel.py, with_qmean), and
 # the scores and the top-k run right after it on the current stream; False: select_blocks' torch block means, the
 # selection on the side stream. The same bits either way (block_means is a fixed-order fp32 sum; GPU-tested), so this
-# is a speed switch only. On since session 14: on an H100 at 32k / 5 % (same run) 26.23 vs 28.82 ms (fp16), 26.84 vs
-# 29.37 ms (bf16) end to end: block_means' token-order sum is 64 torch launches per tensor on the side stream.
+# is a speed switch only. On since session 14; on an H100 at 32k / 5 % (same run, session 15) 25.81 vs 27.19 ms (fp16),
+# 26.37 vs 27.73 ms (bf16) end to end: block_means' token-order sum is 64 torch launches per tensor on the side stream.
 SELECT_FUSED_MEANS = True
-# Where the quantizer's Q-mean work sits in its launch (quant.quant_kernel.QMEAN_ORDERS): "tail" (GPU-tested; ~0.4 ms
-# of the 32k quantizer on an H100, session 14) or "interleaved" (CTAs of their own between the quantizing ones: the
-# hypothesis is that they hide each other; compiled and CPU-checked only, not yet run on a GPU).
-QMEAN_ORDER = "tail"
 _SIDE_STREAMS: dict = {}
 
 

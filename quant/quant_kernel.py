@@ -23,9 +23,8 @@ Work split of the single 1-D launch (one thread per item, 128 threads per CTA):
     items [nQ, nQ+nK)        one 16-element K group
     items [nQ+nK, +nV)       one (b, hkv, d, key block): the 4 V groups of 16 keys of that block at dim d
                              (threads adjacent in d -> coalesced reads of V), and the K mean at (b, kb, hkv, d).
-    Q-mean items [0, nQm)    (with_qmean) one (b, query block, hq, d): the Q mean at (b, qb, hq, d); qmean_order
-                             "tail": items nQ+nK+nV.. of the launch; "interleaved": CTAs of their own between the
-                             quantizing ones (kernel(), _cta_split).
+    items [nQ+nK+nV, +nQm)   (with_qmean) one (b, query block, hq, d): the Q mean at (b, qb, hq, d). (Interleaving
+                             their CTAs among the quantizing ones instead was slower: RESULTS session 15.)
 Rotation (rotate=True; quant/rotation.py defines the numerics, this reproduces them bit for bit): a row's D/16 Q or K
 groups are D/16 consecutive items, starting at an item index that is a multiple of D/16 (nQ = rows*D/16), and D/16
 (4 or 8) divides 32, so a row's groups sit in adjacent lanes of one warp, group g in lane (lane % (D/16)) == g.
@@ -135,17 +134,6 @@ def _e2m1_value(code, *, loc=None, ip=None) -> Float32:
         "=f,r"))
 
 
-QMEAN_ORDERS = ("tail", "interleaved")
-
-
-def _cta_split(n_items, n_mean_items):
-    """(quantizing CTAs, Q-mean CTAs, quantizing CTAs per Q-mean CTA in the interleaved part, >= 1): the launch is
-    (per + 1) * n_mean CTAs alternating `per` quantizing ones and one Q-mean one, then the remaining quantizing ones."""
-    n_quant = cute.ceil_div(n_items, THREADS)
-    n_mean = cute.ceil_div(n_mean_items, THREADS)
-    return n_quant, n_mean, cutlass.max(n_quant // n_mean, 1)
-
-
 class QuantKernel:
     """Static config: dtype (Float16/BFloat16), head_dim, with_dq (also write dq(K), dq(V) in 16 bit), rotate
     (Hadamard-rotate Q and K along head_dim before quantizing them) and scale_rule ("mse", the default: the NVFP4
@@ -154,19 +142,14 @@ class QuantKernel:
     fp4_layout: bit order of the 8 codes in each 32-bit word of Qp, Kp, Vp: "nibble" (the contract's, element e in
     bits 4e..4e+3, what nvfp4.quantize returns) or "bits" (kernels/kv_cache.py BITS_POS: what the SM90 prefill's fp16
     decode reads, kernels.prefill.fp4_word_layout); the same codes and scales either way.
-    with_qmean: also write the Q block means (mQm), for the public op's selection. qmean_order: where their items sit
-    in the launch: "tail" (after the quantizing items; GPU-tested, the default) or "interleaved" (CTAs of their own
-    between the quantizing ones, see kernel(); compiled and CPU-checked only, to be timed: QMEAN_ORDERS)."""
+    with_qmean: also write the Q block means (mQm), for the public op's selection (items after the quantizing ones)."""
 
     def __init__(self, dtype, head_dim: int, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse",
-                 fp4_layout: str = "nibble", with_qmean: bool = False, qmean_order: str = "tail"):
+                 fp4_layout: str = "nibble", with_qmean: bool = False):
         if fp4_layout not in ("nibble", "bits"):
             raise ValueError(f"QuantKernel: fp4_layout must be 'nibble' or 'bits', got {fp4_layout!r}")
         self.fp4_layout = fp4_layout
         self.with_qmean = bool(with_qmean)
-        if qmean_order not in QMEAN_ORDERS:
-            raise ValueError(f"QuantKernel: qmean_order must be one of {QMEAN_ORDERS}, got {qmean_order!r}")
-        self.interleave = self.with_qmean and qmean_order == "interleaved"
         self.dtype = dtype
         self.D = head_dim
         self.with_dq = with_dq
@@ -194,9 +177,6 @@ class QuantKernel:
         if const_expr(self.with_qmean):
             nQm = mQ.shape[0] * mQ.shape[2] * D * cute.ceil_div(mQ.shape[1], BLOCK)
         grid = cute.ceil_div(nQ + nK + nV + nQm, THREADS)
-        if const_expr(self.interleave):
-            n_quant, n_mean, per = _cta_split(nQ + nK + nV, nQm)
-            grid = (per + 1) * n_mean + cutlass.max(n_quant - per * n_mean, 0)
         self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mKm, mKd, mVd, mQm, nQ, nK, nV, nQm).launch(
             grid=(grid, 1, 1), block=(THREADS, 1, 1), stream=stream)
 
@@ -275,29 +255,6 @@ class QuantKernel:
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         item = bidx * THREADS + tidx
-        mean_cta = Int32(0)
-        mean_item = Int32(0)
-        if const_expr(self.with_qmean and not self.interleave):  # "tail": the items after the quantizing ones
-            if item >= nQ + nK + nV:
-                mean_cta = Int32(1)  # (per item here: a CTA may hold both kinds)
-                mean_item = item - nQ - nK - nV
-        if const_expr(self.interleave):
-            # The Q-mean CTAs interleaved with the quantizing ones (one after every `per` of them) instead of forming
-            # the launch's tail. Hypothesis (untimed): they are memory-latency bound (64 strided loads a thread,
-            # nothing to compute; as the tail they cost ~0.4 ms at 32k on an H100, RESULTS session 14) and the
-            # quantizing CTAs are issue bound, so side by side on an SM each hides the other. A whole CTA is one
-            # kind, so the rotation's full-warp shuffles stay uniform.
-            n_quant, n_mean, per = _cta_split(nQ + nK + nV, nQm)
-            mgrp = bidx // (per + 1)
-            mpos = bidx - mgrp * (per + 1)
-            qcta = bidx - n_mean  # past the interleaved part: the remaining quantizing CTAs in order
-            if bidx < (per + 1) * n_mean:
-                qcta = mgrp * per + mpos
-                if mpos == per:
-                    mean_cta = Int32(1)
-                    mean_item = mgrp * THREADS + tidx
-                    qcta = n_quant  # no quantizing item (past the end: predicated off; zeros through the shuffles)
-            item = qcta * THREADS + tidx
         vals = cute.make_rmem_tensor((16,), Float32)
         raw = cute.make_rmem_tensor((16,), self.dtype)
         pk = cute.make_rmem_tensor((8,), Uint8)
@@ -388,8 +345,9 @@ class QuantKernel:
                 cute.autovec_copy(scv, cute.local_tile(mVs[b, h, d, None], (BLOCK // 16,), (kb,)))
             mKm[b, kb, h, d] = _div_rn(ksum, Float32(n_valid))
         if const_expr(self.with_qmean):
-            if mean_cta != 0 and mean_item < nQm:
-                self.q_mean(mQ, mQm, mean_item)
+            # the items after the quantizing ones (a CTA may hold both kinds: no shuffles past this point)
+            if item >= nQ + nK + nV and item < nQ + nK + nV + nQm:
+                self.q_mean(mQ, mQm, item - nQ - nK - nV)
 
     @cute.jit
     def q_mean(self, mQ: cute.Tensor, mQm: cute.Tensor, it: Int32):
@@ -442,6 +400,6 @@ def fake_args(dtype, head_dim: int):
 
 
 def compile_quant(dtype, head_dim: int, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse",
-                  fp4_layout: str = "nibble", with_qmean: bool = False, qmean_order: str = "tail"):
-    kern = QuantKernel(dtype, head_dim, with_dq, rotate, scale_rule, fp4_layout, with_qmean, qmean_order)
+                  fp4_layout: str = "nibble", with_qmean: bool = False):
+    kern = QuantKernel(dtype, head_dim, with_dq, rotate, scale_rule, fp4_layout, with_qmean)
     return cute.compile(kern, *fake_args(dtype, head_dim))

@@ -51,9 +51,8 @@ _SCRIPT = textwrap.dedent("""
     out["quant"] = save(compile_quant(cutlass.BFloat16, 128, True), "quant")  # with the dq(K)/dq(V) outputs
     # Hadamard rotation of Q/K (qk_rotation="hadamard", the default): D=128 with dq (3 shuffle stages), D=64 without
     out["quant_rot"] = save(compile_quant(cutlass.BFloat16, 128, True, True), "quant_rot")
-    # (with the Q block means in the "interleaved" order: kernels.interface.QMEAN_ORDER's other value)
-    out["quant_rot64"] = save(compile_quant(cutlass.Float16, 64, False, True, with_qmean=True,
-                                            qmean_order="interleaved"), "quant_rot64")
+    # (with the Q block means, D=64)
+    out["quant_rot64"] = save(compile_quant(cutlass.Float16, 64, False, True, with_qmean=True), "quant_rot64")
     # the standard amax scale rule (scale_rule="amax"; the others use the default "mse")
     out["quant_amax"] = save(compile_quant(cutlass.BFloat16, 128, False, True, "amax"), "quant_amax")
     # the SM90 prefill's "bits" code-word order (kernels.prefill.fp4_word_layout)

@@ -6,10 +6,9 @@
 #    bit with either source of means, the NaN-key fix of c7f997a) and the quantizer's bit-exactness tests (Kmean /
 #    Qmean == block_means bit for bit); after step 2, with the time left, the other tests the change touches (the
 #    quantizer's new argument: rotation, mse, the decode's prequantized query; the public entries);
-# 2. profiling/prefill/quant_ab.py time (the 32k quantizer without Q means, with them in the "tail" and the
-#    "interleaved" order), then profiling/prefill/quick_bench.py with AB_MEANS=1 in fp16, then bf16 (B=1, H=32, D=128,
-#    causal, 32k, b=0.05; one process per dtype, so its rows are a same-run A/B: as shipped, with the other source of
-#    means, with the other Q-mean order, as shipped again);
+# 2. profiling/prefill/quant_ab.py time (the 32k quantizer without and with the Q means), then
+#    profiling/prefill/quick_bench.py with AB_MEANS=1 in fp16, then bf16 (B=1, H=32, D=128, causal, 32k, b=0.05; one
+#    process per dtype, so its rows are a same-run A/B: as shipped, with the other source of means, as shipped again);
 # 3. with what is left of TOTAL_S: profiling/prefill/bench.py (SWEEP=0, the table) with MEANS=1 iff step 1
 #    passed;
 # 4. the decode seed replay of sessions 10/13 (-s: its numbers), if time is left.

@@ -5,7 +5,7 @@
 check: bit-exactness vs quant.nvfp4 (bf16 D=128: rotation on/off x mse/amax x nibble/bits; fp16 D=64: rotation on/off
 x mse/amax; a zero group, an underflowing group, an Inf in V). time: 32k (B=1, H=32, D=128, bf16, rotate, mse, bits --
 the SM90 prefill's call), median of do_bench, two rounds, without and (where the version has it) with the Q block
-means (with_qmean, the public op's call with kernels.interface.SELECT_FUSED_MEANS) in each Q-mean order. "tree"
+means (with_qmean, the public op's call with kernels.interface.SELECT_FUSED_MEANS). "tree"
 (quant/quant_kernel.py) is always included; e.g. old=scratch/old/quant/quant_kernel.py for the previous commit's copy (git archive into an untracked folder)."""
 import importlib.util, sys, torch
 sys.path.insert(0, ".")
@@ -28,14 +28,14 @@ for item in sys.argv[2:]:
     variants[name] = path
 
 def run(mod, q, k, v, rotate, rule, layout, cache, qmean=None):
-    """qmean: None (no Q means) or the Q-mean order ("tail" / "interleaved"; a version without orders: "tail")."""
+    """qmean: with the Q block means (with_qmean; a version with Q-mean orders, before session 15: "tail")."""
     D = q.shape[3]
     outs = quant_outputs(q, k, v, with_qmean=qmean is not None)
     args = quant_args(q, k, v, outs)
     key = (q.dtype, D, rotate, rule, layout, qmean)
     if key not in cache:
         has_order = "qmean_order" in mod.QuantKernel.__init__.__code__.co_varnames
-        extra = () if qmean is None else ((True, qmean) if has_order else (True,))
+        extra = ((True, "tail") if has_order else (True,)) if qmean else ()
         cache[key] = cute.compile(mod.QuantKernel(_torch_to_cutlass(q.dtype), D, False, rotate, rule, layout, *extra),
                                   *args, _stream())
     f = cache[key]
@@ -69,10 +69,10 @@ for name, path in variants.items():
     S = 32768
     q, k, v = (torch.randn(1, S, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     names = mod.QuantKernel.__init__.__code__.co_varnames
-    for qmean in (None, "tail", "interleaved"):
-        if (qmean and "with_qmean" not in names) or (qmean == "interleaved" and "qmean_order" not in names):
+    for qmean in (False, True):
+        if qmean and "with_qmean" not in names:
             continue
         outs, fn = run(mod, q, k, v, True, "mse", "bits", cache, qmean); fn()
         ms = [do_bench(fn, warmup=20, rep=500, return_mode="median") for _ in range(2)]
-        tag = f" +Q means {qmean}" if qmean else ""
+        tag = " +Q means" if qmean else ""
         print(f"quant {name:5s} 32k bf16 rotate mse bits{tag}: {ms[0]:.3f} / {ms[1]:.3f} ms", flush=True)

@@ -7,8 +7,7 @@ does not use by default (SELECT_TOPK_KERNEL flipped: torch's sort where the CuTe
 default, and the other way round; the row names which), on the side stream and in order; AB_PRIO=1 end to end with
 the side stream at high priority (SELECT_STREAM_PRIORITY = -1), with the default top-k and (AB_TOPK=1) the other one;
 AB_MEANS=1 with the block means the public op does not use by default (SELECT_FUSED_MEANS flipped: the quantizer
-kernel's Q / K means and the selection after it in order, or select_blocks' torch means on the side stream) and, where
-the quantizer's means are the default, with its other Q-mean order (QMEAN_ORDER: "tail" / "interleaved").
+kernel's Q / K means and the selection after it in order, or select_blocks' torch means on the side stream).
 The "(end-to-end)" row is the shipped configuration (the first line printed names its flags). The module flags are
 put back after each A/B block."""
 import math, os, sys, torch
@@ -24,8 +23,7 @@ from kernels.selection import select_blocks
 
 scheds = sys.argv[1:] or [None]
 print(f"shipped: SELECT_TOPK_KERNEL={iface.SELECT_TOPK_KERNEL} SELECT_SIDE_STREAM={iface.SELECT_SIDE_STREAM} "
-      f"SELECT_STREAM_PRIORITY={iface.SELECT_STREAM_PRIORITY} SELECT_FUSED_MEANS={iface.SELECT_FUSED_MEANS} "
-      f"QMEAN_ORDER={iface.QMEAN_ORDER}",
+      f"SELECT_STREAM_PRIORITY={iface.SELECT_STREAM_PRIORITY} SELECT_FUSED_MEANS={iface.SELECT_FUSED_MEANS}",
       flush=True)
 dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[os.environ.get("DTYPE", "bf16")]
 B, H, D = 1, 32, 128
@@ -58,12 +56,6 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
             row(f"thrift b=0.05 {sc or 'default'} (e2e, {alt_m})",
                 do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
             iface.SELECT_FUSED_MEANS = means0
-            if means0:  # and the quantizer's other Q-mean order (kernels.interface.QMEAN_ORDER)
-                order0 = iface.QMEAN_ORDER
-                iface.QMEAN_ORDER = "interleaved" if order0 == "tail" else "tail"
-                row(f"thrift b=0.05 {sc or 'default'} (e2e, Q means {iface.QMEAN_ORDER})",
-                    do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
-                iface.QMEAN_ORDER = order0
             row(f"thrift b=0.05 {sc or 'default'} (end-to-end, again)",
                 do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
         if os.environ.get("AB_SIDE") == "1":  # the same with the selection in order on the current stream
