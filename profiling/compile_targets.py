@@ -153,8 +153,14 @@ def _quant_targets(arch: str) -> Tuple[List[CompileTarget], List[SkippedTarget]]
         return [], [SkippedTarget("quant", "-", "quant.quant_kernel has no compile_quant")]
     import cutlass
 
+    # the plain call, and the one the public op makes on sm_90a with the default schedule (Hadamard rotation, the
+    # "mse" rule, the "bits" code-word order, the Q block means for the selection): its register count sets the
+    # quantizer's CTAs per SM
     return [CompileTarget("quant", "d128_bf16", lambda: qk.compile_quant(cutlass.BFloat16, 128),
-                          "quant/quant_kernel.py compile_quant")], []
+                          "quant/quant_kernel.py compile_quant"),
+            CompileTarget("quant", "d128_bf16_rot_bits_qmean",
+                          lambda: qk.compile_quant(cutlass.BFloat16, 128, False, True, "mse", "bits", True),
+                          "compile_quant(BFloat16, 128, rotate=True, 'mse', 'bits', with_qmean=True)")], []
 
 
 def discover(arch: str, include_demo: bool = True) -> Tuple[List[CompileTarget], List[SkippedTarget]]:
