@@ -5,8 +5,9 @@
 check: bit-exactness vs quant.nvfp4 (bf16 D=128: rotation on/off x mse/amax x nibble/bits; fp16 D=64: rotation on/off
 x mse/amax; a zero group, an underflowing group, an Inf in V). time: 32k (B=1, H=32, D=128, bf16, rotate, mse, bits --
 the SM90 prefill's call), median of do_bench, two rounds, without and (where the version has it) with the Q block
-means (with_qmean, the public op's call with kernels.interface.SELECT_FUSED_MEANS). "tree"
-(quant/quant_kernel.py) is always included; e.g. old=scratch/old/quant/quant_kernel.py for the previous commit's copy (git archive into an untracked folder)."""
+means (with_qmean, the public op's call with kernels.interface.SELECT_FUSED_MEANS). "tree" (quant/quant_kernel.py)
+is always included; e.g. old=scratch/old/quant_kernel.py for a previous commit's copy
+(git show REV:quant/quant_kernel.py > scratch/old/quant_kernel.py: an untracked file, carried to the device)."""
 import importlib.util, sys, torch
 sys.path.insert(0, ".")
 from triton.testing import do_bench
@@ -27,10 +28,10 @@ for item in sys.argv[2:]:
     name, _, path = item.partition("=")
     variants[name] = path
 
-def run(mod, q, k, v, rotate, rule, layout, cache, qmean=None):
+def run(mod, q, k, v, rotate, rule, layout, cache, qmean=False):
     """qmean: with the Q block means (with_qmean; a version with Q-mean orders, before session 15: "tail")."""
     D = q.shape[3]
-    outs = quant_outputs(q, k, v, with_qmean=qmean is not None)
+    outs = quant_outputs(q, k, v, with_qmean=qmean)
     args = quant_args(q, k, v, outs)
     key = (q.dtype, D, rotate, rule, layout, qmean)
     if key not in cache:
