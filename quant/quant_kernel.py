@@ -18,13 +18,14 @@ Outputs (contract layouts, see layouts/prefill.py):
     Kd, Vd [B,Skv,Hkv,D] in the input dtype: dq(K), dq(V) = E2M1 value * E4M3 scale of every element, exact in
     fp16/bf16 (<= 5 significant bits, |x| in [2^-10, 2688]), i.e. nvfp4.dequantize of the outputs above.
 
-Work split of the single 1-D launch (one thread per item, 128 threads per CTA):
+Work split of the 1-D launch (one thread per item, 128 threads per CTA):
     items [0, nQ)            one 16-element Q group (b, s, h, g)
     items [nQ, nQ+nK)        one 16-element K group
     items [nQ+nK, +nV)       one (b, hkv, d, key block): the 4 V groups of 16 keys of that block at dim d
                              (threads adjacent in d -> coalesced reads of V), and the K mean at (b, kb, hkv, d).
-    items [nQ+nK+nV, +nQm)   (with_qmean) one (b, query block, hq, d): the Q mean at (b, qb, hq, d). (Interleaving
-                             their CTAs among the quantizing ones instead was slower: RESULTS session 15.)
+    with_qmean: a second launch (qmean_kernel), one thread per (b, query block, hq, d): the Q mean at (b, qb, hq, d).
+    Its own launch keeps its register count out of the quantizing kernel's (72 vs 96 registers on sm_90a with the Q
+    means as the first launch's tail). (Interleaving them among the quantizing CTAs was slower: RESULTS session 15.)
 Rotation (rotate=True; quant/rotation.py defines the numerics, this reproduces them bit for bit): a row's D/16 Q or K
 groups are D/16 consecutive items, starting at an item index that is a multiple of D/16 (nQ = rows*D/16), and D/16
 (4 or 8) divides 32, so a row's groups sit in adjacent lanes of one warp, group g in lane (lane % (D/16)) == g.
@@ -142,7 +143,7 @@ class QuantKernel:
     fp4_layout: bit order of the 8 codes in each 32-bit word of Qp, Kp, Vp: "nibble" (the contract's, element e in
     bits 4e..4e+3, what nvfp4.quantize returns) or "bits" (kernels/kv_cache.py BITS_POS: what the SM90 prefill's fp16
     decode reads, kernels.prefill.fp4_word_layout); the same codes and scales either way.
-    with_qmean: also write the Q block means (mQm), for the public op's selection (items after the quantizing ones)."""
+    with_qmean: also write the Q block means (mQm), for the public op's selection (a second launch, qmean_kernel)."""
 
     def __init__(self, dtype, head_dim: int, with_dq: bool = False, rotate: bool = False, scale_rule: str = "mse",
                  fp4_layout: str = "nibble", with_qmean: bool = False):
@@ -173,12 +174,14 @@ class QuantKernel:
         nK = mK.shape[0] * mK.shape[1] * mK.shape[2] * G
         nkb = cute.ceil_div(mK.shape[1], BLOCK)
         nV = mK.shape[0] * mK.shape[2] * D * nkb
-        nQm = 0
+        self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mKm, mKd, mVd, nQ, nK, nV).launch(
+            grid=(cute.ceil_div(nQ + nK + nV, THREADS), 1, 1), block=(THREADS, 1, 1), stream=stream)
         if const_expr(self.with_qmean):
+            # a launch of its own: its unconditional loads (q_mean) would otherwise raise the register count of the
+            # quantizing kernel, whose occupancy it sets
             nQm = mQ.shape[0] * mQ.shape[2] * D * cute.ceil_div(mQ.shape[1], BLOCK)
-        grid = cute.ceil_div(nQ + nK + nV + nQm, THREADS)
-        self.kernel(mQ, mK, mV, mQp, mQs, mKp, mKs, mVp, mVs, mKm, mKd, mVd, mQm, nQ, nK, nV, nQm).launch(
-            grid=(grid, 1, 1), block=(THREADS, 1, 1), stream=stream)
+            self.qmean_kernel(mQ, mQm, nQm).launch(grid=(cute.ceil_div(nQm, THREADS), 1, 1), block=(THREADS, 1, 1),
+                                                   stream=stream)
 
     @cute.jit
     def quant16(self, vals: cute.Tensor, pk: cute.Tensor, sc: cute.Tensor):
@@ -249,7 +252,7 @@ class QuantKernel:
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQp: cute.Tensor, mQs: cute.Tensor,
                mKp: cute.Tensor, mKs: cute.Tensor, mVp: cute.Tensor, mVs: cute.Tensor, mKm: cute.Tensor,
-               mKd: cute.Tensor, mVd: cute.Tensor, mQm: cute.Tensor, nQ: Int32, nK: Int32, nV: Int32, nQm: Int32):
+               mKd: cute.Tensor, mVd: cute.Tensor, nQ: Int32, nK: Int32, nV: Int32):
         D = self.D
         G = D // 16
         tidx, _, _ = cute.arch.thread_idx()
@@ -314,19 +317,21 @@ class QuantKernel:
             scv = cute.make_rmem_tensor((BLOCK // 16,), Uint8)
             vraw = cute.make_rmem_tensor((16,), self.dtype)
             for grp in cutlass.range_constexpr(BLOCK // 16):
-                # unconditional loads (keys past Skv clamped to the last one, in bounds), all 32 issued before their
-                # use: loads under the `key < Skv` branch would each wait out a memory latency (see q_mean). Cost:
-                # 108 registers on sm_90a instead of 64 (4 CTAs per SM instead of 8), still 0.16 ms faster at 32k
-                for i in cutlass.range_constexpr(16):
-                    kc = cutlass.min(key0 + grp * 16 + i, Skv - 1)
-                    vraw[i] = mV[b, kc, h, d]
-                    raw[i] = mK[b, kc, h, d]
-                for i in cutlass.range_constexpr(16):
-                    key = key0 + grp * 16 + i
-                    vals[i] = Float32(0.0)
-                    if key < Skv:
-                        vals[i] = Float32(vraw[i])
-                        ksum = _add_rn(ksum, Float32(raw[i]))
+                # unconditional loads (keys past Skv clamped to the last one, in bounds), 16 issued before their
+                # use: loads under the `key < Skv` branch would each wait out a memory latency (see q_mean); in
+                # halves of 8 keys, which keeps the kernel at 72 registers (108 with all 32 at once)
+                for half in cutlass.range_constexpr(2):
+                    for j in cutlass.range_constexpr(8):
+                        kc = cutlass.min(key0 + grp * 16 + half * 8 + j, Skv - 1)
+                        vraw[j] = mV[b, kc, h, d]
+                        raw[j] = mK[b, kc, h, d]
+                    for j in cutlass.range_constexpr(8):
+                        i = half * 8 + j
+                        key = key0 + grp * 16 + i
+                        vals[i] = Float32(0.0)
+                        if key < Skv:
+                            vals[i] = Float32(vraw[j])
+                            ksum = _add_rn(ksum, Float32(raw[j]))
                 if const_expr(self.with_dq):  # (no gathering here: the dq stores below keep vals live, and the
                     # 32 gathered bytes on top made ptxas spill)
                     self.quant16(vals, pk, sc)
@@ -345,10 +350,15 @@ class QuantKernel:
                 cute.autovec_copy(pkv, cute.local_tile(mVp[b, h, d, None], (BLOCK // 2,), (kb,)))
                 cute.autovec_copy(scv, cute.local_tile(mVs[b, h, d, None], (BLOCK // 16,), (kb,)))
             mKm[b, kb, h, d] = _div_rn(ksum, Float32(n_valid))
-        if const_expr(self.with_qmean):
-            # the items after the quantizing ones (a CTA may hold both kinds: no shuffles past this point)
-            if item >= nQ + nK + nV and item < nQ + nK + nV + nQm:
-                self.q_mean(mQ, mQm, item - nQ - nK - nV)
+
+    @cute.kernel
+    def qmean_kernel(self, mQ: cute.Tensor, mQm: cute.Tensor, nQm: Int32):
+        """with_qmean: one thread per Q-mean item (q_mean)."""
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        item = bidx * THREADS + tidx
+        if item < nQm:
+            self.q_mean(mQ, mQm, item)
 
     @cute.jit
     def q_mean(self, mQ: cute.Tensor, mQm: cute.Tensor, it: Int32):
@@ -370,8 +380,8 @@ class QuantKernel:
         # The loads are unconditional (rows past Sq clamped to the last one, in bounds), written QM_BATCH at a time
         # before their adds: a load under the `s0 + i < Sq` branch is not hoisted by ptxas, so the 64 loads of a
         # thread would each wait out a full memory latency (the ~0.4 ms tail of RESULTS session 14; 0.13 ms now,
-        # session 15). The adds keep the token order and skip the clamped rows, so the bits are unchanged. (ptxas may
-        # hoist further than a batch: with the Q means the kernel takes 114 registers on sm_90a instead of 108.)
+        # session 15). The adds keep the token order and skip the clamped rows, so the bits are unchanged. (In the
+        # quantizing kernel's launch ptxas hoisted further than a batch: 114 registers there; here, its own: 32.)
         buf = cute.make_rmem_tensor((QM_BATCH,), self.dtype)
         for c in cutlass.range_constexpr(BLOCK // QM_BATCH):
             for i in cutlass.range_constexpr(QM_BATCH):
