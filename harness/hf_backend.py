@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 
+from kernels.reference import softmax_numerator_
 from kernels.selection import block_means, block_visibility, select_blocks, selection_mask, topk_for_budget
 from quant.rotation import hadamard_rotate
 
@@ -416,9 +417,7 @@ def emulated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: T
                     if lo < kend:
                         keys = torch.arange(lo, kend, device=dev)
                         s[:, :, lo:kend].masked_fill_(keys[None, :] > (rows + (Skv - Sq))[:, None], float("-inf"))
-                m = s.amax(-1)
-                m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-                p = s.sub_(m_safe[..., None]).exp_()  # P~, fp32
+                p, _off = softmax_numerator_(s)  # P~, fp32 (the reference's integer log2 offset)
                 l = p.sum(-1)  # [G, R]
                 num = torch.zeros((group, R, D), dtype=torch.float32, device=dev)
                 if sel_c is not None:

@@ -40,6 +40,14 @@ def ex2(x, *, loc=None, ip=None) -> Float32:
 
 
 @dsl_user_op
+def ceil_f32(x, *, loc=None, ip=None) -> Float32:
+    """ceil(x) (cvt.rpi.f32.f32); +-inf stay +-inf. The softmax offset: the kernels take P~ = 2^(S*log2e - M) with M
+    = ceil(running max * log2e) an integer, so a running max rounds P~ to 16 bit exactly as the final max does
+    (kernels/reference.py: power-of-two factors commute with the rounding)."""
+    return Float32(_asm(T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "cvt.rpi.f32.f32 $0, $1;", "=f,f"))
+
+
+@dsl_user_op
 def lg2(x, *, loc=None, ip=None) -> Float32:
     return Float32(_asm(T.f32(), [Float32(x).ir_value(loc=loc, ip=ip)], "lg2.approx.ftz.f32 $0, $1;", "=f,f"))
 

@@ -19,7 +19,9 @@ share the CTA, so each cache byte is read once. The warp streams its 64-token ti
     call before the launch ("pre"; or in registers per CTA, scale_rule "mse"/"amax").
   * FP16 tiles (selected blocks, and the partial last block which is always FP16): K and V read straight from
     the 16-bit cache with 16-byte loads, f16_depth m-tiles ahead (keys beyond the length predicated off ->
-    S = -inf, V = 0), S = q.k in fp32, P~ = exp(S - m) rounded to the input dtype, O^T += V^T P~^T.
+    S = -inf, V = 0), S = q.k in fp32, P~ = 2^(S log2e - M) rounded to the input dtype, O^T += V^T P~^T, with
+    the running offset M = ceil(m log2e) an integer (both tile kinds): power-of-two rescales commute with the
+    16-bit rounding, so every split rounds P~ as the reference does against the sequence's final max.
 Which tiles a CTA takes (DecodeConfig.work). "dynamic" (the default when splits hold >= 4 tiles): the NS CTAs of a
 (sequence, KV head) share a list of work items, longest first -- the partial last tile, the selected blocks (the
 FP16 work list from the selection's top-k), then every tile in order with the FP16 ones skipped -- CTA s takes items
@@ -76,7 +78,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from ._validate import check_scale_rule
-from .arch_paths import (FP4_EXP, e2m1_rne, e4m3_bcast_f16_pow2, e4m3_rne, ex2, fp4x8_decode_s2,
+from .arch_paths import (FP4_EXP, ceil_f32, e2m1_rne, e4m3_bcast_f16_pow2, e4m3_rne, ex2, fp4x8_decode_s2,
                          fp4x8_f16_bits,
                          mse_scale_steps, nvfp4_mse_scale)
 from .kv_cache import DEFAULT_FP4_LAYOUT, tile_bytes
@@ -926,7 +928,7 @@ class ThriftDecodeSplitKV:
                 tm = _bfly_max(gm, 8)
                 tm = _bfly_max(tm, 16)
                 m_old = m_run[ng, e]
-                m_new = cute.arch.fmax(m_old, tm)
+                m_new = ceil_f32(cute.arch.fmax(m_old, tm))  # an integer offset (log2 units): kernels/reference.py
                 m_run[ng, e] = m_new
                 alpha = ex2(m_old - m_new)
                 amax = ex2(gm - tm) * Float32(P_SCALE)
@@ -1041,7 +1043,7 @@ class ThriftDecodeSplitKV:
                 tm = _bfly_max(tm, 8)
                 tm = _bfly_max(tm, 16)
                 m_old = m_run[ng, e]
-                m_new = cute.arch.fmax(m_old, tm)
+                m_new = ceil_f32(cute.arch.fmax(m_old, tm))  # an integer offset (log2 units): kernels/reference.py
                 m_run[ng, e] = m_new
                 alpha = ex2(m_old - m_new)
                 psum = Float32(0.0)

@@ -15,10 +15,12 @@ heaviest-first.  Per CTA:
   Phase 2 (FP16): only if the CTA has selected tiles: the real fp16/bf16 Q is loaded now (over the
       decoded FP4 Q), then the selected key tiles in fp16/bf16 through a 2-stage cp.async ring that
       aliases the phase-1 buffers (see layouts/prefill.py for the byte map); the same m / l / acc
-      registers continue (acc converted to true units once: acc *= c).  For bf16 a first pass over the
-      selected tiles computes S16 only to finish the row max, so P~ is rounded to bf16 against the final
-      max like the reference (running-max rounding alone differs by ~2e-3 relative in bf16).
-  Finalize: O = acc*c/l in the input dtype (through smem, coalesced stores), LSE = m*scale + ln l.
+      registers continue (acc converted to true units once: acc *= c), one pass in either dtype.
+  Softmax offset (both phases): P~ = 2^(S*scale*log2e - M) with M = ceil(running max * scale*log2e), an
+      integer, as the reference defines it: the rescale factors are powers of two, which commute with the
+      16-bit rounding of P~, so phase 2 rounds P~ against its running max to exactly the bits the final max
+      gives (with the max itself as offset they would differ by ~1e-3 relative in bf16).
+  Finalize: O = acc*c/l in the input dtype (through smem, coalesced stores), LSE = (M + log2 l) * ln 2.
 
 Fully masked rows give O = 0 and LSE = -inf.  Keys past Skv inside a tile are masked (-inf), and the
 16-bit V rows past Skv are zero-filled so 0*garbage never reaches the accumulator.
@@ -74,7 +76,7 @@ from cutlass import Float32, Int32, Uint32, const_expr
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warp, warpgroup
 import cutlass.utils.hopper_helpers as sm90_helpers
 
-from kernels.arch_paths import (FP4_EXP, e2m1_rne_x22, e4m3_rne_pair, ex2, lg2, make_arch_path,
+from kernels.arch_paths import (FP4_EXP, ceil_f32, e2m1_rne_x22, e4m3_rne_pair, ex2, lg2, make_arch_path,
                                 pack_p_sat_scale)
 from kernels.schedules import PrefillSchedule
 from layouts.prefill import PrefillSmemMap, smem_tile_layout_16b, wgmma_tile_layout_16b
@@ -83,7 +85,7 @@ from kernels.fp4_mma_sm120 import QFragments
 
 LOG2E = math.log2(math.e)
 P_SCALE_MAX = 448.0 * 6.0  # two-level P: s1 = rowmax / (448*6)
-# A tile whose largest P~ (relative to the running max) is below 2^-60 contributes < 64*2^-60 of the row
+# A tile whose largest P~ (relative to the running offset 2^M, M >= max) is below 2^-60 contributes < 64*2^-60 of the row
 # sum: its FP4 numerator is dropped (keeps acc = O/c bounded in fp32).
 P_TILE_MIN = 2.0 ** -60
 # "bits" word layout (SM90 fp16 decode path, see fp4_word_layout): decoded dq(.) * 2^(FP4_EXP - 14); folded back in fp32
@@ -554,7 +556,7 @@ class ThriftPrefillKernel:
 
         # ======================= phase 2: FP16 over the selected tiles =======================
         ctx = mkctx()
-        ctx_pass = {0: mkctx(), 2: mkctx()}  # fresh per pass (closures cannot run inside staged regions)
+        ctx_pass = mkctx()  # fresh for the pass (closures cannot run inside staged regions)
         self.phase2(ctx, ctx_pass, sel_row, cute.size(mSel.shape[3]), n_block_max, n_rows)
 
         # ======================= finalize =======================
@@ -563,10 +565,10 @@ class ThriftPrefillKernel:
 
     # ------------------------------------------------------------------------------------------
     @cute.jit
-    def phase2(self, ctx, ctx_pass: dict, sel_row: cute.Tensor, n_sel: Int32, n_block_max: Int32,
+    def phase2(self, ctx, ctx_pass, sel_row: cute.Tensor, n_sel: Int32, n_block_max: Int32,
                n_rows: cutlass.Constexpr):
-        """Phase 2: the FP16 pass(es) over this query block's selected key tiles (none: nothing is touched).
-        ctx_pass: one fresh context per pass kind (0: bf16 max-only pass, 2: the FP16 pass). (The warp-specialized
+        """Phase 2: the FP16 pass over this query block's selected key tiles (none: nothing is touched).
+        ctx_pass: a fresh context for the pass (closures cannot run inside staged regions). (The warp-specialized
         kernel streams its phase 2 through the producer's ring instead: kernels/prefill_ws.py.)"""
         Tm = self.Tm
         k_sel = Int32(0)
@@ -581,65 +583,46 @@ class ThriftPrefillKernel:
                 acc_mn[r, None] = acc_mn[r, None].load() * ctx.row_c[r]
                 ctx.row_c[r] = 1.0
             self.sync(ctx)  # every warp is done with sQ / the phase-1 buffers
-            # bf16: two passes over the selected tiles: pass 0 computes S16 = QK^T only to finish the row max,
-            # so pass 2 rounds P~ = exp(S - m) to bf16 relative to the FINAL row max, exactly like the
-            # reference (a running max would round P~ differently: ~2e-3 relative noise in bf16).
-            # (fp16 rounds P~ 8x finer than bf16: there the running max is within tolerance and pass 0 is skipped)
-            passes = (0, 2) if self.is_bf16 else (2,)
-            for kind in passes:
-                ctx = ctx_pass[kind]
-                if const_expr(kind == passes[0]):
-                    # real 16-bit Q over the decoded one (same cp.async group as the first K tile)
-                    self.load_rows16(ctx, ctx.g.tQ16_g, ctx.g.tQ16_s, ctx.m_block * Tm, ctx.Sq)
-                n0 = self.sel_at(sel_row, 0, n_block_max)
-                if n0 >= 0:
-                    self.load_kv16_tile(ctx, n0, 0, kind == 2)
-                cute.arch.cp_async_commit_group()
-                j = Int32(0)
-                for i in range(n_sel):
-                    n_i = self.sel_at(sel_row, i, n_block_max)
-                    if n_i >= 0:
-                        cute.arch.cp_async_wait_group(0)
-                        self.to_async_proxy()
+            # one pass in either dtype: P~ = 2^(S*sl2 - M) with M = ceil(running max * sl2) an integer (step), so
+            # rounding P~ to 16 bit against the running max gives the bits the final max gives (the reference)
+            ctx = ctx_pass
+            # real 16-bit Q over the decoded one (same cp.async group as the first K tile)
+            self.load_rows16(ctx, ctx.g.tQ16_g, ctx.g.tQ16_s, ctx.m_block * Tm, ctx.Sq)
+            n0 = self.sel_at(sel_row, 0, n_block_max)
+            if n0 >= 0:
+                self.load_kv16_tile(ctx, n0, 0)
+            cute.arch.cp_async_commit_group()
+            j = Int32(0)
+            for i in range(n_sel):
+                n_i = self.sel_at(sel_row, i, n_block_max)
+                if n_i >= 0:
+                    cute.arch.cp_async_wait_group(0)
+                    self.to_async_proxy()
+                    self.sync(ctx)
+                    n_next = Int32(-1)
+                    if i + 1 < n_sel:
+                        n_next = self.sel_at(sel_row, i + 1, n_block_max)
+                    if const_expr(self.sch.fp16_stages == 2):  # next tile loads while this one computes
+                        if n_next >= 0:
+                            self.load_kv16_tile(ctx, n_next, 1 - j)
+                        cute.arch.cp_async_commit_group()
+                    if const_expr(self.sch.mask_split):
+                        need = self.tile_needs_mask(ctx, n_i)
+                        if need:
+                            self.step(ctx, n_i, j, 2, True)
+                        if not need:
+                            self.step(ctx, n_i, j, 2, False)
+                    else:
+                        self.step(ctx, n_i, j, 2, True)
+                    if const_expr(self.sch.fp16_stages == 2):
+                        j = 1 - j
+                    else:  # one stage: every warp is done with it before the next tile overwrites it
                         self.sync(ctx)
-                        n_next = Int32(-1)
-                        if i + 1 < n_sel:
-                            n_next = self.sel_at(sel_row, i + 1, n_block_max)
-                        if const_expr(self.sch.fp16_stages == 2):  # next tile loads while this one computes
-                            if n_next >= 0:
-                                self.load_kv16_tile(ctx, n_next, 1 - j, kind == 2)
-                            cute.arch.cp_async_commit_group()
-                        if const_expr(self.sch.mask_split):
-                            need = self.tile_needs_mask(ctx, n_i)
-                            if need:
-                                self.step(ctx, n_i, j, kind, True)
-                            if not need:
-                                self.step(ctx, n_i, j, kind, False)
-                        else:
-                            self.step(ctx, n_i, j, kind, True)
-                        if const_expr(self.sch.fp16_stages == 2):
-                            j = 1 - j
-                        else:  # one stage: every warp is done with it before the next tile overwrites it
-                            self.sync(ctx)
-                            if n_next >= 0:
-                                self.load_kv16_tile(ctx, n_next, 0, kind == 2)
-                            cute.arch.cp_async_commit_group()
-                cute.arch.cp_async_wait_group(0)
-                self.sync(ctx)  # stage buffers are reused by the next pass
-
-    @cute.jit
-    def settle_max(self, ctx, n_rows: cutlass.Constexpr):
-        """Warp-specialized kernel, after the bf16 max-only pass (which there only raises row_max): O and the row sums
-        from the max they are relative to (the one before the pass, parked in row_c by begin_phase2: phase 2 needs
-        no c) to the final row max, once for the pass instead of once per tile; then row_c = 1 (phase 2's c)."""
-        acc_mn = self.mn_view(ctx.acc_O)
-        for r in cutlass.range_constexpr(n_rows):
-            m = ctx.row_max[r]
-            m_use = Float32(0.0) if m == -Float32.inf else m
-            alpha = ex2(ctx.row_c[r] * ctx.sl2 - m_use * ctx.sl2)  # max before = -inf: 0 (O and the sum are 0)
-            ctx.row_sum[r] = ctx.row_sum[r] * alpha
-            acc_mn[r, None] = acc_mn[r, None].load() * alpha
-            ctx.row_c[r] = Float32(1.0)
+                        if n_next >= 0:
+                            self.load_kv16_tile(ctx, n_next, 0)
+                        cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(0)
+            self.sync(ctx)
 
     @cute.jit
     def visible_tiles(self, m_block: Int32, Sq: Int32, Skv: Int32) -> Int32:
@@ -838,66 +821,62 @@ class ThriftPrefillKernel:
             m_old = ctx.row_max[r]
             m_new = cute.arch.fmax(m_old, tmax)
             m_use = Float32(0.0) if m_new == -Float32.inf else m_new
-            ms = m_use * sl2
-            alpha = ex2(m_old * sl2 - ms)
-            if const_expr(phase == 0):  # max-only pass (see phase 2 in kernel())
-                ctx.row_max[r] = m_new
-                if const_expr(not self.ws):  # (the ws kernel moves O and the sums once after the pass: settle_max;
-                    # here that would keep two more registers live, which spilled on sm_120a)
-                    ctx.row_sum[r] = ctx.row_sum[r] * alpha
-                    acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
-            else:
-                for c in cutlass.range_constexpr(ncols):
-                    acc_S_mn[r, c] = ex2(acc_S_mn[r, c] * sl2_s - ms)
-                p_row = acc_S_mn[r, None].load()
-                ctx.row_sum[r] = ctx.row_sum[r] * alpha + p_row.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
-                ctx.row_max[r] = m_new
-                if const_expr(phase == 1):
-                    # ---- two-level P quantization (contract: SageAttention3 scheme) ----
-                    # group g of 16 keys = columns 4g..4g+3 of this thread's mn row (n-atoms 2g, 2g+1),
-                    # the other 12 keys live in the 3 other lanes of the quad.
-                    gmax = []
-                    if const_expr(self.path.block_scaled):
-                        # only the row max is needed here (the helper does the per-16 amax itself)
-                        rmax = self.quad_max(p_row.reduce(cute.ReductionOp.MAX, Float32(0.0), 0))
-                    else:
-                        for g in cutlass.range_constexpr(ncols // 4):
-                            gmax.append(ex2(gmax_s[g] * sl2_s - ms))
-                        rmax = gmax[0]
-                        for g in cutlass.range_constexpr(1, ncols // 4):
-                            rmax = cute.arch.fmax(rmax, gmax[g])
-                    valid = rmax > Float32(P_TILE_MIN)
-                    s1 = rmax * Float32(1.0 / P_SCALE_MAX)
-                    # reciprocal multiplies instead of the reference's true divisions: <= 1-2 ulp apart, which
-                    # can flip an E4M3/E2M1 rounding only within that distance of a tie (negligible)
-                    inv_s1 = cute.arch.rcp_approx(s1) if valid else Float32(0.0)
-                    # "bits": dq(V) is scaled by 2^(FP4_EXP-14), so P'V' adds acc in units of s1 * V_FOLD
-                    inv_c = inv_s1 * Float32(1.0 / V_FOLD) if fold else inv_s1
-                    c_new = s1 * Float32(V_FOLD) if fold else s1
-                    ratio = alpha * ctx.row_c[r] * inv_c if valid else alpha
-                    ctx.row_c[r] = c_new if valid else ctx.row_c[r]
-                    if const_expr(self.path.block_scaled):
-                        # the helper quantizes P~ itself (same s1); rows below the threshold contribute 0
-                        keep = Float32(1.0) if valid else Float32(0.0)
-                        acc_S_mn[r, None] = acc_S_mn[r, None].load() * keep
-                    # x / sc = P~ * (1/s1) * (1/sc): one multiply per element by kq = inv_s1/sc, taken times 2^22
-                    # (exact) for e2m1_rne_x22; acc_S keeps the unsaturated E2M1 value, the saturation and the
-                    # scale sc are applied in packed 16 bit when P' is built below (pack_p_sat_scale)
-                    inv_s1_22 = inv_s1 * Float32(2.0 ** 22)
-                    for g in cutlass.range_constexpr(0 if self.path.block_scaled else ncols // 4):
-                        sc, sc2 = e4m3_rne_pair((gmax[g] * inv_s1) * Float32(1.0 / 6.0), self.p1_bf16)
-                        kq22 = inv_s1_22 * cute.arch.rcp_approx(sc) if sc > Float32(0.0) else Float32(0.0)
-                        for q in cutlass.range_constexpr(4):
-                            acc_S_mn[r, 4 * g + q] = e2m1_rne_x22(acc_S_mn[r, 4 * g + q] * kq22)
-                        p_scales[(r, g)] = sc2
-                    acc_O_mn[r, None] = acc_O_mn[r, None].load() * ratio
+            # the softmax offset is an integer in log2 units, ms = ceil(m * sl2) (kernels/reference.py): alpha is a
+            # power of two and P~ = 2^(S*sl2 - ms) lies on the 16-bit grid the final max would give it, so phase 2
+            # rounds P~ in one pass with a running max (m_old = -inf: ceil keeps -inf, alpha = 0)
+            ms = ceil_f32(m_use * sl2)
+            alpha = ex2(ceil_f32(m_old * sl2) - ms)
+            for c in cutlass.range_constexpr(ncols):
+                acc_S_mn[r, c] = ex2(acc_S_mn[r, c] * sl2_s - ms)
+            p_row = acc_S_mn[r, None].load()
+            ctx.row_sum[r] = ctx.row_sum[r] * alpha + p_row.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+            ctx.row_max[r] = m_new
+            if const_expr(phase == 1):
+                # ---- two-level P quantization (contract: SageAttention3 scheme) ----
+                # group g of 16 keys = columns 4g..4g+3 of this thread's mn row (n-atoms 2g, 2g+1),
+                # the other 12 keys live in the 3 other lanes of the quad.
+                gmax = []
+                if const_expr(self.path.block_scaled):
+                    # only the row max is needed here (the helper does the per-16 amax itself)
+                    rmax = self.quad_max(p_row.reduce(cute.ReductionOp.MAX, Float32(0.0), 0))
                 else:
-                    acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
+                    for g in cutlass.range_constexpr(ncols // 4):
+                        gmax.append(ex2(gmax_s[g] * sl2_s - ms))
+                    rmax = gmax[0]
+                    for g in cutlass.range_constexpr(1, ncols // 4):
+                        rmax = cute.arch.fmax(rmax, gmax[g])
+                valid = rmax > Float32(P_TILE_MIN)
+                s1 = rmax * Float32(1.0 / P_SCALE_MAX)
+                # reciprocal multiplies instead of the reference's true divisions: <= 1-2 ulp apart, which
+                # can flip an E4M3/E2M1 rounding only within that distance of a tie (negligible)
+                inv_s1 = cute.arch.rcp_approx(s1) if valid else Float32(0.0)
+                # "bits": dq(V) is scaled by 2^(FP4_EXP-14), so P'V' adds acc in units of s1 * V_FOLD
+                inv_c = inv_s1 * Float32(1.0 / V_FOLD) if fold else inv_s1
+                c_new = s1 * Float32(V_FOLD) if fold else s1
+                ratio = alpha * ctx.row_c[r] * inv_c if valid else alpha
+                ctx.row_c[r] = c_new if valid else ctx.row_c[r]
+                if const_expr(self.path.block_scaled):
+                    # the helper quantizes P~ itself (same s1); rows below the threshold contribute 0
+                    keep = Float32(1.0) if valid else Float32(0.0)
+                    acc_S_mn[r, None] = acc_S_mn[r, None].load() * keep
+                # x / sc = P~ * (1/s1) * (1/sc): one multiply per element by kq = inv_s1/sc, taken times 2^22
+                # (exact) for e2m1_rne_x22; acc_S keeps the unsaturated E2M1 value, the saturation and the
+                # scale sc are applied in packed 16 bit when P' is built below (pack_p_sat_scale)
+                inv_s1_22 = inv_s1 * Float32(2.0 ** 22)
+                for g in cutlass.range_constexpr(0 if self.path.block_scaled else ncols // 4):
+                    sc, sc2 = e4m3_rne_pair((gmax[g] * inv_s1) * Float32(1.0 / 6.0), self.p1_bf16)
+                    kq22 = inv_s1_22 * cute.arch.rcp_approx(sc) if sc > Float32(0.0) else Float32(0.0)
+                    for q in cutlass.range_constexpr(4):
+                        acc_S_mn[r, 4 * g + q] = e2m1_rne_x22(acc_S_mn[r, 4 * g + q] * kq22)
+                    p_scales[(r, g)] = sc2
+                acc_O_mn[r, None] = acc_O_mn[r, None].load() * ratio
+            else:
+                acc_O_mn[r, None] = acc_O_mn[r, None].load() * alpha
 
         if const_expr(phase == 1 and self.path.block_scaled):
             pf = self.path.tile.quantize_p_natural(acc_S, ctx.tidx)
             self.path.tile.pv(ctx.acc_O, pf, ctx.sVf[None, None, stage], ctx.sVs[None, None, stage], ctx.tidx)
-        elif const_expr(phase != 0):
+        else:
             # P (16-bit) as the A operand of P.V: the same registers, re-viewed (a_view)
             pdt = self.p1_dtype if const_expr(phase == 1) else self.dtype  # P' of phase 1: exact in fp16
             rP = cute.make_fragment_like(acc_S, pdt)
@@ -988,7 +967,8 @@ class ThriftPrefillKernel:
             l = self.quad_sum(ctx.row_sum[r])
             pos = l > Float32(0.0)
             f = ctx.row_c[r] / l if pos else Float32(0.0)
-            lse = (ctx.row_max[r] * ctx.sl2 + lg2(l)) * Float32(math.log(2.0)) if pos else -Float32.inf
+            # l is relative to 2^ceil(m * sl2), the offset of the last step (see step)
+            lse = (ceil_f32(ctx.row_max[r] * ctx.sl2) + lg2(l)) * Float32(math.log(2.0)) if pos else -Float32.inf
             acc_O_mn[r, None] = acc_O_mn[r, None].load() * f
             if const_expr(self.has_lse):
                 row = tScS_mn[r, 0][0]

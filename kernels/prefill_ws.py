@@ -12,8 +12,7 @@ stages (schedule.ws_ring), filled by the producer in this order:
       (kring[r] = dq(K), vring[r] = dq(V)^T; the SM90 "bits" fp16 decode), fences the writes into the async proxy
       (the consumers' wgmmas read them), and publishes the stage: thread 0 writes its meta entry (tile index,
       which consumers use it) and every producer thread arrives on full[r].
-    phase 2: each consumer's selected key tiles, round-robin over the consumers (bf16: first every K tile of the
-      max-only pass, then K + V): waits for stage r to be empty, cp.asyncs the 16-bit K (and V) tile into it and
+    phase 2: each consumer's selected key tiles, round-robin over the consumers: waits for stage r to be empty, cp.asyncs the 16-bit K (and V) tile into it and
       arrives on full[r] with cp.async.mbarrier.arrive.noinc (the arrival fires when the thread's copies land, so
       the producer never waits for its loads: the look-ahead is the ring's depth); the last, partial key tile
       (rows past Skv zero-filled by plain stores) is waited for and released by a normal arrive instead.
@@ -49,7 +48,6 @@ WG = 128          # threads per warpgroup
 BAR_PRODUCER, BAR_CONSUMER0 = 1, 3  # named barrier ids (0 is the CTA's; 3 + c: consumer c)
 # meta users word: bits 0 .. n-1 = the consumers that use the stage; these flags say what the stage holds
 META_P2 = 1 << 4          # a 16-bit K/V tile (phase 2), else a decoded FP4 tile (phase 1)
-META_MAX_ONLY = 1 << 5    # with META_P2: a 16-bit K tile for the bf16 max-only pass (no V)
 
 
 class ThriftPrefillWSKernel(ThriftPrefillKernel):
@@ -256,7 +254,7 @@ class ThriftPrefillWSKernel(ThriftPrefillKernel):
     def producer(self, g, ptid: Int32):
         """Warpgroup 0. Phase 1: FP4 loads (cp.async ring of `stages`) and the one decode per key tile into the 16-bit
         ring. Phase 2: every consumer's selected 16-bit K (/ V) tiles cp.async'ed into the ring, round-robin over
-        the consumers (bf16: first all the K tiles of the max-only pass, then K + V). Then the end-of-stream entry."""
+        the consumers. Then the end-of-stream entry."""
         S, Tn, nc, ring = self.S, self.Tn, self.nc, self.ring
         ctx = self.producer_ctx(g, ptid)
         blocks = [nc * g.pair + c for c in range(nc)]
@@ -311,31 +309,27 @@ class ThriftPrefillWSKernel(ThriftPrefillKernel):
 
         # ---- phase 2: the selected 16-bit tiles, no wait on their loads: each thread's cp.async arrive on full[r]
         # completes when its copies land (the ring's depth is the look-ahead) ----
-        kinds = (META_P2 | META_MAX_ONLY, META_P2) if self.is_bf16 else (META_P2,)
-        for kind in cutlass.range_constexpr(len(kinds)):
-            flag = kinds[kind]
-            for i in range(n_sel):
-                ns = [self.sel_at(sel_rows[c], i, nbm[c]) for c in range(nc)]  # the n loads in flight together
-                for c in cutlass.range_constexpr(nc):
-                    n = ns[c]
-                    if n >= 0:
-                        cute.arch.mbarrier_wait(mbar + ring + r, empty_phase)
-                        self.load_rows16(ctx, ctx.g.tK16_g[None, None, None, n], ctx.g.tK16_s[None, None, None, r],
-                                         n * Tn, Skv)
-                        if const_expr(not (flag & META_MAX_ONLY)):
-                            self.load_rows16(ctx, ctx.g.tV16_g[None, None, None, n],
-                                             ctx.g.tV16_s[None, None, None, r], n * Tn, Skv)
-                        cute.arch.cp_async_commit_group()
-                        if (n + 1) * Tn > Skv:
-                            # the last tile: its rows past Skv were zero-filled by plain stores, which the cp.async
-                            # arrive does not order -- wait, fence into the async proxy, release-arrive instead
-                            cute.arch.cp_async_wait_group(0)
-                            cute.arch.fence_view_async_shared()
-                            cute.arch.mbarrier_arrive(mbar + r)
-                        else:
-                            cute.arch.cp_async_mbarrier_arrive_noinc(mbar + r)
-                        self.publish(meta, mbar, ptid, r, n, Int32((1 << c) | flag))
-                        r, empty_phase = self.advance(r, empty_phase)
+        for i in range(n_sel):
+            ns = [self.sel_at(sel_rows[c], i, nbm[c]) for c in range(nc)]  # the n loads in flight together
+            for c in cutlass.range_constexpr(nc):
+                n = ns[c]
+                if n >= 0:
+                    cute.arch.mbarrier_wait(mbar + ring + r, empty_phase)
+                    self.load_rows16(ctx, ctx.g.tK16_g[None, None, None, n], ctx.g.tK16_s[None, None, None, r],
+                                     n * Tn, Skv)
+                    self.load_rows16(ctx, ctx.g.tV16_g[None, None, None, n], ctx.g.tV16_s[None, None, None, r],
+                                     n * Tn, Skv)
+                    cute.arch.cp_async_commit_group()
+                    if (n + 1) * Tn > Skv:
+                        # the last tile: its rows past Skv were zero-filled by plain stores, which the cp.async
+                        # arrive does not order -- wait, fence into the async proxy, release-arrive instead
+                        cute.arch.cp_async_wait_group(0)
+                        cute.arch.fence_view_async_shared()
+                        cute.arch.mbarrier_arrive(mbar + r)
+                    else:
+                        cute.arch.cp_async_mbarrier_arrive_noinc(mbar + r)
+                    self.publish(meta, mbar, ptid, r, n, Int32((1 << c) | META_P2))
+                    r, empty_phase = self.advance(r, empty_phase)
         cute.arch.cp_async_wait_group(0)
         cute.arch.mbarrier_wait(mbar + ring + r, empty_phase)
         self.publish(meta, mbar, ptid, r, Int32(-1), Int32(0))  # end of stream
@@ -425,7 +419,7 @@ class ThriftPrefillWSKernel(ThriftPrefillKernel):
         full_phase = Int32(0)
         running = True
         in_p2 = Int32(0)
-        ctx1, ctx_b, ctx0, ctx2 = mkctx(), mkctx(), mkctx(), mkctx()
+        ctx1, ctx_b, ctx2 = mkctx(), mkctx(), mkctx()
         while running:
             cute.arch.mbarrier_wait(g.mbar + r, full_phase)
             n = g.meta[2 * r]
@@ -446,20 +440,10 @@ class ThriftPrefillWSKernel(ThriftPrefillKernel):
                             in_p2 = Int32(1)
                         # the cp.async data of the stage came through the mbarrier: into the async proxy (wgmma)
                         cute.arch.fence_view_async_shared()
-                        if (users & META_MAX_ONLY) != 0:
-                            if need:
-                                self.step(ctx0, n, r, 0, True)
-                            if not need:
-                                self.step(ctx0, n, r, 0, False)
-                        else:
-                            if const_expr(self.is_bf16):
-                                if in_p2 == 1:  # the first K + V tile: the max-only pass is over
-                                    self.settle_max(ctx_b, n_rows)
-                                    in_p2 = Int32(2)
-                            if need:
-                                self.step(ctx2, n, r, 2, True)
-                            if not need:
-                                self.step(ctx2, n, r, 2, False)
+                        if need:
+                            self.step(ctx2, n, r, 2, True)
+                        if not need:
+                            self.step(ctx2, n, r, 2, False)
                 cute.arch.mbarrier_arrive(g.mbar + self.ring + r)
                 r = r + 1
                 if r == self.ring:
@@ -475,8 +459,7 @@ class ThriftPrefillWSKernel(ThriftPrefillKernel):
         acc_mn = self.mn_view(ctx.acc_O)
         for rr in cutlass.range_constexpr(n_rows):
             acc_mn[rr, None] = acc_mn[rr, None].load() * ctx.row_c[rr]
-            # bf16: row_c holds the row max before the max-only pass until settle_max sets it to 1
-            ctx.row_c[rr] = ctx.row_max[rr] if self.is_bf16 else Float32(1.0)
+            ctx.row_c[rr] = Float32(1.0)
         self.sync(ctx)  # every warp of this consumer is done with the decoded Q
         self.load_rows16(ctx, ctx.g.tQ16_g, ctx.g.tQ16_s, ctx.m_block * self.Tm, ctx.Sq)
         cute.arch.cp_async_commit_group()

@@ -12,13 +12,21 @@
                                                 quant.nvfp4's "mse" encoder rule, "amax" is E4M3_RNE(amax/6)
     S   = S16 on selected (query block, key block) pairs, S4 elsewhere; -inf where causally masked
     m   = max_j S (over all visible keys)       one softmax per row, shared by both paths
-    P~  = exp(S - m)                            fp32
+    M   = ceil(m * log2(e))                     the softmax offset: an integer in log2 units
+    P~  = 2^(S * log2(e) - M)                   fp32, in (0, 1] (the max key's is in (1/2, 1])
     l   = sum_j P~                              fp32, unquantized, over all visible keys
     num = P~[sel].to(input dtype) . v           FP16 path: the MMA multiplies 16-bit P~ by 16-bit V, fp32 accumulate
         + quantize_p(P~[~sel]) . dq(V)          FP4 path: SageAttention3 two-level P (per-row, per-p_tile-key-tile
                                                 scale; always the amax rule), V fake-quantized along the sequence in
                                                 groups starting at key 0 (with scale_rule)
-    O   = (num / l).to(input dtype);  LSE = m + log(l)  (fp32, [B, Hq, Sq])
+    O   = (num / l).to(input dtype);  LSE = M * ln(2) + log(l)  (fp32, [B, Hq, Sq])
+
+Why an integer offset M rather than m itself: O = num / l does not depend on the offset, except through the 16-bit
+rounding of P~ on the FP16 path, and a power-of-two factor commutes with that rounding (no overflow; bf16 has no
+subnormals to lose, fp16's lie below 2^-14 of the max). So a kernel that keeps a running max, and with it a running
+integer M' <= M, rounds 2^(S log2e - M') to exactly the bits of 2^(S log2e - M) times 2^(M - M'): one pass over the
+FP16 keys in any order (and any split of the keys) reproduces the final-max rounding, where with m as the offset a
+running max differs by ~1e-3 relative in bf16. The FP4 path is offset-invariant anyway (P's scale is relative).
 
 Fully masked rows (causal with Sq > Skv) give O = 0 and LSE = -inf. budget = 0 is pure FP4 (SageAttention3
 numerics, no smoothing; plus the Hadamard rotation by default), budget = 1 is plain attention (up to the 16-bit rounding of P~ that FP16 MMA does).
@@ -34,6 +42,8 @@ tile), so 32k-128k sequences run on a CPU. Only the fp32 copies of one KV head's
 head's q, dq(q) are held at once.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -73,6 +83,21 @@ def _block_chunks(Sq: int, Skv: int, block_size: int, causal: bool, p_tile: int)
         else:
             kend = Skv
         yield i, r0, r1, kend
+
+
+LN2 = math.log(2.0)
+LOG2E = math.log2(math.e)
+
+
+def softmax_numerator_(s: torch.Tensor):
+    """In place on fp32 scores s [..., keys]: P~ = 2^(s log2e - M) with M = ceil(max_j s * log2e) per row (the
+    module docstring: an integer offset, so 16-bit rounding of P~ does not depend on where a kernel's running max
+    stood). Returns (P~, M * ln 2): the offset in natural-log units, for LSE = offset + log(sum P~). A fully
+    masked row (max = -inf) uses M = 0 (P~ = 0, LSE = -inf)."""
+    m = s.amax(dim=-1)
+    M = torch.where(torch.isfinite(m), torch.ceil(m * LOG2E), torch.zeros_like(m))
+    p = s.mul_(LOG2E).sub_(M[..., None]).exp2_()
+    return p, M * LN2
 
 
 def _mask_causal_(s: torch.Tensor, r0: int, r1: int, Sq: int, Skv: int) -> None:
@@ -177,9 +202,7 @@ def thrift_attention_ref(q, k, v, *, budget=0.05, causal=True, selection="block_
                         s = torch.matmul(qf[r0:r1], kf[:kend].T).mul_(scale)
                     if causal:
                         _mask_causal_(s, r0, r1, Sq, Skv)
-                    m = s.amax(dim=-1)
-                    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked row: m = -inf
-                    p = s.sub_(m_safe[:, None]).exp_()  # P~ (fp32); masked keys: exp(-inf) = 0
+                    p, off = softmax_numerator_(s)  # P~ (fp32) in place; masked keys: 0
                     l = p.sum(dim=-1)  # denominator: unquantized P~ over all visible keys
                     num = torch.zeros((r1 - r0, D), dtype=torch.float32, device=dev)
                     if n16:
@@ -194,7 +217,7 @@ def thrift_attention_ref(q, k, v, *, budget=0.05, causal=True, selection="block_
                     pos = l > 0
                     o = torch.where(pos[:, None], num / torch.where(pos, l, 1.0)[:, None], 0.0)
                     out[b, r0:r1, h] = o.to(dt)
-                    lse[b, h, r0:r1] = m_safe + torch.log(l)  # l == 0 -> -inf
+                    lse[b, h, r0:r1] = off + torch.log(l)  # l == 0 -> -inf
     return (out, lse) if return_lse else out
 
 

@@ -106,8 +106,8 @@ def test_error_falls_with_budget_on_workload():
 
 
 def _brute(q, k, v, blk_mask, *, causal, fmt, p_tile, block_size=64):
-    """Per-row loop, written independently of the reference: per key the FP16 or FP4 score, one softmax, FP16 keys'
-    P~ rounded to the input dtype, FP4 keys' P~ quantized tile by tile with an explicit s1 = max/(448*6)."""
+    """Per-row loop, written independently of the reference: per key the FP16 or FP4 score, one softmax (offset: the
+    integer M = ceil(max * log2 e)), FP16 keys' P~ rounded to the input dtype, FP4 keys' P~ quantized tile by tile with an explicit s1 = max/(448*6)."""
     f = get_format(fmt)
     # Q, K, V with the reference's default NVFP4 scale rule "mse" (MXFP4 has one rule); P always with amax
     qkw = {"scale_rule": "mse"} if fmt == "nvfp4" else {}
@@ -128,8 +128,9 @@ def _brute(q, k, v, blk_mask, *, causal, fmt, p_tile, block_size=64):
                 qi, qid = q[b, i, h].float(), f.fake_quantize(q[b, i, h], dim=-1, **qkw)
                 is16 = blk_mask[b, h, i // block_size][torch.arange(n_vis) // block_size]
                 s = torch.where(is16, (K[:n_vis] @ qi) * scale, (Kd[:n_vis] @ qid) * scale)
-                m = s.max()
-                p = torch.exp(s - m)
+                # the contract's softmax offset: an integer M >= max * log2(e), P~ = 2^(s log2e - M)
+                M = math.ceil(float(s.max()) * math.log2(math.e))
+                p = torch.exp2(s * math.log2(math.e) - M)
                 num = (p[is16].to(q.dtype).float()[:, None] * V[:n_vis][is16]).sum(0)
                 for t0 in range(0, n_vis, p_tile):
                     t1 = min(n_vis, t0 + p_tile)
@@ -139,7 +140,7 @@ def _brute(q, k, v, blk_mask, *, causal, fmt, p_tile, block_size=64):
                         xq = f.fake_quantize(x / s1, dim=0) * s1
                         num += (xq[:, None] * Vd[t0:t1]).sum(0)
                 out[b, i, h] = num / p.sum()
-                lse[b, h, i] = m + torch.log(p.sum())
+                lse[b, h, i] = M * math.log(2.0) + torch.log(p.sum())
     return out.to(q.dtype), lse
 
 
