@@ -1,6 +1,5 @@
 """Small causal case for compute-sanitizer: both phases (budget 0.25), partial tiles, GQA 2:1.
-argv[1]: a schedule name (default: the GPU's default schedule); argv[2]: fp16 (default) or bf16 (bf16 adds phase 2's
-max-only pass)."""
+argv[1]: a schedule name (default: the GPU's default schedule); argv[2]: fp16 (default) or bf16."""
 import math, sys, torch
 sys.path.insert(0, ".")
 from kernels.interface import _run_prefill
