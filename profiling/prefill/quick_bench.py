@@ -8,7 +8,9 @@ default, and the other way round; the row names which), on the side stream and i
 the side stream at high priority (SELECT_STREAM_PRIORITY = -1), with the default top-k and (AB_TOPK=1) the other one;
 AB_MEANS=1 with the block means the public op does not use by default (SELECT_FUSED_MEANS flipped: the quantizer
 kernel's Q / K means and the selection after it in order, or select_blocks' torch means on the side stream).
-The "(end-to-end)" row is the shipped configuration (the first line printed names its flags). The module flags are
+ROUNDS=6 (default; 0: off) then times SDPA and the end to end again in alternating order (profiling/prefill/timing.py)
+and prints their per-round ratios and median: the number to quote, since the rows above run in a fixed order on a
+warming GPU. The "(end-to-end)" row is the shipped configuration (the first line printed names its flags). The module flags are
 put back after each A/B block."""
 import math, os, sys, torch
 sys.path.insert(0, ".")
@@ -20,8 +22,10 @@ from kernels import interface as iface
 from kernels.interface import _run_prefill
 from kernels.schedules import get_schedule
 from kernels.selection import select_blocks
+from profiling.prefill.timing import interleaved, ratio_line
 
 scheds = sys.argv[1:] or [None]
+ROUNDS = int(os.environ.get("ROUNDS", "6"))  # interleaved SDPA / end-to-end rounds (0: none)
 print(f"shipped: SELECT_TOPK_KERNEL={iface.SELECT_TOPK_KERNEL} SELECT_SIDE_STREAM={iface.SELECT_SIDE_STREAM} "
       f"SELECT_STREAM_PRIORITY={iface.SELECT_STREAM_PRIORITY} SELECT_FUSED_MEANS={iface.SELECT_FUSED_MEANS}",
       flush=True)
@@ -48,6 +52,10 @@ for S in [int(x) for x in os.environ.get("SIZES", "8192,32768").split(",")]:
         e2e = lambda: kernels.thrift_attention(q, k, v, budget=0.05, causal=True, schedule=sc)
         e2e()
         row(f"thrift b=0.05 {sc or 'default'} (end-to-end)", do_bench(e2e, warmup=10, rep=1000, return_mode="median"))
+        if ROUNDS:  # SDPA and the end to end in alternating order (profiling/prefill/timing.py)
+            res = interleaved({"sdpa_flash": sdpa, "e2e": e2e}, rounds=ROUNDS)
+            print(f"{str(dtype)[6:]} S={S:6d} interleaved, {sc or 'default'} b=0.05 "
+                  + ratio_line(res, "sdpa_flash", "e2e")[1], flush=True)
         topk0, side0 = iface.SELECT_TOPK_KERNEL, iface.SELECT_SIDE_STREAM  # restored after each A/B block
         if os.environ.get("AB_MEANS") == "1":  # the other source of the block means (kernels.interface)
             means0 = iface.SELECT_FUSED_MEANS
