@@ -86,7 +86,7 @@ for S, q, k, v in cases:
     for r in rows:
         if r["S"] == S:
             print(f"S={S:6d} {r['method']:34s} {r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s", flush=True)
-# extras at 32k: fp16 (no phase-2 max pass) and the other schedules (bf16, b=0.05, quant+prefill)
+# extras at 32k: fp16 and the other schedules (bf16, b=0.05, quant+prefill)
 S, q, k, v = cases[-1]
 flops = 4 * B * H * S * S * D / 2
 qh, kh, vh = q.half(), k.half(), v.half()
