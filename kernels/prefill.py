@@ -85,8 +85,8 @@ from kernels.fp4_mma_sm120 import QFragments
 
 LOG2E = math.log2(math.e)
 P_SCALE_MAX = 448.0 * 6.0  # two-level P: s1 = rowmax / (448*6)
-# A tile whose largest P~ (relative to the running offset 2^M, M >= max) is below 2^-60 contributes < 64*2^-60 of the row
-# sum: its FP4 numerator is dropped (keeps acc = O/c bounded in fp32).
+# A tile whose largest P~ (relative to the running offset 2^M, M >= max) is below 2^-60 contributes < 64*2^-60 of
+# the row sum: its FP4 numerator is dropped (keeps acc = O/c bounded in fp32).
 P_TILE_MIN = 2.0 ** -60
 # "bits" word layout (SM90 fp16 decode path, see fp4_word_layout): decoded dq(.) * 2^(FP4_EXP - 14); folded back in fp32
 V_FOLD = float(2 ** (14 - FP4_EXP))      # on the O accumulator (dq(V))

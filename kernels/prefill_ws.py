@@ -12,9 +12,10 @@ stages (schedule.ws_ring), filled by the producer in this order:
       (kring[r] = dq(K), vring[r] = dq(V)^T; the SM90 "bits" fp16 decode), fences the writes into the async proxy
       (the consumers' wgmmas read them), and publishes the stage: thread 0 writes its meta entry (tile index,
       which consumers use it) and every producer thread arrives on full[r].
-    phase 2: each consumer's selected key tiles, round-robin over the consumers: waits for stage r to be empty, cp.asyncs the 16-bit K (and V) tile into it and
-      arrives on full[r] with cp.async.mbarrier.arrive.noinc (the arrival fires when the thread's copies land, so
-      the producer never waits for its loads: the look-ahead is the ring's depth); the last, partial key tile
+    phase 2: each consumer's selected key tiles, round-robin over the consumers: waits for stage r to be empty,
+      cp.asyncs the 16-bit K and V tiles into it and arrives on full[r] with cp.async.mbarrier.arrive.noinc (the
+      arrival fires when the thread's copies land, so the producer never waits for its loads: the look-ahead is
+      the ring's depth); the last, partial key tile
       (rows past Skv zero-filled by plain stores) is waited for and released by a normal arrive instead.
     Then an end-of-stream entry (tile -1).
   warpgroups 1 .. n, the consumers (setmaxnreg up to schedule.consumer_regs): consumer c owns query block

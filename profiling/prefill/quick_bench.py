@@ -10,8 +10,8 @@ AB_MEANS=1 with the block means the public op does not use by default (SELECT_FU
 kernel's Q / K means and the selection after it in order, or select_blocks' torch means on the side stream).
 ROUNDS=6 (default; 0: off) then times SDPA and the end to end again in alternating order (profiling/prefill/timing.py)
 and prints their per-round ratios and median: the number to quote, since the rows above run in a fixed order on a
-warming GPU. The "(end-to-end)" row is the shipped configuration (the first line printed names its flags). The module flags are
-put back after each A/B block."""
+warming GPU. The "(end-to-end)" row is the shipped configuration (the first line printed names its flags). The
+module flags are put back after each A/B block."""
 import math, os, sys, torch
 sys.path.insert(0, ".")
 import torch.nn.functional as F
