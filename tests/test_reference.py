@@ -107,7 +107,8 @@ def test_error_falls_with_budget_on_workload():
 
 def _brute(q, k, v, blk_mask, *, causal, fmt, p_tile, block_size=64):
     """Per-row loop, written independently of the reference: per key the FP16 or FP4 score, one softmax (offset: the
-    integer M = ceil(max * log2 e)), FP16 keys' P~ rounded to the input dtype, FP4 keys' P~ quantized tile by tile with an explicit s1 = max/(448*6)."""
+    integer M = ceil(max * log2 e)), FP16 keys' P~ rounded to the input dtype, FP4 keys' P~ quantized tile by tile
+    with an explicit s1 = max/(448*6)."""
     f = get_format(fmt)
     # Q, K, V with the reference's default NVFP4 scale rule "mse" (MXFP4 has one rule); P always with amax
     qkw = {"scale_rule": "mse"} if fmt == "nvfp4" else {}
